@@ -1,0 +1,17 @@
+"""The one exception type users see, and the exit codes the CLI documents.
+
+Anything raised as ``ClipevalError`` is a problem the user can fix (bad input, missing file,
+model not found). The CLI prints its message as a single line and exits with ``EXIT_ERROR``;
+every other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1  # a quality gate (--fail-below, compare --fail-if-worse) was not met
+EXIT_ERROR = 2  # bad input or environment: nothing was evaluated, or the run stopped
+EXIT_INTERRUPTED = 130  # Ctrl-C; rerunning the same command resumes
+
+
+class ClipevalError(Exception):
+    """A user-facing error: its message is the whole story, so no traceback is shown."""

@@ -1,0 +1,352 @@
+"""Prompt libraries: built-in descriptors and user files, parsed strictly into ``Prompt`` records.
+
+A library is data. Each built-in one is a small TOML descriptor in the package's ``libraries``
+folder (``prompts/`` in the source tree) naming its file(s): shipped beside the descriptor, or
+downloaded on first use from a pinned URL and verified by sha256 (see ``fetch``). User files
+(.tsv, .csv, .jsonl, .json, .txt) go through the same parsers.
+
+Parsing never guesses silently: a row with the wrong number of fields, an empty prompt, a file
+that is not UTF-8 or a missing prompt column is an error naming the file and line, because a
+shifted column would pair images with the wrong prompts without anyone noticing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import tomllib
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from clipeval.errors import ClipevalError
+
+FORMATS = ("tsv", "csv", "jsonl", "json", "txt")
+# Column names accepted for each field, compared case-insensitively, best first.
+PROMPT_COLUMNS = ("prompt", "prompts", "caption", "text")
+CATEGORY_COLUMNS = ("category", "categories")
+CHALLENGE_COLUMNS = ("challenge",)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One row of a library; ``prompt_id`` is its 0-based position, the key every output uses."""
+
+    prompt_id: int
+    prompt: str
+    category: str = ""
+    challenge: str = ""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """Where a library's rows came from, recorded in the manifest for provenance."""
+
+    name: str
+    sha256: str
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class PromptLibrary:
+    name: str
+    description: str
+    prompts: tuple[Prompt, ...]
+    files: tuple[SourceFile, ...] = field(default=())
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the parsed rows, so the same prompts read from a TSV or a CSV compare equal."""
+        canonical = json.dumps(
+            [[p.prompt_id, p.prompt, p.category, p.challenge] for p in self.prompts],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def head(self, limit: int | None) -> "PromptLibrary":
+        if limit is None or limit >= len(self.prompts):
+            return self
+        return replace(self, prompts=self.prompts[:limit])
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A built-in library as declared in ``prompts/<name>.toml``."""
+
+    name: str
+    description: str
+    count: int
+    homepage: str
+    license: str
+    files: tuple[dict[str, Any], ...]
+
+    @property
+    def downloaded(self) -> bool:
+        return any("url" in f for f in self.files)
+
+
+def _library_dir():
+    return resources.files("clipeval.libraries")
+
+
+def builtin_descriptors() -> dict[str, Descriptor]:
+    found: dict[str, Descriptor] = {}
+    for entry in sorted(_library_dir().iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".toml"):
+            continue
+        name = entry.name[: -len(".toml")]
+        try:
+            raw = tomllib.loads(entry.read_text(encoding="utf-8"))
+            found[name] = Descriptor(
+                name=name,
+                description=raw["description"],
+                count=int(raw["count"]),
+                homepage=raw.get("homepage", ""),
+                license=raw.get("license", ""),
+                files=tuple(raw["files"]),
+            )
+        except (KeyError, ValueError, tomllib.TOMLDecodeError) as err:
+            raise ClipevalError(f"broken library descriptor {entry.name}: {err}") from err
+    return found
+
+
+def load_library(spec: str) -> PromptLibrary:
+    """Resolve ``spec`` (a built-in name or a file path) into a parsed library."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return load_file(path)
+    if path.is_dir():
+        raise ClipevalError(f"prompt library {spec} is a folder; give a .tsv/.csv/.jsonl/.json/.txt file")
+    descriptors = builtin_descriptors()
+    if spec in descriptors:
+        return _load_builtin(descriptors[spec])
+    if path.suffix.lower().lstrip(".") in FORMATS or "/" in spec or "\\" in spec:
+        raise ClipevalError(f"prompt library file not found: {spec}")
+    import difflib
+
+    close = difflib.get_close_matches(spec, list(descriptors), n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise ClipevalError(
+        f"unknown prompt library {spec!r}.{hint} Built-in: {', '.join(descriptors)}; or give a file path."
+    )
+
+
+def _load_builtin(desc: Descriptor) -> PromptLibrary:
+    from clipeval import fetch
+
+    prompts: list[Prompt] = []
+    sources: list[SourceFile] = []
+    for spec in desc.files:
+        if "url" in spec:
+            path = fetch.fetch(spec["name"], spec["url"], spec["sha256"])
+            data = path.read_bytes()
+        else:
+            data = (_library_dir() / spec["name"]).read_bytes()
+        fmt = spec.get("format") or _format_of(spec["name"])
+        rows = parse(
+            data,
+            fmt,
+            origin=spec["name"],
+            prompt_column=spec.get("prompt"),
+            category_column=spec.get("category"),
+            challenge_column=spec.get("challenge"),
+        )
+        constant = spec.get("category_value")
+        for prompt, category, challenge in rows:
+            prompts.append(Prompt(len(prompts), prompt, constant or category, challenge))
+        sources.append(SourceFile(spec["name"], hashlib.sha256(data).hexdigest(), spec.get("url", "")))
+    if len(prompts) != desc.count:
+        raise ClipevalError(f"library {desc.name}: expected {desc.count} prompts, parsed {len(prompts)}")
+    return PromptLibrary(desc.name, desc.description, tuple(prompts), tuple(sources))
+
+
+def load_file(path: Path) -> PromptLibrary:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ClipevalError(f"cannot read prompt library {path}: {err.strerror}") from err
+    rows = parse(data, _format_of(path.name), origin=str(path))
+    prompts = tuple(Prompt(i, p, c, ch) for i, (p, c, ch) in enumerate(rows))
+    digest = hashlib.sha256(data).hexdigest()
+    return PromptLibrary(str(path), f"prompts from {path.name}", prompts, (SourceFile(path.name, digest),))
+
+
+def _format_of(name: str) -> str:
+    suffix = Path(name).suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise ClipevalError(
+            f"{name}: unknown prompt file type {('.' + suffix) if suffix else '(no extension)'}; "
+            f"use one of {', '.join('.' + f for f in FORMATS)}"
+        )
+    return suffix
+
+
+Row = tuple[str, str, str]  # prompt, category, challenge
+
+
+def parse(
+    data: bytes,
+    fmt: str,
+    *,
+    origin: str,
+    prompt_column: str | None = None,
+    category_column: str | None = None,
+    challenge_column: str | None = None,
+) -> list[Row]:
+    """Parse a prompt file's bytes; every problem is a ``ClipevalError`` that names ``origin``."""
+    text = decode(data, origin)
+    columns = (prompt_column, category_column, challenge_column)
+    if fmt == "txt":
+        rows = _parse_txt(text)
+    elif fmt in ("tsv", "csv"):
+        rows = _parse_table(text, fmt, origin, columns)
+    elif fmt == "jsonl":
+        rows = _parse_jsonl(text, origin, columns)
+    elif fmt == "json":
+        rows = _parse_json(text, origin, columns)
+    else:
+        raise ClipevalError(f"{origin}: unknown format {fmt!r}")
+    if not rows:
+        raise ClipevalError(f"{origin}: no prompts in the file")
+    for where, (prompt, _, _) in rows:
+        if not prompt.strip():
+            raise ClipevalError(f"{origin}: {where}: empty prompt")
+    return [row for _, row in rows]
+
+
+def decode(data: bytes, origin: str) -> str:
+    """UTF-8 (with or without BOM) or BOM-marked UTF-16; anything else is refused, not guessed."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data, encoding = data[3:], "utf-8"
+    elif data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise ClipevalError(
+            f"{origin}: not valid {encoding.upper()} (byte {data[err.start]:#04x} at offset {err.start}); "
+            "save the file as UTF-8"
+        ) from err
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise ClipevalError(f"{origin}: line {line}: NUL character (a binary file, or UTF-16 without a BOM?)")
+    return text
+
+
+def _lines(text: str) -> list[str]:
+    """Split on LF only (CRLF tolerated): str.splitlines would also split on U+2028 and friends."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _parse_txt(text: str) -> list[tuple[str, Row]]:
+    return [(f"line {n}", (line, "", "")) for n, line in enumerate(_lines(text), 1) if line.strip()]
+
+
+def _pick(header: list[str], wanted: str | None, aliases: Iterable[str], origin: str, what: str) -> int | None:
+    if wanted is not None:
+        if wanted not in header:
+            raise ClipevalError(f"{origin}: no column {wanted!r}; columns are {', '.join(header)}")
+        return header.index(wanted)
+    lowered = [h.strip().lower() for h in header]
+    for alias in aliases:
+        if alias in lowered:
+            return lowered.index(alias)
+    if what == "prompt":
+        raise ClipevalError(
+            f"{origin}: no prompt column (looked for {', '.join(PROMPT_COLUMNS)}); "
+            f"columns are {', '.join(repr(h) for h in header) or 'none'}"
+        )
+    return None
+
+
+def _parse_table(text: str, fmt: str, origin: str, columns) -> list[tuple[str, Row]]:
+    if fmt == "tsv":
+        # TSV has no quoting (Parti's file starts a prompt with a quote that must survive).
+        records = [(n, line.split("\t")) for n, line in enumerate(_lines(text), 1)]
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        try:
+            records = []
+            for fields in reader:
+                records.append((reader.line_num, fields))
+        except csv.Error as err:
+            raise ClipevalError(f"{origin}: line {reader.line_num}: malformed CSV ({err})") from err
+    records = [(n, fields) for n, fields in records if fields and any(f.strip() for f in fields)]
+    if not records:
+        raise ClipevalError(f"{origin}: empty file (a header row is required)")
+    _, header = records[0]
+    ip = _pick(header, columns[0], PROMPT_COLUMNS, origin, "prompt")
+    ic = _pick(header, columns[1], CATEGORY_COLUMNS, origin, "category")
+    ih = _pick(header, columns[2], CHALLENGE_COLUMNS, origin, "challenge")
+    rows = []
+    for n, fields in records[1:]:
+        if len(fields) != len(header):
+            raise ClipevalError(
+                f"{origin}: line {n}: {len(fields)} fields, the header has {len(header)}"
+                + (" (a tab inside a prompt?)" if fmt == "tsv" else "")
+            )
+        rows.append(
+            (
+                f"line {n}",
+                (fields[ip], fields[ic] if ic is not None else "", fields[ih] if ih is not None else ""),
+            )
+        )
+    return rows
+
+
+def _row_from_object(obj: Any, origin: str, where: str, columns) -> Row:
+    if isinstance(obj, str):
+        return (obj, "", "")
+    if not isinstance(obj, dict):
+        raise ClipevalError(f"{origin}: {where}: expected a string or an object, got {type(obj).__name__}")
+    keys = list(obj)
+    ip = _pick(keys, columns[0], PROMPT_COLUMNS, f"{origin}: {where}", "prompt")
+    values = []
+    for index in (ip, _pick(keys, columns[1], CATEGORY_COLUMNS, origin, "category"),
+                  _pick(keys, columns[2], CHALLENGE_COLUMNS, origin, "challenge")):
+        value = obj[keys[index]] if index is not None else ""
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ClipevalError(f"{origin}: {where}: field {keys[index]!r} is not text")
+        values.append(str(value))
+    return values[0], values[1], values[2]
+
+
+def _parse_jsonl(text: str, origin: str, columns) -> list[tuple[str, Row]]:
+    rows = []
+    for n, line in enumerate(_lines(text), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ClipevalError(f"{origin}: line {n}: invalid JSON ({err.msg})") from err
+        rows.append((f"line {n}", _row_from_object(obj, origin, f"line {n}", columns)))
+    return rows
+
+
+def _parse_json(text: str, origin: str, columns) -> list[tuple[str, Row]]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ClipevalError(f"{origin}: invalid JSON at line {err.lineno} ({err.msg})") from err
+    if isinstance(obj, dict):
+        # {shortname: prompt}, as SimpleTuner's user prompt libraries are written.
+        items = list(obj.items())
+        for key, value in items:
+            if not isinstance(value, str):
+                raise ClipevalError(f"{origin}: entry {key!r}: a {{name: prompt}} map needs text values")
+        return [(f"entry {key!r}", (value, "", "")) for key, value in items]
+    if isinstance(obj, list):
+        return [(f"item {i}", _row_from_object(o, origin, f"item {i}", columns)) for i, o in enumerate(obj)]
+    raise ClipevalError(f"{origin}: expected a JSON list or object, got {type(obj).__name__}")

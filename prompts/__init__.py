@@ -1,0 +1,1 @@
+"""Built-in prompt libraries: data, installed as clipeval.libraries (see README.md here)."""
