@@ -1,0 +1,120 @@
+"""The ``clipeval`` command: a thin click layer, one library call per command.
+
+Heavy modules are imported inside the commands, so ``clipeval --help`` starts instantly.
+User errors (``ClipevalError``) print one line on stderr and exit 2; Ctrl-C exits 130 and the
+same command resumes; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from clipeval.errors import EXIT_ERROR, EXIT_INTERRUPTED, ClipevalError
+
+DEMO_WARNING = "DEMO MODELS: tiny random weights; these scores mean nothing."
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ClipevalError as err:
+            if os.environ.get("CLIPEVAL_DEBUG"):
+                raise
+            click.echo(f"clipeval: error: {err}", err=True)
+            sys.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("\nclipeval: interrupted; run the same command again to resume", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="clipeval")
+def main() -> None:
+    """Evaluate text-to-image checkpoints by CLIP score: generate, score, summarise.
+
+    \b
+    Exit codes: 0 success, 1 a quality gate failed, 2 bad input or error,
+    130 interrupted (the same command resumes).
+    """
+
+
+@main.command()
+@click.option("--checkpoint", required=True, help="Diffusers folder, hub id, single .safetensors file, or 'demo'.")
+@click.option("--prompt-library", "prompt_library", required=True, help="Built-in name (see 'clipeval libraries') or a .tsv/.csv/.jsonl/.json/.txt file.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder; rerunning the same command resumes it.")
+@click.option("--clip-model", default="openai/clip-vit-large-patch14-336", show_default=True, help="transformers CLIP model id or folder, or 'demo'.")
+@click.option("--base-model", help="Diffusers folder or hub id giving the architecture of a single-file checkpoint.")
+@click.option("--images-per-prompt", type=click.IntRange(1, 4096), default=1, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Base seed; each image's seed derives from it, its prompt_id and sample.")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--steps", type=click.IntRange(1), help="Denoising steps [default: the pipeline's].")
+@click.option("--guidance-scale", type=float, help="Classifier-free guidance [default: the pipeline's].")
+@click.option("--height", type=click.IntRange(8), help="[default: the pipeline's]")
+@click.option("--width", type=click.IntRange(8), help="[default: the pipeline's]")
+@click.option("--negative-prompt", help="One negative prompt for every image.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True, help="Generation precision; auto: float32 on CPU, half on GPU.")
+@click.option("--clip-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True, help="CLIP precision (embeddings are always compared in float32).")
+@click.option("--preprocess", type=click.Choice(["fast", "exact"]), default="fast", show_default=True, help="CLIP image preprocessing: batched tensors on the device, or the model's own PIL processor.")
+@click.option("--limit", type=click.IntRange(1), help="Only the first N prompts of the library.")
+@click.option("--no-save-images", "save_images", is_flag=True, flag_value=False, default=True, help="Score without writing PNGs.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous run in --out made with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run(quiet: bool, **options) -> None:
+    """Generate images for every prompt, score them with CLIP, write tables and a summary."""
+    from clipeval.runner import RunConfig, run as run_evaluation
+
+    demo = "demo" in (options["checkpoint"], options["clip_model"])
+    if demo:
+        click.secho(DEMO_WARNING, fg="yellow", err=True)
+    result = run_evaluation(RunConfig(**options, progress=not quiet, command=["clipeval", *sys.argv[1:]]))
+    s = result.summary
+    click.echo(
+        f"clip/mean {s['clip/mean']:.4f} (std {_fmt(s['clip/std'])}, min {s['clip/min']:.4f}, "
+        f"max {s['clip/max']:.4f}) over {s['images']} images of {s['prompts']} prompts → {result.out}/summary.json"
+    )
+    if s["truncated_prompts"]:
+        click.echo(f"note: {s['truncated_prompts']} prompt(s) longer than the CLIP text limit were truncated", err=True)
+    if demo:
+        click.secho(DEMO_WARNING, fg="yellow", err=True)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+@main.command()
+@click.argument("library")
+def prompts(library: str) -> None:
+    """Print a prompt library as CSV: prompt_id, prompt, category, challenge."""
+    import csv
+
+    from clipeval.prompts import load_library
+
+    lib = load_library(library)
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["prompt_id", "prompt", "category", "challenge"])
+    for p in lib.prompts:
+        writer.writerow([p.prompt_id, p.prompt, p.category, p.challenge])
+
+
+@main.command()
+def libraries() -> None:
+    """List the built-in prompt libraries."""
+    from urllib.parse import urlparse
+
+    from clipeval.prompts import builtin_descriptors
+
+    rows = []
+    for name, d in builtin_descriptors().items():
+        source = "shipped" if not d.downloaded else "download: " + urlparse(d.files[0]["url"]).netloc
+        rows.append((name, str(d.count), source, d.description))
+    widths = [max(len(r[i]) for r in rows + [("name", "prompts", "source", "")]) for i in range(3)]
+    click.echo(f"{'name':<{widths[0]}}  {'prompts':>{widths[1]}}  {'source':<{widths[2]}}  description")
+    for name, count, source, description in rows:
+        click.echo(f"{name:<{widths[0]}}  {count:>{widths[1]}}  {source:<{widths[2]}}  {description}")

@@ -1,0 +1,97 @@
+"""Work items and batched generation with one seed per image.
+
+The seed of an image depends only on ``--seed``, its prompt_id and its sample index::
+
+    seed = base_seed · 2³² + prompt_id · 2¹² + sample
+
+so an image is the same whatever the batch size, order, ``--limit``, ``--images-per-prompt`` or
+number of processes, and runs with different base seeds never share an image. Each image gets its
+own CPU ``torch.Generator``, so initial noise is identical on every device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from clipeval.prompts import PromptLibrary
+
+MAX_SEED = 2**31 - 1
+MAX_PROMPTS = 2**20
+MAX_SAMPLES = 2**12
+
+
+def image_seed(base_seed: int, prompt_id: int, sample: int) -> int:
+    if not 0 <= base_seed <= MAX_SEED:
+        raise ValueError(f"seed {base_seed} outside [0, {MAX_SEED}]")
+    if not 0 <= prompt_id < MAX_PROMPTS or not 0 <= sample < MAX_SAMPLES:
+        raise ValueError(f"prompt_id {prompt_id} or sample {sample} out of range")
+    return (base_seed << 32) | (prompt_id << 12) | sample
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    prompt_id: int
+    sample: int
+    seed: int
+    prompt: str
+    category: str
+    challenge: str
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.prompt_id, self.sample)
+
+
+def work_items(library: PromptLibrary, *, images_per_prompt: int, seed: int) -> list[WorkItem]:
+    """Every (prompt, sample) in prompt order, the order of every output file."""
+    if len(library.prompts) > MAX_PROMPTS:
+        raise ValueError(f"at most {MAX_PROMPTS} prompts")
+    return [
+        WorkItem(p.prompt_id, s, image_seed(seed, p.prompt_id, s), p.prompt, p.category, p.challenge)
+        for p in library.prompts
+        for s in range(images_per_prompt)
+    ]
+
+
+def batches(items: Sequence[WorkItem], size: int) -> Iterator[list[WorkItem]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    negative_prompt: str | None
+
+
+def generate(pipe: Any, batch: Sequence[WorkItem], settings: GenerationSettings):
+    """Images of ``batch`` as uint8 ``(B, 3, H, W)`` on the pipeline's device, as they will be saved."""
+    import torch
+
+    kwargs: dict[str, Any] = {}
+    if settings.negative_prompt is not None:
+        kwargs["negative_prompt"] = [settings.negative_prompt] * len(batch)
+    with torch.inference_mode():
+        images = pipe(
+            prompt=[item.prompt for item in batch],
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            height=settings.height,
+            width=settings.width,
+            generator=[torch.Generator("cpu").manual_seed(item.seed) for item in batch],
+            output_type="pt",
+            **kwargs,
+        ).images
+    return to_uint8(images)
+
+
+def to_uint8(images):
+    """[0, 1] floats → uint8 the way diffusers' ``numpy_to_pil`` does (×255, round); NaN → 0."""
+    import torch
+
+    images = torch.nan_to_num(images.float(), nan=0.0)
+    return (images * 255).round().clamp(0, 255).to(torch.uint8)

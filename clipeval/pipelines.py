@@ -1,0 +1,230 @@
+"""Loading a text-to-image checkpoint, whatever form it comes in, as a diffusers pipeline.
+
+Forms: ``demo`` (a tiny random pipeline), a diffusers pipeline folder (``model_index.json``), a
+hub id, or a single ``.safetensors`` file whose architecture comes from ``--base-model``.
+Weights are read from safetensors only; remote code is never run. Every loading failure becomes
+one ``ClipevalError`` line that says what to do.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipeval.errors import ClipevalError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_device(spec: str) -> str:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; an unavailable device is an error."""
+    import torch
+
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if spec == "cpu":
+        return spec
+    if spec == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ClipevalError("--device mps: Apple's MPS backend is not available on this machine")
+        return spec
+    match = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if not match:
+        raise ClipevalError(f"--device {spec}: use auto, cpu, cuda, cuda:N or mps")
+    if not torch.cuda.is_available():
+        raise ClipevalError(f"--device {spec}: CUDA is not available (torch {torch.__version__})")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ClipevalError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return spec
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def resolve_dtype(spec: str, device: str, model_index: dict[str, Any] | None) -> str:
+    """``auto``: float32 on the CPU; on accelerators half precision, bfloat16 for transformer
+    denoisers (SD3, Flux, ...) which are trained in it and overflow in float16."""
+    if spec != "auto":
+        if spec == "float16" and device == "cpu":
+            raise ClipevalError("--dtype float16 is not supported on the CPU; use float32 or bfloat16")
+        return spec
+    if device == "cpu":
+        return "float32"
+    if model_index and "transformer" in model_index and device.startswith("cuda"):
+        return "bfloat16"
+    return "float16"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """What ``--checkpoint`` resolved to, before any weights are read."""
+
+    spec: str  # as the user gave it
+    kind: str  # "demo" | "folder" | "hub" | "single-file"
+    location: str  # local path or hub id
+    base_model: str | None
+    model_index: dict[str, Any] | None
+
+    @property
+    def pipeline_class(self) -> str:
+        return (self.model_index or {}).get("_class_name", "?")
+
+
+def resolve_checkpoint(spec: str, base_model: str | None) -> CheckpointRef:
+    """Check that the checkpoint exists and what it is, cheaply, before any model is loaded."""
+    if spec == "demo":
+        from clipeval import demo
+
+        path = demo.demo_pipeline_dir()
+        return CheckpointRef(spec, "demo", str(path), None, _read_index(path / "model_index.json"))
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ClipevalError(
+                f"{spec}: pickle checkpoints ({path.suffix}) can run arbitrary code when loaded; "
+                "convert it to .safetensors"
+            )
+        if path.suffix.lower() != ".safetensors":
+            raise ClipevalError(f"{spec}: not a .safetensors file, a diffusers folder or a hub id")
+        if not base_model:
+            raise ClipevalError(
+                f"{spec} is a single-file checkpoint, which carries no architecture: pass --base-model "
+                "with a diffusers folder or hub id of the same family (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
+            )
+        return CheckpointRef(spec, "single-file", str(path), base_model, _base_index(base_model))
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ClipevalError(f"{spec}: not a diffusers pipeline folder (no model_index.json)")
+        return CheckpointRef(spec, "folder", str(path), None, _read_index(index))
+    if path.exists():
+        raise ClipevalError(f"{spec}: not a file or folder")
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return CheckpointRef(spec, "hub", spec, None, _hub_index(spec))
+    raise ClipevalError(f"checkpoint not found: {spec} (no such file or folder, and not a hub id)")
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ClipevalError(f"{path}: unreadable model_index.json ({err})") from err
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise ClipevalError(f"{path}: model_index.json names no pipeline class (custom code is not run)")
+    return index
+
+
+def _hub_index(repo_id: str) -> dict[str, Any]:
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(repo_id)
+    except Exception as err:  # hub errors come in many types; all mean "cannot get it"
+        raise ClipevalError(f"checkpoint {repo_id}: {hub_error(err)}") from err
+    if not isinstance(index.get("_class_name"), str):
+        raise ClipevalError(f"{repo_id}: model_index.json names no pipeline class (custom code is not run)")
+    return dict(index)
+
+
+def _base_index(base: str) -> dict[str, Any]:
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ClipevalError(f"--base-model {base}: not a diffusers pipeline folder (no model_index.json)")
+        return _read_index(path / "model_index.json")
+    if HUB_ID.match(base):
+        return _hub_index(base)
+    raise ClipevalError(f"--base-model {base}: no such folder, and not a hub id")
+
+
+def hub_error(err: BaseException) -> str:
+    """The one line worth showing from a hub or loading error."""
+    name = type(err).__name__
+    text = str(err).strip().splitlines()
+    first = text[0] if text else name
+    if "GatedRepo" in name or "gated" in first.lower():
+        return "the model is gated: accept its license on the Hub and log in (huggingface-cli login)"
+    if "RevisionNotFound" in name:
+        return "that revision does not exist"
+    if "RepositoryNotFound" in name or "404" in first:
+        return "no such model on the Hub (or it is private: log in with huggingface-cli login)"
+    if "LocalEntryNotFound" in name or "offline" in first.lower() or "couldn't connect" in first.lower():
+        return "not in the local Hugging Face cache and the Hub cannot be reached (offline?)"
+    return f"{first} ({name})"
+
+
+def quiet_hf() -> None:
+    """transformers/diffusers INFO chatter and per-component progress bars would drown our one
+    progress bar; their warnings that matter surface as our errors."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+def load_pipeline(ref: CheckpointRef, *, device: str, dtype: str):
+    """Load the pipeline in ``dtype`` on ``device``, with diffusers' own progress bars off."""
+    import warnings
+
+    import torch  # noqa: F401  (diffusers needs it imported first)
+    import diffusers
+    from diffusers import AutoPipelineForText2Image
+
+    quiet_hf()
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype)}
+    try:
+        with warnings.catch_warnings():
+            # diffusers >= 0.42 prefers `dtype`; older releases know only `torch_dtype`.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            if ref.kind == "single-file":
+                pipe = _from_single_file(diffusers, ref, kwargs)
+            else:
+                pipe = AutoPipelineForText2Image.from_pretrained(ref.location, use_safetensors=True, **kwargs)
+    except ClipevalError:
+        raise
+    except Exception as err:
+        raise ClipevalError(f"could not load checkpoint {ref.spec}: {hub_error(err)}") from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _from_single_file(diffusers, ref: CheckpointRef, kwargs: dict[str, Any]):
+    cls = getattr(diffusers, ref.pipeline_class, None)
+    if cls is None or not hasattr(cls, "from_single_file"):
+        raise ClipevalError(f"--base-model {ref.base_model}: {ref.pipeline_class} cannot load single-file checkpoints")
+    base = Path(ref.base_model).expanduser()
+    local = base.is_dir()
+    return cls.from_single_file(
+        ref.location, config=str(base) if local else ref.base_model, local_files_only=local, **kwargs
+    )
+
+
+def call_defaults(pipe) -> dict[str, Any]:
+    """The pipeline's own defaults for the settings we record, so the manifest holds real values."""
+    params = inspect.signature(pipe.__call__).parameters
+    defaults = {name: params[name].default for name in ("num_inference_steps", "guidance_scale") if name in params}
+    sample = getattr(pipe, "default_sample_size", None)
+    if sample is None:
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    if isinstance(sample, int):
+        defaults["height"] = defaults["width"] = sample * scale
+    defaults["takes_negative_prompt"] = "negative_prompt" in params
+    defaults["size_multiple"] = scale * 2 if "transformer" in pipe.components else scale
+    return defaults

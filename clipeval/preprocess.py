@@ -1,0 +1,107 @@
+"""CLIP image preprocessing, in one place: a fast batched tensor path and the exact processor path.
+
+Both start from uint8 RGB, the image exactly as it is saved, so re-scoring a saved PNG gives the
+same score as scoring it during the run.
+
+- ``fast``: resize the short side (bicubic, antialiased: PIL's kernel), centre crop, normalise,
+  all on batched tensors on the model's device. No PNG round trip, no PIL, no host copies.
+- ``exact``: the model's own transformers image processor, image by image on the CPU.
+
+The fast path follows the processor's own configuration (sizes, mean, std), so the two cannot
+disagree on what to compute, only on rounding; ``tests/test_score.py`` bounds that difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("fast", "exact")
+_TORCH_MODES = {2: "bilinear", 3: "bicubic"}  # PIL resample codes the fast path reproduces
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    shortest_edge: int | None  # resize so the short side has this length ...
+    size: tuple[int, int] | None  # ... or to exactly (height, width)
+    crop: tuple[int, int] | None  # (height, width) centre crop
+    mode: str  # torch interpolation mode
+    rescale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_processor(cls, processor: Any) -> "ImageTransform":
+        size = _as_dict(getattr(processor, "size", None))
+        crop = _as_dict(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else {}
+        resample = int(getattr(processor, "resample", 3))
+        if resample not in _TORCH_MODES:
+            raise ValueError(f"the fast path cannot reproduce PIL resample mode {resample}; use exact")
+        return cls(
+            shortest_edge=size.get("shortest_edge"),
+            size=(size["height"], size["width"]) if "height" in size else None,
+            crop=(crop["height"], crop["width"]) if crop else None,
+            mode=_TORCH_MODES[resample],
+            rescale=float(getattr(processor, "rescale_factor", 1 / 255)),
+            mean=tuple(processor.image_mean),
+            std=tuple(processor.image_std),
+        )
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """transformers' rule: the short side becomes ``shortest_edge``, the long one is truncated."""
+        if self.size is not None:
+            return self.size
+        if self.shortest_edge is None:
+            return height, width
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+
+    def __call__(self, images):
+        """uint8 ``(B, 3, H, W)`` on any device → normalised float32 pixel values on that device."""
+        import torch
+        import torch.nn.functional as F
+
+        x = images.to(torch.float32)
+        h, w = x.shape[-2:]
+        new_h, new_w = self.resized_shape(h, w)
+        if (new_h, new_w) != (h, w):
+            x = F.interpolate(x, size=(new_h, new_w), mode=self.mode, antialias=True, align_corners=False)
+            # PIL resizes uint8 to uint8: round and clamp the same way.
+            x = x.round_().clamp_(0, 255)
+        if self.crop is not None:
+            x = _centre_crop(x, *self.crop)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x * self.rescale - mean) / std
+
+
+def _centre_crop(x, crop_h: int, crop_w: int):
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    if crop_h > h or crop_w > w:  # transformers pads small images with zeros before cropping
+        pad_h, pad_w = max(crop_h - h, 0), max(crop_w - w, 0)
+        top, left = (pad_h + 1) // 2, (pad_w + 1) // 2
+        x = F.pad(x, (left, pad_w - left, top, pad_h - top))
+        h, w = x.shape[-2:]
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    return x[..., top : top + crop_h, left : left + crop_w]
+
+
+def exact(processor: Any, images) -> "Any":
+    """The model's own processor on PIL images made from the uint8 tensors."""
+    import torch
+    from PIL import Image
+
+    pil = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images]
+    out = processor(images=pil, return_tensors="pt")
+    return out["pixel_values"].to(images.device, torch.float32)
+
+
+def _as_dict(value: Any) -> dict[str, int]:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if v is not None}
+    return {k: v for k, v in vars(value).items() if v is not None and not k.startswith("_")}

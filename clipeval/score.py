@@ -1,0 +1,130 @@
+"""CLIP score: the cosine of the L2-normalised image and text embeddings, in float32, in [-1, 1].
+
+Not ×100 and not clamped (torchmetrics reports ``max(100·mean(cos), 0)``: the clamp comes after
+its batch mean). The model is loaded once; each distinct prompt is embedded once; embeddings are
+normalised and dotted in float32 even when the model runs in half precision. Prompts longer than
+the model's text positions are truncated by its tokenizer, which keeps the end-of-text token that
+CLIP pools on (torchmetrics slices it off), and are flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from clipeval.errors import ClipevalError
+from clipeval.preprocess import MODES, ImageTransform, exact
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14-336"
+
+
+def _features(output: Any):
+    """transformers 5 returns an output object whose ``pooler_output`` is the projected embedding."""
+    import torch
+
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    vector: Any  # float32, unit norm, on the scorer's device
+    truncated: bool
+
+
+class ClipScorer:
+    """A loaded CLIP model plus its tokenizer and image preprocessing, ready to score batches."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_CLIP_MODEL,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        preprocess: str = "fast",
+    ) -> None:
+        import torch
+        import transformers
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        from clipeval.pipelines import hub_error, quiet_hf, torch_dtype
+
+        if preprocess not in MODES:
+            raise ClipevalError(f"--preprocess {preprocess}: use one of {', '.join(MODES)}")
+        quiet_hf()
+        self.name = model
+        location = model
+        if model == "demo":
+            from clipeval import demo
+
+            location = str(demo.demo_clip_dir())
+        elif Path(model).expanduser().exists():
+            location = str(Path(model).expanduser())
+            if not Path(location, "config.json").is_file():
+                raise ClipevalError(f"--clip-model {model}: not a transformers model folder (no config.json)")
+        try:
+            self.model = CLIPModel.from_pretrained(location, dtype=torch_dtype(dtype), use_safetensors=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(location)
+            # The PIL processor on every machine (transformers 5 would pick a torchvision one where
+            # torchvision is installed): "exact" must mean the same computation everywhere.
+            major = int(transformers.__version__.split(".")[0])
+            pil = {"backend": "pil"} if major >= 5 else {"use_fast": False}
+            self.processor = AutoImageProcessor.from_pretrained(location, **pil)
+        except Exception as err:
+            raise ClipevalError(f"could not load CLIP model {model}: {hub_error(err)}") from err
+        self.model.eval().to(device)
+        self.device = device
+        self.dtype = dtype
+        self.preprocess = preprocess
+        # The model's own text length (77 for CLIP, 248 for LongCLIP), not the tokenizer's default.
+        self.max_length = int(self.model.config.text_config.max_position_embeddings)
+        self.transform = ImageTransform.from_processor(self.processor) if preprocess == "fast" else None
+        self._cache: dict[str, TextEmbedding] = {}
+        self._torch = torch
+
+    # -- text ------------------------------------------------------------------------------
+    def embed_texts(self, prompts: Sequence[str]) -> list[TextEmbedding]:
+        """Embeddings for ``prompts``, computing each distinct text once and caching it."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            torch = self._torch
+            tokens = self.tokenizer(
+                missing, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
+            lengths = [len(ids) for ids in self.tokenizer(missing, truncation=False)["input_ids"]]
+            with torch.inference_mode():
+                vectors = _features(self.model.get_text_features(**tokens)).float()
+            vectors = vectors / vectors.norm(dim=-1, keepdim=True)
+            for text, vector, length in zip(missing, vectors, lengths):
+                self._cache[text] = TextEmbedding(vector, length > self.max_length)
+        return [self._cache[p] for p in prompts]
+
+    def forget(self, keep: Sequence[str] = ()) -> None:
+        """Drop cached text embeddings, but ``keep``, so memory does not grow with the library."""
+        kept = set(keep)
+        self._cache = {k: v for k, v in self._cache.items() if k in kept}
+
+    # -- images ----------------------------------------------------------------------------
+    def pixel_values(self, images):
+        if self.transform is not None:
+            return self.transform(images.to(self.device))
+        return exact(self.processor, images)
+
+    def embed_images(self, images):
+        """uint8 ``(B, 3, H, W)`` (any device) → unit-norm float32 embeddings on our device."""
+        torch = self._torch
+        with torch.inference_mode():
+            pixels = self.pixel_values(images).to(self.device, self.model.dtype)
+            vectors = _features(self.model.get_image_features(pixel_values=pixels)).float()
+        return vectors / vectors.norm(dim=-1, keepdim=True)
+
+    def score(self, images, prompts: Sequence[str]) -> tuple[list[float], list[bool]]:
+        """Per-image cosine with its own prompt, and whether that prompt was truncated."""
+        torch = self._torch
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        texts = self.embed_texts(prompts)
+        image_vectors = self.embed_images(images)
+        text_vectors = torch.stack([t.vector for t in texts])
+        cosines = (image_vectors * text_vectors).sum(dim=-1).cpu().tolist()
+        return cosines, [t.truncated for t in texts]

@@ -1,0 +1,187 @@
+"""The run directory: what is written where, atomically, so that a killed run loses nothing.
+
+Layout (the contract other commands build on)::
+
+    DIR/images/{prompt_id:05d}_{sample:02d}.png
+    DIR/scores.csv  DIR/prompts.csv  DIR/summary.json  DIR/manifest.json
+    DIR/.clipeval/lock                 held (flock) by the live run; the kernel frees it on death
+    DIR/.clipeval/journal-<rank>.jsonl one JSON line per finished batch
+
+A batch is committed by appending one line to the journal (then fsync), after its images are on
+disk. A line cut short by a kill is ignored, so a batch is either wholly done or redone. The
+final tables are derived from the journal and written by temp file + rename: readers never see
+half a file, and a rerun of the same command resumes from the journal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from clipeval.errors import ClipevalError
+
+STATE = ".clipeval"
+IMAGE_NAME = re.compile(r"^\d+_\d+\.png$")
+RESULT_FILES = ("scores.csv", "prompts.csv", "summary.json", "manifest.json")
+
+
+def image_name(prompt_id: int, sample: int) -> str:
+    return f"{prompt_id:05d}_{sample:02d}.png"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder, fsync, rename: ``path`` is old or new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"))
+
+
+def write_csv(path: Path, frame) -> None:
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, lineterminator="\n")
+    write_atomic(path, buffer.getvalue().encode("utf-8"))
+
+
+def check_parent(out: Path) -> None:
+    """Fail before any model is loaded when the output folder cannot be created or written."""
+    parent = out if out.exists() else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if out.exists() and not out.is_dir():
+        raise ClipevalError(f"--out {out}: exists and is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ClipevalError(f"--out {out}: {parent} is not writable")
+
+
+@dataclass
+class RunDir:
+    path: Path
+    rank: int = 0
+
+    @property
+    def images(self) -> Path:
+        return self.path / "images"
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE
+
+    def manifest(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise ClipevalError(f"{self.path}/manifest.json is unreadable ({err}); use --overwrite") from err
+
+    # -- claiming the folder ---------------------------------------------------------------------
+    def lock(self) -> None:
+        """Refuse a second live run into the same folder; a dead run's lock is free (flock)."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ClipevalError(f"{self.path} is in use by a running clipeval (pid {holder}); wait for it to finish")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd  # held until the process exits
+
+    def claim(self, settings: dict[str, Any], *, overwrite: bool) -> bool:
+        """Check that DIR is new, ours with the same settings, or ``overwrite``; returns True when
+        earlier progress is kept. Takes the lock first, so two runs cannot both pass the checks."""
+        used = self.path.exists() and any(self.path.iterdir())
+        if used and not ((self.path / "manifest.json").exists() or self.state.is_dir()):
+            raise ClipevalError(f"--out {self.path} is not empty and is not a clipeval run folder; choose a new folder")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock()
+        if used:
+            existing = self.manifest()
+            if overwrite:
+                self.clear()
+                return False
+            if existing is not None:
+                diff = settings_diff(existing.get("settings", {}), settings)
+                if diff:
+                    raise ClipevalError(
+                        f"{self.path} holds a run with other settings ({'; '.join(diff)}): "
+                        "use another --out, or --overwrite to replace it"
+                    )
+            return True
+        return False
+
+    def clear(self) -> None:
+        """Remove what a previous run wrote (and only that)."""
+        for name in RESULT_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for journal in self.state.glob("journal-*.jsonl") if self.state.is_dir() else ():
+            journal.unlink()
+        if self.images.is_dir():
+            for image in self.images.iterdir():
+                if IMAGE_NAME.match(image.name):
+                    image.unlink()
+
+    # -- progress --------------------------------------------------------------------------------
+    def done(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """Rows of every committed batch, from every rank's journal; torn last lines are ignored."""
+        rows: dict[tuple[int, int], dict[str, Any]] = {}
+        if not self.state.is_dir():
+            return rows
+        for journal in sorted(self.state.glob("journal-*.jsonl")):
+            for line in journal.read_bytes().split(b"\n"):
+                try:
+                    batch = json.loads(line)
+                except ValueError:
+                    continue  # the torn tail of a killed write
+                for row in batch.get("rows", ()):
+                    rows[(row["prompt_id"], row["sample"])] = row
+        return rows
+
+    def commit(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Append one batch as one line, then fsync: the batch is done exactly when this returns."""
+        path = self.state / f"journal-{self.rank}.jsonl"
+        line = json.dumps({"rows": list(rows)}, ensure_ascii=False, allow_nan=False) + "\n"
+        with open(path, "ab") as f:
+            if f.tell() and not _ends_with_newline(path):
+                f.write(b"\n")  # seal a torn line left by a kill, so this batch parses
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save_image(self, name: str, png: bytes) -> None:
+        write_atomic(self.images / name, png)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two runs' settings (keys present in ``new``)."""
+    out = []
+    for key, value in new.items():
+        if key in old and old[key] != value:
+            out.append(f"{key} {value!r} (was {old[key]!r})")
+    return out
