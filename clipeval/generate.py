@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+from clipeval.errors import ClipevalError
 from clipeval.prompts import PromptLibrary
 
 MAX_SEED = 2**31 - 1
@@ -76,17 +77,20 @@ def generate(pipe: Any, batch: Sequence[WorkItem], settings: GenerationSettings)
     if settings.negative_prompt is not None:
         kwargs["negative_prompt"] = [settings.negative_prompt] * len(batch)
     with torch.inference_mode():
-        images = pipe(
-            prompt=[item.prompt for item in batch],
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            height=settings.height,
-            width=settings.width,
-            generator=[torch.Generator("cpu").manual_seed(item.seed) for item in batch],
-            output_type="pt",
-            **kwargs,
-        ).images
-    return to_uint8(images)
+        try:
+            output = pipe(
+                prompt=[item.prompt for item in batch],
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                height=settings.height,
+                width=settings.width,
+                generator=[torch.Generator("cpu").manual_seed(item.seed) for item in batch],
+                output_type="pt",
+                **kwargs,
+            )
+        except ValueError as err:  # diffusers' check_inputs: settings this pipeline cannot take
+            raise ClipevalError(f"the pipeline refused the generation settings: {err}") from err
+    return to_uint8(output.images)
 
 
 def to_uint8(images):

@@ -226,5 +226,6 @@ def call_defaults(pipe) -> dict[str, Any]:
     if isinstance(sample, int):
         defaults["height"] = defaults["width"] = sample * scale
     defaults["takes_negative_prompt"] = "negative_prompt" in params
-    defaults["size_multiple"] = scale * 2 if "transformer" in pipe.components else scale
+    # SD/SDXL pipelines insist on multiples of 8; transformer denoisers pack 2×2 latent patches.
+    defaults["size_multiple"] = scale * 2 if "transformer" in pipe.components else 8
     return defaults

@@ -3,8 +3,9 @@
 Both start from uint8 RGB, the image exactly as it is saved, so re-scoring a saved PNG gives the
 same score as scoring it during the run.
 
-- ``fast``: resize the short side (bicubic, antialiased: PIL's kernel), centre crop, normalise,
-  all on batched tensors on the model's device. No PNG round trip, no PIL, no host copies.
+- ``fast``: resize the short side (bicubic, antialiased: PIL's kernel, in PIL's two rounded
+  passes), centre crop, normalise, all on batched tensors on the model's device. No PIL, no
+  host copies.
 - ``exact``: the model's own transformers image processor, image by image on the CPU.
 
 The fast path follows the processor's own configuration (sizes, mean, std), so the two cannot
@@ -65,9 +66,13 @@ class ImageTransform:
         x = images.to(torch.float32)
         h, w = x.shape[-2:]
         new_h, new_w = self.resized_shape(h, w)
-        if (new_h, new_w) != (h, w):
+        # PIL resizes in two passes, horizontal then vertical, rounding to uint8 after each.
+        # Doing the same brings the fast path from ~20% of pixels one level off to ~0.02%.
+        if new_w != w:
+            x = F.interpolate(x, size=(h, new_w), mode=self.mode, antialias=True, align_corners=False)
+            x = x.round_().clamp_(0, 255)
+        if new_h != h:
             x = F.interpolate(x, size=(new_h, new_w), mode=self.mode, antialias=True, align_corners=False)
-            # PIL resizes uint8 to uint8: round and clamp the same way.
             x = x.round_().clamp_(0, 255)
         if self.crop is not None:
             x = _centre_crop(x, *self.crop)

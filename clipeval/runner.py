@@ -112,23 +112,26 @@ def run(config: RunConfig) -> RunResult:
         if v is not None
     }
     rundir = store.RunDir(out)
-    resuming = rundir.claim({**settings, **explicit}, overwrite=config.overwrite)
+    rundir.check({**settings, **explicit}, overwrite=config.overwrite)
 
-    # 2. Models, then the settings that depend on them.
+    # 2. Models, then the settings that depend on them. Nothing is written before they load.
     pipe = pipelines.load_pipeline(ref, device=device, dtype=dtype)
     gen = _generation_settings(config, pipelines.call_defaults(pipe))
     settings.update(steps=gen.steps, guidance_scale=gen.guidance_scale, height=gen.height, width=gen.width)
-    previous = rundir.manifest() if resuming else None
-    if previous:
-        diff = store.settings_diff(previous.get("settings", {}), settings)
-        if diff:
-            raise ClipevalError(
-                f"{out} holds a run with other settings ({'; '.join(diff)}): "
-                "use another --out, or --overwrite to replace it"
-            )
     from clipeval.score import ClipScorer
 
     scorer = ClipScorer(config.clip_model, device=device, dtype=config.clip_dtype, preprocess=config.preprocess)
+    previous = rundir.claim(settings, overwrite=config.overwrite)
+    try:
+        return _generate_and_write(config, rundir, previous, settings, ref, library, items, gen, pipe, scorer, device)
+    finally:
+        rundir.release()
+
+
+def _generate_and_write(config, rundir, previous, settings, ref, library, items, gen, pipe, scorer, device):
+    from clipeval import store
+
+    out = rundir.path
     manifest = _manifest(config, settings, ref, library, gen, device, scorer, previous)
     store.write_json(out / "manifest.json", manifest)
 

@@ -84,19 +84,19 @@ class ClipScorer:
 
     # -- text ------------------------------------------------------------------------------
     def embed_texts(self, prompts: Sequence[str]) -> list[TextEmbedding]:
-        """Embeddings for ``prompts``, computing each distinct text once and caching it."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing:
-            torch = self._torch
-            tokens = self.tokenizer(
-                missing, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            ).to(self.device)
-            lengths = [len(ids) for ids in self.tokenizer(missing, truncation=False)["input_ids"]]
+        """Embeddings for ``prompts``, computing each distinct text once and caching it.
+
+        Each text is encoded alone and unpadded, so its embedding is a pure function of the text:
+        the same bits whichever other prompts share its batch, after a resume, or in a re-score.
+        (Batched with padding, the tensor shapes, and so the float rounding, would depend on the
+        neighbours.) One short forward per prompt costs milliseconds on a GPU."""
+        torch = self._torch
+        for text in dict.fromkeys(p for p in prompts if p not in self._cache):
+            length = len(self.tokenizer(text, truncation=False)["input_ids"])
+            tokens = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
             with torch.inference_mode():
-                vectors = _features(self.model.get_text_features(**tokens)).float()
-            vectors = vectors / vectors.norm(dim=-1, keepdim=True)
-            for text, vector, length in zip(missing, vectors, lengths):
-                self._cache[text] = TextEmbedding(vector, length > self.max_length)
+                vector = _features(self.model.get_text_features(**tokens.to(self.device)))[0].float()
+            self._cache[text] = TextEmbedding(vector / vector.norm(), length > self.max_length)
         return [self._cache[p] for p in prompts]
 
     def forget(self, keep: Sequence[str] = ()) -> None:

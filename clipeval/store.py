@@ -67,8 +67,11 @@ def check_parent(out: Path) -> None:
         parent = parent.parent
     if out.exists() and not out.is_dir():
         raise ClipevalError(f"--out {out}: exists and is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ClipevalError(f"--out {out}: {parent} is not writable")
+    try:  # a real probe: permission bits say nothing for root or on a read-only mount
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise ClipevalError(f"--out {out}: {parent} is not writable ({err.strerror})") from err
 
 
 @dataclass
@@ -105,30 +108,57 @@ class RunDir:
             raise ClipevalError(f"{self.path} is in use by a running clipeval (pid {holder}); wait for it to finish")
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd  # held until the process exits
+        self._lock_fd = fd
 
-    def claim(self, settings: dict[str, Any], *, overwrite: bool) -> bool:
-        """Check that DIR is new, ours with the same settings, or ``overwrite``; returns True when
-        earlier progress is kept. Takes the lock first, so two runs cannot both pass the checks."""
-        used = self.path.exists() and any(self.path.iterdir())
-        if used and not ((self.path / "manifest.json").exists() or self.state.is_dir()):
+    def release(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    def check(self, settings: dict[str, Any], *, overwrite: bool) -> dict[str, Any] | None:
+        """Read-only checks before any model is loaded: DIR is new, or a clipeval run made with the
+        same settings (or ``overwrite``). Returns the previous manifest when there is progress to keep."""
+        if not (self.path.exists() and any(self.path.iterdir())):
+            return None
+        if not ((self.path / "manifest.json").exists() or self.state.is_dir()):
             raise ClipevalError(f"--out {self.path} is not empty and is not a clipeval run folder; choose a new folder")
+        if overwrite:
+            return None
+        existing = self.manifest()
+        if existing is not None:
+            self.check_settings(existing, settings)
+        return existing
+
+    def claim(self, settings: dict[str, Any], *, overwrite: bool) -> dict[str, Any] | None:
+        """Take the folder once the models are loaded: lock it, check again under the lock (another
+        run may have written meanwhile), and clear a previous run when ``overwrite``."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock()
-        if used:
-            existing = self.manifest()
+        try:
+            previous = self.check(settings, overwrite=overwrite)
             if overwrite:
                 self.clear()
-                return False
-            if existing is not None:
-                diff = settings_diff(existing.get("settings", {}), settings)
-                if diff:
-                    raise ClipevalError(
-                        f"{self.path} holds a run with other settings ({'; '.join(diff)}): "
-                        "use another --out, or --overwrite to replace it"
-                    )
-            return True
-        return False
+            self._remove_stale_temp_files()
+            return previous
+        except BaseException:
+            self.release()
+            raise
+
+    def check_settings(self, manifest: dict[str, Any], settings: dict[str, Any]) -> None:
+        diff = settings_diff(manifest.get("settings", {}), settings)
+        if diff:
+            raise ClipevalError(
+                f"{self.path} holds a run with other settings ({'; '.join(diff)}): "
+                "use another --out, or --overwrite to replace it"
+            )
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of writes a kill interrupted; safe under the lock, no writer is alive."""
+        for folder in (self.path, self.images):
+            if folder.is_dir():
+                for tmp in folder.glob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Remove what a previous run wrote (and only that)."""

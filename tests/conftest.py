@@ -1,0 +1,146 @@
+"""Shared fixtures: tiny random models built once per session, and CLI helpers.
+
+No test downloads anything: the hub is offline, the cache is a temporary folder, and the
+public prompt files come from ``../shared/data`` through ``CLIPEVAL_LIBRARY_MIRROR``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Before anything imports huggingface_hub: never reach the network, never touch ~/.cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.pop("CLIPEVAL_LIBRARY_MIRROR", None)
+_CACHE = tempfile.mkdtemp(prefix="clipeval-test-cache-")
+os.environ["CLIPEVAL_CACHE_DIR"] = _CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "PartiPrompts.tsv").is_file():
+        pytest.skip(f"public prompt files not found in {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def mirror(shared_data, monkeypatch) -> Path:
+    """Built-in downloadable libraries resolve from the shared copies, as from an offline mirror."""
+    monkeypatch.setenv("CLIPEVAL_LIBRARY_MIRROR", str(shared_data))
+    return shared_data
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> SimpleNamespace:
+    """Tiny CLIP, tiny SD and tiny SDXL, saved with save_pretrained: every test loads them
+    through the same from_pretrained code paths a real checkpoint goes through."""
+    from clipeval import demo
+
+    root = tmp_path_factory.mktemp("models")
+    return SimpleNamespace(
+        clip=demo.build_clip(root / "clip"),
+        clip2=demo.build_clip(root / "clip2", seed=7),
+        sd=demo.build_sd(root / "sd"),
+        sdxl=demo.build_sdxl(root / "sdxl"),
+    )
+
+
+TRICKY_PROMPTS = [
+    'a sign that says "hello, world"',
+    "a cat\twith a tab in its description",
+    "un café à Paris, 東京の夜景 and a 🐱 emoji",
+    "a 'single-quoted' prompt; with; semicolons",
+    " leading and trailing spaces ",
+    "an extremely long prompt " + " ".join(f"word{i}" for i in range(120)),
+]
+
+
+@pytest.fixture
+def tricky_csv(tmp_path) -> Path:
+    import csv
+
+    path = tmp_path / "tricky.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["caption", "Category"])
+        for i, prompt in enumerate(TRICKY_PROMPTS):
+            writer.writerow([prompt, "odd" if i % 2 else "even"])
+    return path
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process; returns click's Result (stdout and stderr kept apart)."""
+    from click.testing import CliRunner
+
+    from clipeval.cli import main
+
+    def invoke(*args: str):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.fixture
+def run_tiny(cli, models):
+    """``clipeval run`` on the tiny SD and CLIP with fast settings; extra args override."""
+
+    def invoke(out: Path, *extra: str, library: str | Path = "smoke", checkpoint: Path | str | None = None):
+        return cli(
+            "run",
+            "--checkpoint", checkpoint or models.sd,
+            "--clip-model", models.clip,
+            "--prompt-library", library,
+            "--out", out,
+            "--steps", "2",
+            "--quiet",
+            *extra,
+        )
+
+    return invoke
+
+
+def assert_user_error(result, *needles: str) -> None:
+    """A user error: exit 2, one line on stderr naming the problem, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 or lines[0].startswith("Usage:"), result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def run_subprocess(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300, prelude: str = ""):
+    """``python -c <prelude>; clipeval.cli.main()`` in a real process (kill -9, exit codes)."""
+    code = f"{prelude}\nfrom clipeval.cli import main\nmain()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def files_of(run_dir: Path) -> dict[str, bytes]:
+    """The result files that must be identical between equivalent runs (not the manifest's times)."""
+    names = ["scores.csv", "prompts.csv", "summary.json"]
+    out = {name: (run_dir / name).read_bytes() for name in names}
+    for image in sorted((run_dir / "images").glob("*.png")):
+        out[f"images/{image.name}"] = image.read_bytes()
+    return out

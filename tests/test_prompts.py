@@ -1,0 +1,157 @@
+"""Prompt libraries: every built-in descriptor, the known quirks of the public files, user files,
+and every malformed input through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from conftest import TRICKY_PROMPTS, assert_user_error
+
+from clipeval.prompts import builtin_descriptors, load_library
+
+
+@pytest.mark.parametrize("name", sorted(builtin_descriptors()))
+def test_every_builtin_library_resolves_to_its_declared_count(name, mirror):
+    desc = builtin_descriptors()[name]
+    lib = load_library(name)
+    assert len(lib.prompts) == desc.count
+    assert [p.prompt_id for p in lib.prompts] == list(range(desc.count))
+    assert all(p.prompt.strip() for p in lib.prompts)
+    assert desc.description and desc.license
+    for spec, source in zip(desc.files, lib.files):
+        assert source.name == spec["name"]
+        if "url" in spec:
+            assert spec["url"].startswith("https://") and source.sha256 == spec["sha256"]
+
+
+def test_parti_parses_unquoted_with_categories_and_challenges(mirror):
+    lib = load_library("parti")
+    assert len(lib.prompts) == 1632
+    assert len({p.category for p in lib.prompts}) == 12
+    assert len({p.challenge for p in lib.prompts}) == 11
+    # File line 1562 (header is line 1) starts with a quote that a CSV reader would strip.
+    giggle = lib.prompts[1560]
+    assert giggle.prompt.startswith('"G I G G L E" painted in thick colorful lettering')
+    assert sum('"' in p.prompt for p in lib.prompts) == 22
+    # Leading/trailing spaces (file line 311) and the double space (line 1565) are kept verbatim.
+    assert lib.prompts[309].prompt != lib.prompts[309].prompt.strip()
+    assert "  " in lib.prompts[1563].prompt
+    # Lines 322 and 335 differ only by a final period: two prompts, not one.
+    assert lib.prompts[333].prompt == lib.prompts[320].prompt + "."
+
+
+def test_drawbench_crlf_quoted_cells_and_trailing_space_category(mirror):
+    lib = load_library("drawbench")
+    assert len(lib.prompts) == 200
+    counts = {}
+    for p in lib.prompts:
+        counts[p.category] = counts.get(p.category, 0) + 1
+    assert counts["Gary Marcus et al. "] == 10 and counts["Reddit"] == 38 and counts["Colors"] == 25
+    assert not any("\r" in p.prompt for p in lib.prompts)
+    assert sum("," in p.prompt for p in lib.prompts) == 42
+    assert any("Schönhausen" in p.prompt for p in lib.prompts)
+
+
+def test_geneval_tags_become_categories(mirror):
+    lib = load_library("geneval")
+    tags = {}
+    for p in lib.prompts:
+        tags[p.category] = tags.get(p.category, 0) + 1
+    assert tags == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100, "color_attr": 100}
+
+
+def test_hpsv2_keeps_embedded_newlines_duplicates_and_styles(mirror):
+    anime = load_library("hpsv2-anime")
+    assert "\n\n" in anime.prompts[723].prompt
+    assert len({p.prompt for p in anime.prompts}) == 781
+    photo = load_library("hpsv2-photo")
+    assert photo.prompts[204].prompt.endswith("\n")
+    both = load_library("hpsv2")
+    assert [p.category for p in both.prompts[::800]] == ["anime", "concept-art", "paintings", "photo"]
+    assert both.prompts[800 + 412].prompt == load_library("hpsv2-concept-art").prompts[412].prompt
+
+
+def test_library_hash_depends_on_rows_not_file_format(tmp_path):
+    rows = [("a red cube", "shapes"), ('a "quoted" sphere', "shapes")]
+    tsv = tmp_path / "a.tsv"
+    tsv.write_text("prompt\tcategory\n" + "".join(f"{p}\t{c}\n" for p, c in rows), encoding="utf-8")
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": p, "category": c}) + "\n" for p, c in rows), encoding="utf-8")
+    assert load_library(str(tsv)).sha256 == load_library(str(jsonl)).sha256
+    assert load_library(str(tsv)).head(1).sha256 != load_library(str(tsv)).sha256
+
+
+def test_tricky_csv_round_trips_through_clipeval_prompts(cli, tricky_csv):
+    result = cli("prompts", tricky_csv)
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["prompt"] for r in rows] == TRICKY_PROMPTS
+    assert [r["prompt_id"] for r in rows] == [str(i) for i in range(len(TRICKY_PROMPTS))]
+    assert rows[1]["category"] == "odd" and rows[1]["challenge"] == ""
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("list.json", json.dumps(["one", "two ✨"])),
+        ("objects.json", json.dumps([{"Prompt": "one", "category": "c"}, {"Prompt": "two ✨", "category": "d"}])),
+        ("map.json", json.dumps({"first": "one", "second": "two ✨"})),
+        ("lines.jsonl", '{"caption": "one"}\n\n{"caption": "two ✨"}\n'),
+        ("plain.txt", "one\r\n\r\ntwo ✨\r\n"),
+        ("bom.csv", "\ufeffprompts,category\none,c\n\"two ✨\",d\n"),
+        ("crlf.tsv", "Text\tChallenge\r\none\tx\r\ntwo ✨\ty\r\n"),
+    ],
+)
+def test_user_file_formats(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    lib = load_library(str(path))
+    assert [p.prompt for p in lib.prompts] == ["one", "two ✨"]
+
+
+def test_utf16_with_bom(tmp_path):
+    path = tmp_path / "u16.csv"
+    path.write_bytes("prompt\nünïcode\n".encode("utf-16"))
+    assert load_library(str(path)).prompts[0].prompt == "ünïcode"
+
+
+@pytest.mark.parametrize(
+    "name, content, needle",
+    [
+        ("empty.csv", b"", "empty file"),
+        ("header.csv", b"prompt,category\n", "no prompts"),
+        ("nocol.csv", b"description,category\nx,y\n", "no prompt column"),
+        ("ragged.tsv", b"prompt\tcategory\na\tb\nc\td\te\n", "line 3: 3 fields"),
+        ("ragged.csv", b"prompt,category\na,b\nc\n", "line 3: 1 fields"),
+        ("blank.csv", b"prompt,category\na,b\n   ,c\n", "line 3: empty prompt"),
+        ("bad.jsonl", b'{"prompt": "a"}\n{"prompt": \n', "line 2: invalid JSON"),
+        ("bad.json", b'["a", ', "invalid JSON"),
+        ("nums.json", b"[1, 2]", "expected a string or an object"),
+        ("latin1.txt", "café\n".encode("latin-1"), "not valid UTF-8"),
+        ("nul.txt", b"a\x00b\n", "NUL"),
+        ("prompts.yaml", b"- a\n", "unknown prompt file type"),
+        ("spaces.txt", b"  \n\n", "no prompts"),
+    ],
+)
+def test_malformed_files_are_one_line_errors(cli, tmp_path, name, content, needle):
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = cli("prompts", path)
+    assert_user_error(result, needle, name)
+
+
+def test_unknown_library_suggests_close_names(cli):
+    assert_user_error(cli("prompts", "partii"), "unknown prompt library", "Did you mean parti")
+    assert_user_error(cli("prompts", "missing/file.csv"), "not found")
+
+
+def test_libraries_lists_every_builtin_with_count(cli):
+    result = cli("libraries")
+    assert result.exit_code == 0
+    for name, desc in builtin_descriptors().items():
+        line = next(line for line in result.stdout.splitlines() if line.split()[0] == name)
+        assert str(desc.count) in line.split()
+    assert "smoke" in result.stdout and "shipped" in result.stdout

@@ -1,0 +1,121 @@
+"""Killed with SIGKILL at different points, a run resumed by the same command ends with files
+identical to an uninterrupted run. Real processes: nothing in-process can fake a kill -9."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from conftest import assert_user_error, files_of, run_subprocess
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--prompt-library", "smoke", "--limit", "6", "--images-per-prompt", "2", "--batch-size", "3", "--steps", "2"]
+
+_PRELUDE = """
+import json, os, signal, tempfile
+import clipeval.store as store
+_n = [0]
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+_commit, _write_atomic = store.RunDir.commit, store.write_atomic
+"""
+
+KILL_POINTS = {
+    # after the first batch is committed: mid-generation
+    "after-first-batch": """
+def commit(self, rows):
+    _commit(self, rows); _n[0] += 1
+    if _n[0] == 1: _die()
+store.RunDir.commit = commit
+""",
+    # the manifest is written, no batch yet
+    "before-first-commit": """
+def commit(self, rows):
+    _die()
+store.RunDir.commit = commit
+""",
+    # half of the second batch's journal line reaches the disk
+    "torn-journal-line": """
+def commit(self, rows):
+    _n[0] += 1
+    if _n[0] == 2:
+        line = json.dumps({"rows": list(rows)})
+        with open(self.state / f"journal-{self.rank}.jsonl", "ab") as f:
+            f.write(line[: len(line) // 2].encode()); f.flush()
+        _die()
+    _commit(self, rows)
+store.RunDir.commit = commit
+""",
+    # inside the fifth PNG write: a partial temp file is left behind
+    "mid-png-write": """
+def write_atomic(path, data):
+    if path.suffix == ".png":
+        _n[0] += 1
+        if _n[0] == 5:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.write(fd, data[: len(data) // 2]); _die()
+    _write_atomic(path, data)
+store.write_atomic = write_atomic
+""",
+    # everything generated; scores.csv written, prompts.csv not yet
+    "between-final-tables": """
+def write_atomic(path, data):
+    if path.name == "prompts.csv": _die()
+    _write_atomic(path, data)
+store.write_atomic = write_atomic
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, models):
+    from click.testing import CliRunner
+
+    from clipeval.cli import main
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    args = ["run", "--checkpoint", str(models.sd), "--clip-model", str(models.clip), "--out", str(out), "--quiet", *ARGS]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    return files_of(out)
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_resume_after_kill_equals_uninterrupted(point, reference, run_tiny, models, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", "--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, "--quiet", *ARGS]
+    killed = run_subprocess(args, prelude=_PRELUDE + KILL_POINTS[point])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "summary.json").exists() or point == "between-final-tables"
+    resumed = run_tiny(out, *ARGS[2:-2])  # the same command
+    assert resumed.exit_code == 0, resumed.stderr
+    assert files_of(out) == reference
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_second_run_into_a_live_folder_is_refused_and_a_dead_lock_is_taken_over(run_tiny, models, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    hold = _PRELUDE + """
+import time
+def commit(self, rows):
+    _commit(self, rows); time.sleep(600)
+store.RunDir.commit = commit
+from clipeval.cli import main
+main()
+"""
+    args = ["run", "--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, "--quiet", *ARGS]
+    first = subprocess.Popen([sys.executable, "-c", hold, *map(str, args)])
+    try:
+        deadline = time.time() + 120
+        while not list((out / ".clipeval").glob("journal-*.jsonl")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert_user_error(run_tiny(out, *ARGS[2:-2]), "in use by a running clipeval", f"pid {first.pid}")
+    finally:
+        first.kill()
+        first.wait()
+    resumed = run_tiny(out, *ARGS[2:-2])
+    assert resumed.exit_code == 0, resumed.stderr

@@ -1,0 +1,165 @@
+"""The CLIP score against independent references on the same model and images:
+transformers' ``logits_per_image / logit_scale.exp()`` and torchmetrics' ``clip_score / 100``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from clipeval.score import ClipScorer
+
+PROMPTS = ["a red cube on a table", "a photo of a cat", "东京の夜景 🌃", 'a sign saying "stop"']
+
+
+def smooth_images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """uint8 images with structure at several scales (pure noise is an unrealistic worst case)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, max(height // 8, 2), max(width // 8, 2), generator=g)
+    x = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    x = x + 0.15 * torch.rand(n, 3, height, width, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    return [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images]
+
+
+@pytest.fixture(scope="module")
+def exact(models) -> ClipScorer:
+    return ClipScorer(str(models.clip), preprocess="exact")
+
+
+@pytest.fixture(scope="module")
+def fast(models) -> ClipScorer:
+    return ClipScorer(str(models.clip))
+
+
+def test_equals_transformers_logits_per_image(exact):
+    images = smooth_images(4, 48, 40)
+    ours, _ = exact.score(images, PROMPTS)
+    inputs = exact.processor(images=to_pil(images), return_tensors="pt")
+    text = exact.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = exact.model(pixel_values=inputs["pixel_values"], **text)
+    reference = (out.logits_per_image / exact.model.logit_scale.exp()).diagonal()
+    assert torch.allclose(torch.tensor(ours), reference, atol=1e-6, rtol=0)
+
+
+class _PooledCLIP(torch.nn.Module):
+    """torchmetrics 1.9 expects get_*_features to return tensors; transformers 5 returns outputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def get_image_features(self, pixel_values):
+        return self.inner.get_image_features(pixel_values=pixel_values).pooler_output
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        return self.inner.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+
+def _torchmetrics_scores(scorer: ClipScorer, images, prompts) -> list[float]:
+    from torchmetrics.functional.multimodal import clip_score
+    from transformers import CLIPProcessor
+
+    processor = CLIPProcessor(image_processor=scorer.processor, tokenizer=scorer.tokenizer)
+    loader = lambda: (_PooledCLIP(scorer.model), processor)  # noqa: E731
+    return [float(clip_score(img, text, model_name_or_path=loader).detach()) / 100 for img, text in zip(images, prompts)]
+
+
+def test_equals_torchmetrics_clip_score_over_100(exact):
+    images = smooth_images(4, 64, 64, seed=1)
+    ours, _ = exact.score(images, PROMPTS)
+    reference = _torchmetrics_scores(exact, images, PROMPTS)
+    assert all(r > 0 for r in reference)  # positive, so torchmetrics' clamp does not apply
+    assert ours == pytest.approx(reference, abs=1e-6)
+
+
+def test_negative_cosines_are_reported_not_clamped(models):
+    images = smooth_images(4, 32, 32, seed=2)
+    scorer = ClipScorer(str(models.clip), preprocess="exact")
+    before, _ = scorer.score(images, PROMPTS)
+    with torch.no_grad():
+        scorer.model.text_projection.weight.neg_()  # flips every text embedding: cos → -cos
+    scorer.forget()
+    after, _ = scorer.score(images, PROMPTS)
+    assert after == pytest.approx([-b for b in before], abs=1e-7)
+    assert all(a < 0 for a in after)
+    assert _torchmetrics_scores(scorer, images, PROMPTS) == [0.0] * 4  # max(100·cos, 0)
+
+
+def test_long_prompt_is_truncated_keeping_the_end_of_text_token(exact):
+    long = "a very long prompt " + " ".join(f"w{i}" for i in range(150))
+    emb = exact.embed_texts([long])[0]
+    assert emb.truncated
+    ids = exact.tokenizer(long)["input_ids"]
+    assert len(ids) > 77
+    kept = ids[:76] + [exact.tokenizer.eos_token_id]  # what a correct truncation feeds CLIP
+    sliced = ids[:77]  # torchmetrics' slicing: the end-of-text token is lost
+    with torch.no_grad():
+        def embed(tokens):
+            v = exact.model.get_text_features(input_ids=torch.tensor([tokens])).pooler_output[0]
+            return v / v.norm()
+
+        assert torch.allclose(emb.vector, embed(kept), atol=1e-6)
+        assert not torch.allclose(emb.vector, embed(sliced), atol=1e-3)
+
+
+def test_truncation_flag_boundary(exact):
+    # The hand-made vocabulary encodes "x" as one token: BOS + n·"x" + EOS is n + 2 tokens.
+    assert not exact.embed_texts(["x " * 75])[0].truncated
+    assert exact.embed_texts(["x " * 76])[0].truncated
+
+
+def test_each_distinct_prompt_is_embedded_once(models):
+    scorer = ClipScorer(str(models.clip))
+    calls = []
+    original = scorer.model.get_text_features
+
+    def counting(**kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(**kwargs)
+
+    scorer.model.get_text_features = counting
+    images = smooth_images(8, 32, 32)
+    scorer.score(images[:4], ["a", "a", "a", "b"])
+    scorer.score(images[4:], ["b", "b", "c", "c"])
+    assert calls == [1, 1, 1]
+
+
+def test_a_text_embedding_does_not_depend_on_the_other_prompts(models):
+    first, second = ClipScorer(str(models.clip)), ClipScorer(str(models.clip))
+    short, long = "a cat", "a much longer prompt about a dog on a red sofa"
+    alone = first.embed_texts([short])[0].vector
+    together = second.embed_texts([long, short, long])[1].vector
+    assert torch.equal(alone, together)
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (100, 60), (60, 100), (20, 30), (32, 32), (513, 512)])
+def test_fast_preprocessing_agrees_with_the_processor(fast, exact, height, width):
+    images = smooth_images(4, height, width, seed=height + width)
+    fast_scores, _ = fast.score(images, PROMPTS)
+    exact_scores, _ = exact.score(images, PROMPTS)
+    # Measured on these images: at most 6e-5 (issue bound: 1e-3).
+    assert fast_scores == pytest.approx(exact_scores, abs=1e-4)
+    pixels_fast, pixels_exact = fast.pixel_values(images), exact.pixel_values(images)
+    assert pixels_fast.shape == pixels_exact.shape == (4, 3, 32, 32)
+    # Same two rounded resize passes as PIL: a pixel is at most one uint8 level off (PIL's
+    # fixed-point coefficients), and almost none are.
+    levels = (pixels_fast - pixels_exact).abs() * torch.tensor(exact.processor.image_std).view(1, 3, 1, 1) * 255
+    assert levels.max() <= 1.0 + 1e-3
+    assert (levels > 0.5).float().mean() < 0.01
+
+
+def test_half_precision_model_still_compares_in_float32(models, fast):
+    half = ClipScorer(str(models.clip), dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+    images = smooth_images(4, 64, 64, seed=3)
+    embeddings = half.embed_images(images)
+    assert embeddings.dtype == torch.float32
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(4))
+    ours, _ = half.score(images, PROMPTS)
+    reference, _ = fast.score(images, PROMPTS)
+    assert ours == pytest.approx(reference, abs=0.02)  # bf16 has 8 bits of mantissa
