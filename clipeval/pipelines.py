@@ -169,23 +169,25 @@ def hub_error(err: BaseException) -> str:
 def quiet_hf() -> None:
     """transformers/diffusers INFO chatter and per-component progress bars would drown our one
     progress bar; their warnings that matter surface as our errors."""
-    import diffusers
     import transformers
 
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
+    # transformers first: importing diffusers already makes it log (image processor fallbacks).
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def load_pipeline(ref: CheckpointRef, *, device: str, dtype: str):
     """Load the pipeline in ``dtype`` on ``device``, with diffusers' own progress bars off."""
     import warnings
 
-    import torch  # noqa: F401  (diffusers needs it imported first)
+    quiet_hf()
     import diffusers
     from diffusers import AutoPipelineForText2Image
 
-    quiet_hf()
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype)}
     try:
         with warnings.catch_warnings():

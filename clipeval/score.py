@@ -43,15 +43,15 @@ class ClipScorer:
         dtype: str = "float32",
         preprocess: str = "fast",
     ) -> None:
+        from clipeval.pipelines import hub_error, quiet_hf, torch_dtype
+
+        quiet_hf()
         import torch
         import transformers
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        from clipeval.pipelines import hub_error, quiet_hf, torch_dtype
-
         if preprocess not in MODES:
             raise ClipevalError(f"--preprocess {preprocess}: use one of {', '.join(MODES)}")
-        quiet_hf()
         self.name = model
         location = model
         if model == "demo":

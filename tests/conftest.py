@@ -34,6 +34,8 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "PartiPrompts.tsv").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide the public prompt files in {SHARED_DATA}")
         pytest.skip(f"public prompt files not found in {SHARED_DATA}")
     return SHARED_DATA
 

@@ -81,6 +81,17 @@ def test_scores_are_reproduced_from_the_saved_pngs_by_an_independent_reference(r
     assert scores["clip_score"].tolist() == pytest.approx(expected, abs=1e-6)
 
 
+def test_result_files_get_the_users_umask(run_tiny, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert run_tiny(tmp_path / "run", "--limit", "1").exit_code == 0
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file() and path.name != "lock":
+            assert path.stat().st_mode & 0o777 == 0o644, path
+
+
 def test_png_metadata_and_pixels(run_tiny, tmp_path):
     out = tmp_path / "run"
     assert run_tiny(out, "--limit", "2").exit_code == 0
