@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from clipeval.errors import EXIT_ERROR, EXIT_INTERRUPTED, ClipevalError
+from clipeval.errors import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_INTERRUPTED, ClipevalError
 
 DEMO_WARNING = "DEMO MODELS: tiny random weights; these scores mean nothing."
 
@@ -64,8 +64,9 @@ def main() -> None:
 @click.option("--limit", type=click.IntRange(1), help="Only the first N prompts of the library.")
 @click.option("--no-save-images", "save_images", is_flag=True, flag_value=False, default=True, help="Score without writing PNGs.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out made with other settings.")
+@click.option("--fail-below", type=float, help="Exit 1 (after writing every file) when clip/mean is below this.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(quiet: bool, **options) -> None:
+def run(quiet: bool, fail_below: float | None, **options) -> None:
     """Generate images for every prompt, score them with CLIP, write tables and a summary."""
     from clipeval.runner import RunConfig, run as run_evaluation
 
@@ -74,18 +75,73 @@ def run(quiet: bool, **options) -> None:
         click.secho(DEMO_WARNING, fg="yellow", err=True)
     result = run_evaluation(RunConfig(**options, progress=not quiet, command=["clipeval", *sys.argv[1:]]))
     s = result.summary
+    ci = s["clip/mean_ci"]
+    level = int(round(s["ci"]["level"] * 100))
     click.echo(
-        f"clip/mean {s['clip/mean']:.4f} (std {_fmt(s['clip/std'])}, min {s['clip/min']:.4f}, "
-        f"max {s['clip/max']:.4f}) over {s['images']} images of {s['prompts']} prompts → {result.out}/summary.json"
+        f"clip/mean {s['clip/mean']:.4f}"
+        + (f" [{level}% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        + f" (std {_fmt(s['clip/std'])}, min {s['clip/min']:.4f}, max {s['clip/max']:.4f})"
+        f" over {s['images']} images of {s['prompts']} prompts → {result.out}/summary.json"
     )
+    if s["few_prompts"]:
+        click.echo(f"note: only {s['prompts']} prompts; the interval says little below {s['few_prompts_threshold']}", err=True)
     if s["truncated_prompts"]:
         click.echo(f"note: {s['truncated_prompts']} prompt(s) longer than the CLIP text limit were truncated", err=True)
     if demo:
         click.secho(DEMO_WARNING, fg="yellow", err=True)
+    if fail_below is not None and s["clip/mean"] < fail_below:
+        click.echo(f"clipeval: gate failed: clip/mean {s['clip/mean']:.4f} < --fail-below {fail_below:g}", err=True)
+        sys.exit(EXIT_GATE_FAILED)
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+@main.command()
+@click.argument("runs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Path(path_type=Path), help="The run the others are compared with [default: the first].")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv", "json"]), default="text", show_default=True)
+@click.option("--allow-mismatch", is_flag=True, help="Compare runs with another library, seed or CLIP model on what they share.")
+@click.option("--fail-if-worse", is_flag=True, help="Exit 1 when a run is significantly worse than the baseline by more than --margin.")
+@click.option("--margin", type=click.FloatRange(0), default=0.0, show_default=True, help="Tolerated drop of clip/mean.")
+@click.option("--confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True)
+@click.option("--resamples", type=click.IntRange(100), default=10_000, show_default=True, help="Bootstrap resamples.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--top", type=click.IntRange(0), default=5, show_default=True, help="Groups listed as moving most (text, markdown).")
+def compare(runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confidence, resamples, seed, top) -> None:
+    """Is a run better than the baseline, or is it noise? Paired by prompt and seed.
+
+    \b
+    A run is worse by more than --margin when the whole confidence interval of its paired
+    delta lies below -margin; --fail-if-worse then exits 1.
+    """
+    from clipeval import compare as comparing
+    from clipeval.stats import Bootstrap
+
+    paths = list(runs)
+    if baseline is not None and baseline not in paths:
+        paths.insert(0, baseline)
+    if len(paths) < 2:
+        raise ClipevalError("compare needs at least two runs (RUN_A RUN_B ..., or one run and --baseline)")
+    loaded = [comparing.load_run(p) for p in paths]
+    result = comparing.compare(
+        loaded,
+        baseline=paths.index(baseline) if baseline is not None else 0,
+        allow_mismatch=allow_mismatch,
+        margin=margin,
+        boot=Bootstrap(confidence=confidence, resamples=resamples, seed=seed),
+    )
+    click.echo(comparing.render(result, fmt, top=top), nl=False)
+    if fail_if_worse and result.failed:
+        for run in result.failed:
+            o = run.overall
+            click.echo(
+                f"clipeval: gate failed: {run.name} is worse than {result.baseline} by more than {margin:g} "
+                f"(delta {o.delta:+.4f}, CI [{o.delta_ci[0]:+.4f}, {o.delta_ci[1]:+.4f}])",
+                err=True,
+            )
+        sys.exit(EXIT_GATE_FAILED)
 
 
 @main.command()

@@ -1,14 +1,25 @@
-"""Tables and summaries from per-image scores: the one place where numbers are aggregated.
+"""Tables, summaries and the statistics behind them: the one place where numbers are aggregated.
 
 ``clip/std`` is the sample standard deviation (ddof=1) over images, stated as such in the
 summary. Groups (category, challenge) report the mean, sample std and number of images and
 prompts behind each mean.
+
+Confidence intervals resample prompts, not images: prompts are what was sampled from the space
+of things people ask for, and the K images of one prompt are not independent evidence. The
+bootstrap is scipy's (BCa by default), seeded, so the same scores give the same interval.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Any
+
+CONFIDENCE = 0.95
+RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+FEW_PROMPTS = 10  # a mean over fewer prompts is flagged: its interval says little
 
 SCORE_DEFINITION = (
     "cosine similarity of the L2-normalised CLIP image and text embeddings, computed in float32, "
@@ -49,33 +60,112 @@ def prompts_table(scores):
     return frame[PROMPT_COLUMNS]
 
 
-def _group(scores, column: str) -> dict[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class Bootstrap:
+    """How intervals are computed; recorded next to every interval it produced."""
+
+    confidence: float = CONFIDENCE
+    resamples: int = RESAMPLES
+    seed: int = BOOTSTRAP_SEED
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "level": self.confidence,
+            "method": "BCa bootstrap over prompts (scipy.stats.bootstrap; percentile where BCa is undefined)",
+            "resamples": self.resamples,
+            "seed": self.seed,
+        }
+
+
+def weighted_mean_ci(sums, counts, boot: Bootstrap = Bootstrap()) -> tuple[float, float] | None:
+    """CI of ``sum(sums) / sum(counts)`` resampling prompts (one entry each): the mean over images
+    when prompts have ``counts`` images with score sums ``sums``. None below two prompts."""
+    import numpy as np
+    from scipy import stats as sps
+
+    sums, counts = np.asarray(sums, float), np.asarray(counts, float)
+    if len(sums) < 2:
+        return None
+    means = sums / counts
+    if np.ptp(means) <= 1e-12:  # no spread (beyond float rounding): the interval is the point
+        value = float(sums.sum() / counts.sum())
+        return value, value
+
+    def ratio(s, c, axis=-1):
+        return s.sum(axis=axis) / c.sum(axis=axis)
+
+    def interval(method: str) -> tuple[float, float]:
+        result = sps.bootstrap(
+            (sums, counts),
+            ratio,
+            paired=True,
+            vectorized=True,
+            n_resamples=boot.resamples,
+            confidence_level=boot.confidence,
+            batch=1000,
+            method=method,
+            rng=np.random.default_rng(boot.seed),
+        )
+        return result.confidence_interval
+
+    with warnings.catch_warnings():
+        # BCa cannot always estimate its acceleration (a few prompts, heavy ties); it then
+        # returns NaN with a warning, and the percentile interval below stands in.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", sps.DegenerateDataWarning)
+        low, high = interval("BCa")
+    if math.isnan(low) or math.isnan(high):
+        low, high = interval("percentile")
+    return float(low), float(high)
+
+
+def prompt_sums(scores):
+    """Per prompt: the sum and number of its image scores (the bootstrap's unit)."""
+    grouped = scores.groupby("prompt_id", sort=True)["clip_score"]
+    return grouped.sum(), grouped.size()
+
+
+def _ci(scores, boot: Bootstrap) -> list[float] | None:
+    sums, counts = prompt_sums(scores)
+    ci = weighted_mean_ci(sums.to_numpy(), counts.to_numpy(), boot)
+    return None if ci is None else [_num(ci[0]), _num(ci[1])]
+
+
+def _group(scores, column: str, boot: Bootstrap) -> dict[str, dict[str, Any]]:
     labelled = scores[scores[column] != ""]
     out = {}
     for label, part in labelled.groupby(column, sort=True):
+        prompts = int(part["prompt_id"].nunique())
         out[str(label)] = {
             "mean": _num(part["clip_score"].mean()),
+            "ci": _ci(part, boot),
             "std": _num(part["clip_score"].std(ddof=1)),
             "n": int(len(part)),
-            "prompts": int(part["prompt_id"].nunique()),
+            "prompts": prompts,
+            "few_prompts": prompts < FEW_PROMPTS,
         }
     return out
 
 
-def summarize(scores) -> dict[str, Any]:
+def summarize(scores, boot: Bootstrap = Bootstrap()) -> dict[str, Any]:
     values = scores["clip_score"]
+    prompts = int(scores["prompt_id"].nunique())
     return {
         "score": SCORE_DEFINITION,
         "scale": "cosine",
         "clip/mean": _num(values.mean()),
+        "clip/mean_ci": _ci(scores, boot),
         "clip/min": _num(values.min()),
         "clip/max": _num(values.max()),
         "clip/std": _num(values.std(ddof=1)),
         "clip/median": _num(values.median()),
         "std_kind": "sample standard deviation over images (ddof=1)",
+        "ci": boot.describe(),
         "images": int(len(scores)),
-        "prompts": int(scores["prompt_id"].nunique()),
+        "prompts": prompts,
+        "few_prompts": prompts < FEW_PROMPTS,
+        "few_prompts_threshold": FEW_PROMPTS,
         "truncated_prompts": int(scores.loc[scores["truncated"].astype(bool), "prompt_id"].nunique()),
-        "by_category": _group(scores, "category"),
-        "by_challenge": _group(scores, "challenge"),
+        "by_category": _group(scores, "category", boot),
+        "by_challenge": _group(scores, "challenge", boot),
     }

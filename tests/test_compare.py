@@ -1,0 +1,205 @@
+"""Statistics and ``clipeval compare`` on constructed runs with known answers, and the CI gates."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import assert_user_error
+
+from clipeval.stats import Bootstrap, weighted_mean_ci
+
+SETTINGS = {"library_sha256": "abc", "seed": 0, "clip_model": "openai/clip-vit-large-patch14-336", "checkpoint": "x"}
+
+
+def base_scores(prompts: int = 40, samples: int = 2, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(prompts):
+        prompt_level = 0.3 + 0.03 * rng.standard_normal()
+        for s in range(samples):
+            rows.append({
+                "prompt_id": p, "sample": s, "seed": p * 4096 + s, "prompt": f"prompt {p} with \"quotes\", commas",
+                "category": "Animals" if p % 2 else "Food", "challenge": "Basic" if p % 4 < 2 else "Complex",
+                "clip_score": round(prompt_level + 0.01 * rng.standard_normal(), 8), "truncated": False,
+                "image": f"images/{p:05d}_{s:02d}.png",
+            })
+    return pd.DataFrame(rows)
+
+
+def make_run(path, scores: pd.DataFrame, **settings):
+    path.mkdir(parents=True)
+    scores.to_csv(path / "scores.csv", index=False)
+    (path / "manifest.json").write_text(json.dumps({"settings": {**SETTINGS, **settings}}))
+    return path
+
+
+def compare_json(cli, *args):
+    result = cli("compare", *args, "--format", "json", "--resamples", "2000")
+    assert result.exit_code in (0, 1), result.stderr
+    return result, json.loads(result.stdout)
+
+
+def test_bootstrap_ci_matches_the_normal_approximation_and_is_reproducible():
+    rng = np.random.default_rng(3)
+    x = 0.3 + 0.05 * rng.standard_normal(2000)
+    low, high = weighted_mean_ci(x, np.ones_like(x))
+    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))
+    assert low < x.mean() < high
+    assert (high - low) / 2 == pytest.approx(half, rel=0.05)
+    assert weighted_mean_ci(x, np.ones_like(x)) == (low, high)  # seeded
+    assert weighted_mean_ci(x, np.ones_like(x), Bootstrap(seed=1)) != (low, high)
+    assert weighted_mean_ci(x[:1], np.ones(1)) is None
+    assert weighted_mean_ci(np.full(5, 0.2), np.ones(5)) == (0.2, 0.2)
+
+
+def test_bootstrap_resamples_prompts_with_their_image_counts():
+    # Two prompts of very different sizes: the mean over images weights them by their counts.
+    sums, counts = np.array([0.9, 0.1, 0.5]), np.array([3, 1, 1])
+    low, high = weighted_mean_ci(sums, counts, Bootstrap(resamples=2000))
+    assert low <= 1.5 / 5 <= high
+
+
+def test_a_run_against_itself(cli, tmp_path):
+    a = make_run(tmp_path / "a", base_scores())
+    b = make_run(tmp_path / "b", base_scores())
+    result, data = compare_json(cli, a, b, "--fail-if-worse")
+    assert result.exit_code == 0
+    overall = data["runs"][0]["overall"]
+    assert overall["delta"] == 0 and overall["delta_ci"] == [0.0, 0.0]
+    assert overall["p_value"] == 1.0 and overall["win_rate"] == 0 and overall["tie_rate"] == 1
+    assert data["runs"][0]["worse"] is False and data["failed"] == []
+    assert data["runs"][0]["paired_images"] == 80
+
+
+def test_a_constant_shift_gives_that_delta_exactly_and_a_tiny_p(cli, tmp_path):
+    d = 0.0125
+    scores = base_scores()
+    a = make_run(tmp_path / "a", scores)
+    shifted = scores.assign(clip_score=scores["clip_score"] + d)
+    b = make_run(tmp_path / "b", shifted)
+    _, data = compare_json(cli, a, b)
+    overall = data["runs"][0]["overall"]
+    assert overall["delta"] == pytest.approx(d, abs=1e-12)
+    assert overall["delta_ci"] == pytest.approx([d, d], abs=1e-12)
+    # 40 positive, tied deltas: scipy uses the normal approximation, z = (820 - 410) / 74.4 → p ≈ 1e-8
+    assert overall["p_value"] < 1e-7
+    assert overall["win_rate"] == 1.0
+    assert overall["mean"] == pytest.approx(overall["baseline_mean"] + d, abs=1e-12)
+
+
+def test_category_deltas_and_the_groups_that_moved_most(cli, tmp_path):
+    scores = base_scores()
+    a = make_run(tmp_path / "a", scores)
+    moved = scores.assign(clip_score=np.where(scores["category"] == "Animals", scores["clip_score"] + 0.05, scores["clip_score"]))
+    b = make_run(tmp_path / "b", moved)
+    _, data = compare_json(cli, a, b)
+    run = data["runs"][0]
+    groups = {(g["kind"], g["label"]): g for g in run["groups"]}
+    assert groups[("category", "Animals")]["delta"] == pytest.approx(0.05, abs=1e-12)
+    assert groups[("category", "Food")]["delta"] == pytest.approx(0.0, abs=1e-12)
+    assert groups[("challenge", "Basic")]["delta"] == pytest.approx(0.025, abs=1e-12)
+    assert run["overall"]["delta"] == pytest.approx(0.025, abs=1e-12)
+    assert (run["groups"][0]["kind"], run["groups"][0]["label"]) == ("category", "Animals")
+    assert groups[("category", "Animals")]["prompts"] == 20 and not groups[("category", "Animals")]["few_prompts"]
+    text = cli("compare", a, b, "--resamples", "500").stdout
+    assert "Groups that moved most" in text and text.index("Animals") < text.index("Food")
+
+
+def test_noise_alone_is_not_called_a_change(cli, tmp_path):
+    scores = base_scores(prompts=200)
+    a = make_run(tmp_path / "a", scores)
+    rng = np.random.default_rng(11)
+    noisy = scores.assign(clip_score=scores["clip_score"] + 0.01 * rng.standard_normal(len(scores)))
+    b = make_run(tmp_path / "b", noisy)
+    result, data = compare_json(cli, a, b, "--fail-if-worse")
+    overall = data["runs"][0]["overall"]
+    assert overall["delta_ci"][0] < 0 < overall["delta_ci"][1]
+    assert overall["p_value"] > 0.05 and result.exit_code == 0
+    assert "no significant change" in cli("compare", a, b, "--resamples", "500").stdout
+
+
+def test_fail_if_worse_respects_the_margin(cli, tmp_path):
+    scores = base_scores()
+    a = make_run(tmp_path / "a", scores)
+    b = make_run(tmp_path / "b", scores.assign(clip_score=scores["clip_score"] - 0.02))
+    failed = cli("compare", a, b, "--fail-if-worse", "--margin", "0.01", "--resamples", "500")
+    assert failed.exit_code == 1
+    assert "gate failed" in failed.stderr and "worse than" in failed.stderr
+    assert "worse by > 0.01" in failed.stdout
+    assert cli("compare", a, b, "--fail-if-worse", "--margin", "0.03", "--resamples", "500").exit_code == 0
+    assert cli("compare", a, b, "--resamples", "500").exit_code == 0  # no gate asked for
+
+
+def test_mismatched_runs_are_refused_then_compared_on_what_they_share(cli, tmp_path):
+    scores = base_scores()
+    a = make_run(tmp_path / "a", scores)
+    b = make_run(tmp_path / "b", scores[scores.prompt_id < 20], seed=1, library_sha256="other")
+    assert_user_error(cli("compare", a, b), "seed 1", "library_sha256", "--allow-mismatch")
+    result, data = compare_json(cli, a, b, "--allow-mismatch")
+    assert data["runs"][0]["paired_images"] == 40 and data["runs"][0]["baseline_images"] == 80
+    assert len(data["mismatches"]) == 2
+    text = cli("compare", a, b, "--allow-mismatch", "--resamples", "500").stdout
+    assert "mismatch (allowed)" in text and "40 images paired of 40 (run) and 80 (baseline)" in text
+
+
+def test_baseline_option_and_three_runs_and_csv(cli, tmp_path):
+    scores = base_scores()
+    runs = [make_run(tmp_path / n, scores.assign(clip_score=scores["clip_score"] + d)) for n, d in
+            (("a", 0.0), ("b", 0.01), ("c", -0.01))]
+    result = cli("compare", runs[0], runs[2], "--baseline", runs[1], "--format", "csv", "--resamples", "500")
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    overall = {r["run"]: r for r in rows if r["kind"] == "overall"}
+    assert set(overall) == {str(runs[0]), str(runs[2])}
+    assert all(r["baseline"] == str(runs[1]) for r in rows)
+    assert float(overall[str(runs[0])]["delta"]) == pytest.approx(-0.01, abs=1e-12)
+    assert float(overall[str(runs[2])]["delta"]) == pytest.approx(-0.02, abs=1e-12)
+    assert {r["group"] for r in rows} == {"all", "Animals", "Food", "Basic", "Complex"}
+
+
+def test_markdown_escapes_table_cells(cli, tmp_path):
+    scores = base_scores()
+    scores["category"] = np.where(scores["prompt_id"] % 2, "a|b", "c")
+    a = make_run(tmp_path / "a", scores)
+    b = make_run(tmp_path / "b", scores.assign(clip_score=scores["clip_score"] + 0.01))
+    out = cli("compare", a, b, "--format", "markdown", "--resamples", "500").stdout
+    assert "a\\|b" in out and "| a|b |" not in out
+
+
+@pytest.mark.parametrize("setup, needle", [
+    (lambda p: None, "no such run folder"),
+    (lambda p: p.mkdir(), "not a finished clipeval run"),
+    (lambda p: (p.mkdir(), (p / "manifest.json").write_text("{}"), (p / "scores.csv").write_text("a,b\n1,2\n")), "missing columns"),
+])
+def test_bad_run_folders(cli, tmp_path, setup, needle):
+    good = make_run(tmp_path / "good", base_scores())
+    bad = tmp_path / "bad"
+    setup(bad)
+    assert_user_error(cli("compare", good, bad), needle)
+
+
+def test_one_run_is_not_a_comparison(cli, tmp_path):
+    assert_user_error(cli("compare", make_run(tmp_path / "a", base_scores())), "at least two runs")
+
+
+def test_run_summary_carries_the_interval_and_the_gate(run_tiny, tmp_path):
+    out = tmp_path / "run"
+    result = run_tiny(out, "--images-per-prompt", "2", "--fail-below", "0.99")
+    assert result.exit_code == 1
+    assert "gate failed: clip/mean" in result.stderr and "< --fail-below 0.99" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())  # every file written before the gate
+    low, high = summary["clip/mean_ci"]
+    assert low < summary["clip/mean"] < high
+    assert "95% CI" in result.stdout and f"{low:.4f}" in result.stdout
+    assert summary["ci"]["resamples"] == 10_000 and summary["ci"]["seed"] == 0
+    assert summary["few_prompts"] is False  # 16 prompts
+    assert all(group["few_prompts"] for group in summary["by_category"].values())  # 1-2 prompts each
+    assert (out / "scores.csv").is_file() and json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    passed = run_tiny(out, "--images-per-prompt", "2", "--fail-below", "-1")
+    assert passed.exit_code == 0
