@@ -75,14 +75,7 @@ def run(quiet: bool, fail_below: float | None, **options) -> None:
         click.secho(DEMO_WARNING, fg="yellow", err=True)
     result = run_evaluation(RunConfig(**options, progress=not quiet, command=["clipeval", *sys.argv[1:]]))
     s = result.summary
-    ci = s["clip/mean_ci"]
-    level = int(round(s["ci"]["level"] * 100))
-    click.echo(
-        f"clip/mean {s['clip/mean']:.4f}"
-        + (f" [{level}% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
-        + f" (std {_fmt(s['clip/std'])}, min {s['clip/min']:.4f}, max {s['clip/max']:.4f})"
-        f" over {s['images']} images of {s['prompts']} prompts → {result.out}/summary.json"
-    )
+    click.echo(_closing_line(s, result.out))
     if s["few_prompts"]:
         click.echo(f"note: only {s['prompts']} prompts; the interval says little below {s['few_prompts_threshold']}", err=True)
     if s["truncated_prompts"]:
@@ -96,6 +89,47 @@ def run(quiet: bool, fail_below: float | None, **options) -> None:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _closing_line(s: dict, out: Path, label: str = "clip/mean") -> str:
+    ci = s["clip/mean_ci"]
+    level = int(round(s["ci"]["level"] * 100))
+    return (
+        f"{label} {s['clip/mean']:.4f}"
+        + (f" [{level}% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        + f" (std {_fmt(s['clip/std'])}, min {s['clip/min']:.4f}, max {s['clip/max']:.4f})"
+        f" over {s['images']} images of {s['prompts']} prompts → {out}/summary.json"
+    )
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for scores.csv, prompts.csv, summary.json, manifest.json.")
+@click.option("--prompts", "prompts_spec", help="For an image folder: a table with image and prompt columns, or a prompt library whose prompt_ids name the images (00012.png, 00012_01.png).")
+@click.option("--clip-model", "clip_models", multiple=True, default=["openai/clip-vit-large-patch14-336"], show_default=True, help="Repeat for several models: one score column each.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--clip-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--preprocess", type=click.Choice(["fast", "exact"]), default="fast", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), help="[default: a run's own batches, else 16]")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier score in --out made with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def score(source, out, prompts_spec, clip_models, device, clip_dtype, preprocess, batch_size, overwrite, quiet) -> None:
+    """Score existing images: a run folder (re-score), or an image folder with --prompts."""
+    from clipeval.rescore import ScoreConfig, score as score_images
+
+    config = ScoreConfig(
+        source=source, out=out, prompts=prompts_spec, clip_models=tuple(clip_models), device=device,
+        clip_dtype=clip_dtype, preprocess=preprocess, batch_size=batch_size, overwrite=overwrite,
+        progress=not quiet, command=["clipeval", *sys.argv[1:]],
+    )
+    result = score_images(config)
+    for kind, names in result.problems.items():
+        if names:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            click.echo(f"warning: {len(names)} {kind}: {shown} (all listed in manifest.json)", err=True)
+    models = result.summary.get("models") or {clip_models[0]: result.summary}
+    for model, block in models.items():
+        click.echo(_closing_line(block, result.out, f"{model}: clip/mean" if len(models) > 1 else "clip/mean"))
 
 
 @main.command()

@@ -166,14 +166,17 @@ def hub_error(err: BaseException) -> str:
     return f"{first} ({name})"
 
 
-def quiet_hf() -> None:
+def quiet_hf(*, with_diffusers: bool = True) -> None:
     """transformers/diffusers INFO chatter and per-component progress bars would drown our one
-    progress bar; their warnings that matter surface as our errors."""
+    progress bar; their warnings that matter surface as our errors. Scoring alone leaves
+    diffusers unimported (5 s)."""
     import transformers
 
     # transformers first: importing diffusers already makes it log (image processor fallbacks).
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    if not with_diffusers:
+        return
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()

@@ -95,13 +95,14 @@ def _centre_crop(x, crop_h: int, crop_w: int):
 
 
 def exact(processor: Any, images) -> "Any":
-    """The model's own processor on PIL images made from the uint8 tensors."""
+    """The model's own processor on PIL images made from uint8 tensors (a batch or a list);
+    the result is on the CPU, where the processor works."""
     import torch
     from PIL import Image
 
     pil = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images]
     out = processor(images=pil, return_tensors="pt")
-    return out["pixel_values"].to(images.device, torch.float32)
+    return out["pixel_values"].to(torch.float32)
 
 
 def _as_dict(value: Any) -> dict[str, int]:

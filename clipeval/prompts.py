@@ -146,7 +146,7 @@ def _load_builtin(desc: Descriptor) -> PromptLibrary:
             data = path.read_bytes()
         else:
             data = (_library_dir() / spec["name"]).read_bytes()
-        fmt = spec.get("format") or _format_of(spec["name"])
+        fmt = spec.get("format") or format_of(spec["name"])
         rows = parse(
             data,
             fmt,
@@ -169,13 +169,13 @@ def load_file(path: Path) -> PromptLibrary:
         data = path.read_bytes()
     except OSError as err:
         raise ClipevalError(f"cannot read prompt library {path}: {err.strerror}") from err
-    rows = parse(data, _format_of(path.name), origin=str(path))
+    rows = parse(data, format_of(path.name), origin=str(path))
     prompts = tuple(Prompt(i, p, c, ch) for i, (p, c, ch) in enumerate(rows))
     digest = hashlib.sha256(data).hexdigest()
     return PromptLibrary(str(path), f"prompts from {path.name}", prompts, (SourceFile(path.name, digest),))
 
 
-def _format_of(name: str) -> str:
+def format_of(name: str) -> str:
     suffix = Path(name).suffix.lower().lstrip(".")
     if suffix not in FORMATS:
         raise ClipevalError(
@@ -186,6 +186,7 @@ def _format_of(name: str) -> str:
 
 
 Row = tuple[str, str, str]  # prompt, category, challenge
+Record = tuple[str, dict[str, Any]]  # (where, fields): "line 12", {"prompt": ..., ...}
 
 
 def parse(
@@ -198,24 +199,48 @@ def parse(
     challenge_column: str | None = None,
 ) -> list[Row]:
     """Parse a prompt file's bytes; every problem is a ``ClipevalError`` that names ``origin``."""
+    records = read_records(data, fmt, origin=origin)
+    rows = []
+    for where, fields in records:
+        keys = list(fields)
+        picked = (
+            _pick(keys, prompt_column, PROMPT_COLUMNS, f"{origin}: {where}", "prompt"),
+            _pick(keys, category_column, CATEGORY_COLUMNS, origin, "category"),
+            _pick(keys, challenge_column, CHALLENGE_COLUMNS, origin, "challenge"),
+        )
+        values = [text_field(fields, keys[i], origin, where) if i is not None else "" for i in picked]
+        if not values[0].strip():
+            raise ClipevalError(f"{origin}: {where}: empty prompt")
+        rows.append((values[0], values[1], values[2]))
+    return rows
+
+
+def text_field(fields: dict[str, Any], key: str, origin: str, where: str) -> str:
+    value = fields[key]
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ClipevalError(f"{origin}: {where}: field {key!r} is not text")
+    return str(value)
+
+
+def read_records(data: bytes, fmt: str, *, origin: str) -> list[Record]:
+    """The rows of a .tsv/.csv/.jsonl/.json/.txt file as dicts, strictly: a row with the wrong
+    number of fields, invalid JSON or a non-UTF-8 byte is an error naming file and line."""
     text = decode(data, origin)
-    columns = (prompt_column, category_column, challenge_column)
     if fmt == "txt":
-        rows = _parse_txt(text)
+        records = [(f"line {n}", {"prompt": line}) for n, line in enumerate(_lines(text), 1) if line.strip()]
     elif fmt in ("tsv", "csv"):
-        rows = _parse_table(text, fmt, origin, columns)
+        records = _table_records(text, fmt, origin)
     elif fmt == "jsonl":
-        rows = _parse_jsonl(text, origin, columns)
+        records = _jsonl_records(text, origin)
     elif fmt == "json":
-        rows = _parse_json(text, origin, columns)
+        records = _json_records(text, origin)
     else:
         raise ClipevalError(f"{origin}: unknown format {fmt!r}")
-    if not rows:
+    if not records:
         raise ClipevalError(f"{origin}: no prompts in the file")
-    for where, (prompt, _, _) in rows:
-        if not prompt.strip():
-            raise ClipevalError(f"{origin}: {where}: empty prompt")
-    return [row for _, row in rows]
+    return records
 
 
 def decode(data: bytes, origin: str) -> str:
@@ -247,10 +272,6 @@ def _lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def _parse_txt(text: str) -> list[tuple[str, Row]]:
-    return [(f"line {n}", (line, "", "")) for n, line in enumerate(_lines(text), 1) if line.strip()]
-
-
 def _pick(header: list[str], wanted: str | None, aliases: Iterable[str], origin: str, what: str) -> int | None:
     if wanted is not None:
         if wanted not in header:
@@ -268,62 +289,43 @@ def _pick(header: list[str], wanted: str | None, aliases: Iterable[str], origin:
     return None
 
 
-def _parse_table(text: str, fmt: str, origin: str, columns) -> list[tuple[str, Row]]:
+def _table_records(text: str, fmt: str, origin: str) -> list[Record]:
     if fmt == "tsv":
         # TSV has no quoting (Parti's file starts a prompt with a quote that must survive).
-        records = [(n, line.split("\t")) for n, line in enumerate(_lines(text), 1)]
+        rows = [(n, line.split("\t")) for n, line in enumerate(_lines(text), 1)]
     else:
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         try:
-            records = []
+            rows = []
             for fields in reader:
-                records.append((reader.line_num, fields))
+                rows.append((reader.line_num, fields))
         except csv.Error as err:
             raise ClipevalError(f"{origin}: line {reader.line_num}: malformed CSV ({err})") from err
-    records = [(n, fields) for n, fields in records if fields and any(f.strip() for f in fields)]
-    if not records:
+    rows = [(n, fields) for n, fields in rows if fields and any(f.strip() for f in fields)]
+    if not rows:
         raise ClipevalError(f"{origin}: empty file (a header row is required)")
-    _, header = records[0]
-    ip = _pick(header, columns[0], PROMPT_COLUMNS, origin, "prompt")
-    ic = _pick(header, columns[1], CATEGORY_COLUMNS, origin, "category")
-    ih = _pick(header, columns[2], CHALLENGE_COLUMNS, origin, "challenge")
-    rows = []
-    for n, fields in records[1:]:
+    _, header = rows[0]
+    records = []
+    for n, fields in rows[1:]:
         if len(fields) != len(header):
             raise ClipevalError(
                 f"{origin}: line {n}: {len(fields)} fields, the header has {len(header)}"
                 + (" (a tab inside a prompt?)" if fmt == "tsv" else "")
             )
-        rows.append(
-            (
-                f"line {n}",
-                (fields[ip], fields[ic] if ic is not None else "", fields[ih] if ih is not None else ""),
-            )
-        )
-    return rows
+        records.append((f"line {n}", dict(zip(header, fields))))
+    return records
 
 
-def _row_from_object(obj: Any, origin: str, where: str, columns) -> Row:
+def _as_record(obj: Any, origin: str, where: str) -> dict[str, Any]:
     if isinstance(obj, str):
-        return (obj, "", "")
+        return {"prompt": obj}
     if not isinstance(obj, dict):
         raise ClipevalError(f"{origin}: {where}: expected a string or an object, got {type(obj).__name__}")
-    keys = list(obj)
-    ip = _pick(keys, columns[0], PROMPT_COLUMNS, f"{origin}: {where}", "prompt")
-    values = []
-    for index in (ip, _pick(keys, columns[1], CATEGORY_COLUMNS, origin, "category"),
-                  _pick(keys, columns[2], CHALLENGE_COLUMNS, origin, "challenge")):
-        value = obj[keys[index]] if index is not None else ""
-        if value is None:
-            value = ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ClipevalError(f"{origin}: {where}: field {keys[index]!r} is not text")
-        values.append(str(value))
-    return values[0], values[1], values[2]
+    return obj
 
 
-def _parse_jsonl(text: str, origin: str, columns) -> list[tuple[str, Row]]:
-    rows = []
+def _jsonl_records(text: str, origin: str) -> list[Record]:
+    records = []
     for n, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
@@ -331,22 +333,21 @@ def _parse_jsonl(text: str, origin: str, columns) -> list[tuple[str, Row]]:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise ClipevalError(f"{origin}: line {n}: invalid JSON ({err.msg})") from err
-        rows.append((f"line {n}", _row_from_object(obj, origin, f"line {n}", columns)))
-    return rows
+        records.append((f"line {n}", _as_record(obj, origin, f"line {n}")))
+    return records
 
 
-def _parse_json(text: str, origin: str, columns) -> list[tuple[str, Row]]:
+def _json_records(text: str, origin: str) -> list[Record]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         raise ClipevalError(f"{origin}: invalid JSON at line {err.lineno} ({err.msg})") from err
     if isinstance(obj, dict):
         # {shortname: prompt}, as SimpleTuner's user prompt libraries are written.
-        items = list(obj.items())
-        for key, value in items:
+        for key, value in obj.items():
             if not isinstance(value, str):
                 raise ClipevalError(f"{origin}: entry {key!r}: a {{name: prompt}} map needs text values")
-        return [(f"entry {key!r}", (value, "", "")) for key, value in items]
+        return [(f"entry {key!r}", {"prompt": value}) for key, value in obj.items()]
     if isinstance(obj, list):
-        return [(f"item {i}", _row_from_object(o, origin, f"item {i}", columns)) for i, o in enumerate(obj)]
+        return [(f"item {i}", _as_record(o, origin, f"item {i}")) for i, o in enumerate(obj)]
     raise ClipevalError(f"{origin}: expected a JSON list or object, got {type(obj).__name__}")

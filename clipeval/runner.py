@@ -55,6 +55,7 @@ class RunResult:
     summary: dict[str, Any]
     manifest: dict[str, Any]
     scores: Any = field(repr=False)  # pandas DataFrame, one row per image
+    problems: dict[str, list[str]] = field(default_factory=dict)  # what was skipped, by kind
 
 
 def _now() -> str:
@@ -249,21 +250,25 @@ def _write_png(rundir, name: str, pixels, item) -> None:
     rundir.save_image(name, buffer.getvalue())
 
 
-def _versions() -> dict[str, str]:
-    import diffusers
+def versions() -> dict[str, str]:
+    """Versions of what computed the results (diffusers only where it was used)."""
+    import sys
+
     import torch
     import transformers
 
     import clipeval
 
-    return {
+    out = {
         "clipeval": clipeval.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "cuda": torch.version.cuda or "",
     }
+    if "diffusers" in sys.modules:
+        out["diffusers"] = sys.modules["diffusers"].__version__
+    return out
 
 
 def _device_name(device: str) -> str:
@@ -333,7 +338,7 @@ def _manifest(config, settings, ref, library, gen, device, scorer, previous) -> 
             "max_text_tokens": scorer.max_length,
         },
         "device": {"name": device, "hardware": _device_name(device)},
-        "versions": _versions(),
+        "versions": versions(),
         "started_at": (previous or {}).get("started_at") or _now(),
         "resumed": previous.get("resumed", 0) + 1 if previous else 0,
         "finished_at": None,

@@ -45,7 +45,7 @@ class ClipScorer:
     ) -> None:
         from clipeval.pipelines import hub_error, quiet_hf, torch_dtype
 
-        quiet_hf()
+        quiet_hf(with_diffusers=False)
         import torch
         import transformers
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
@@ -106,12 +106,19 @@ class ClipScorer:
 
     # -- images ----------------------------------------------------------------------------
     def pixel_values(self, images):
+        """uint8 ``(B, 3, H, W)``, or a list of ``(3, H, W)`` of any sizes → model inputs."""
+        torch = self._torch
+        if isinstance(images, (list, tuple)):
+            if len({tuple(img.shape) for img in images}) == 1:
+                images = torch.stack(list(images))
+            elif self.transform is not None:
+                return torch.cat([self.transform(img[None].to(self.device)) for img in images])
         if self.transform is not None:
             return self.transform(images.to(self.device))
         return exact(self.processor, images)
 
     def embed_images(self, images):
-        """uint8 ``(B, 3, H, W)`` (any device) → unit-norm float32 embeddings on our device."""
+        """uint8 images (see ``pixel_values``) → unit-norm float32 embeddings on our device."""
         torch = self._torch
         with torch.inference_mode():
             pixels = self.pixel_values(images).to(self.device, self.model.dtype)
@@ -125,6 +132,6 @@ class ClipScorer:
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         texts = self.embed_texts(prompts)
         image_vectors = self.embed_images(images)
-        text_vectors = torch.stack([t.vector for t in texts])
+        text_vectors = torch.stack([t.vector for t in texts]).to(image_vectors.device)
         cosines = (image_vectors * text_vectors).sum(dim=-1).cpu().tolist()
         return cosines, [t.truncated for t in texts]

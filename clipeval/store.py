@@ -177,18 +177,24 @@ class RunDir:
     # -- progress --------------------------------------------------------------------------------
     def done(self) -> dict[tuple[int, int], dict[str, Any]]:
         """Rows of every committed batch, from every rank's journal; torn last lines are ignored."""
-        rows: dict[tuple[int, int], dict[str, Any]] = {}
-        if not self.state.is_dir():
-            return rows
-        for journal in sorted(self.state.glob("journal-*.jsonl")):
-            for line in journal.read_bytes().split(b"\n"):
-                try:
-                    batch = json.loads(line)
-                except ValueError:
-                    continue  # the torn tail of a killed write
-                for row in batch.get("rows", ()):
-                    rows[(row["prompt_id"], row["sample"])] = row
-        return rows
+        return {(row["prompt_id"], row["sample"]): row for batch in self._journal() for row in batch}
+
+    def _journal(self) -> list[list[dict[str, Any]]]:
+        batches = []
+        if self.state.is_dir():
+            for journal in sorted(self.state.glob("journal-*.jsonl")):
+                for line in journal.read_bytes().split(b"\n"):
+                    try:
+                        batches.append(json.loads(line)["rows"])
+                    except (ValueError, KeyError, TypeError):
+                        continue  # the torn tail of a killed write
+        return batches
+
+    def batches(self) -> list[list[tuple[int, int]]]:
+        """The (prompt_id, sample) keys of each committed batch, in commit order: re-scoring in
+        the same batches reproduces the run's scores bit for bit (embeddings depend, in the last
+        float bits, on which images share a batch)."""
+        return [[(row["prompt_id"], row["sample"]) for row in batch] for batch in self._journal()]
 
     def commit(self, rows: Iterable[dict[str, Any]]) -> None:
         """Append one batch as one line, then fsync: the batch is done exactly when this returns."""

@@ -1,0 +1,374 @@
+"""``score``: CLIP scores for images that already exist, from a run folder or any image folder.
+
+Sources:
+
+- a run folder: its saved images, re-scored in the very batches the run scored them (read from
+  its journal), so re-scoring with the run's own CLIP model reproduces its scores bit for bit;
+- an image folder with ``--prompts``: a table with ``image`` and ``prompt`` columns, or a prompt
+  library whose rows match images named by prompt_id (``00012.png``, ``00012_01.png``).
+
+Images are decoded once (on worker threads, ahead of the model) and scored by every requested
+CLIP model. Grayscale, palette, alpha (composited on white, as transformers does) and 16-bit
+images are converted; unreadable ones are skipped and listed, never paired with a wrong prompt.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from clipeval.errors import ClipevalError
+from clipeval.score import DEFAULT_CLIP_MODEL
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_STEM = re.compile(r"^(\d+)(?:_(\d+))?$")
+IMAGE_COLUMNS = ("image", "file", "filename", "path")
+DEFAULT_BATCH = 16
+REPORTED = 5  # names listed in a warning line; the manifest holds them all
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    prompt_id: int
+    sample: int
+    seed: int | str  # "" when unknown (images not made by clipeval)
+    prompt: str
+    category: str
+    challenge: str
+    image: str  # as written to scores.csv
+    path: Path  # where it is read from
+
+
+@dataclass
+class Source:
+    kind: str  # "run" or "images"
+    path: Path
+    batches: list[list[ImageRow]]
+    settings: dict[str, Any]
+    problems: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class ScoreConfig:
+    source: Path
+    out: Path
+    prompts: str | None = None
+    clip_models: tuple[str, ...] = (DEFAULT_CLIP_MODEL,)
+    device: str = "auto"
+    clip_dtype: str = "float32"
+    preprocess: str = "fast"
+    batch_size: int | None = None  # None: the run's own batches, or DEFAULT_BATCH
+    overwrite: bool = False
+    progress: bool = True
+    command: list[str] | None = None
+
+
+class ImageProblem(Exception):
+    pass
+
+
+# -- sources --------------------------------------------------------------------------------------
+
+def is_run(folder: Path) -> bool:
+    return (folder / "manifest.json").is_file() and (folder / "scores.csv").is_file()
+
+
+def from_run(folder: Path, batch_size: int | None) -> Source:
+    import pandas as pd
+
+    from clipeval.store import RunDir
+
+    manifest = RunDir(folder).manifest() or {}
+    scores = pd.read_csv(folder / "scores.csv", keep_default_na=False, dtype={"prompt": str, "category": str, "challenge": str})
+    if "image" not in scores.columns or (scores["image"] == "").all():
+        raise ClipevalError(f"{folder}: the run saved no images (--no-save-images); nothing to re-score")
+    rows = {
+        (int(r.prompt_id), int(r.sample)): ImageRow(int(r.prompt_id), int(r.sample), r.seed, r.prompt, r.category,
+                                                    r.challenge, r.image, folder / r.image)
+        for r in scores.itertuples(index=False)
+        if r.image
+    }
+    if batch_size is None:
+        batches = [[rows[key] for key in batch if key in rows] for batch in RunDir(folder).batches()]
+        batches = [b for b in batches if b]
+        covered = {(r.prompt_id, r.sample) for b in batches for r in b}
+        leftover = [row for key, row in sorted(rows.items()) if key not in covered]
+        size = int(manifest.get("generation", {}).get("batch_size") or DEFAULT_BATCH)
+        batches += _chunks(leftover, size)
+    else:
+        batches = _chunks([rows[k] for k in sorted(rows)], batch_size)
+    settings = {k: v for k, v in manifest.get("settings", {}).items()}
+    settings["rescored_from"] = str(folder)
+    return Source("run", folder, batches, settings)
+
+
+def from_images(folder: Path, prompts_spec: str | None, batch_size: int | None) -> Source:
+    from clipeval import prompts
+
+    if prompts_spec is None:
+        raise ClipevalError(f"{folder} is not a run folder: pass --prompts (a table with image and prompt columns, or a prompt library)")
+    mapping = Path(prompts_spec).expanduser()
+    records = None
+    if mapping.is_file() and prompts.format_of(mapping.name) in ("csv", "tsv", "jsonl", "json"):
+        data = mapping.read_bytes()
+        records = prompts.read_records(data, prompts.format_of(mapping.name), origin=str(mapping))
+        if not any(_image_key(list(fields)) is not None for _, fields in records[:1]):
+            records = None  # no image column: a prompt library
+    if records is not None:
+        rows, problems = _rows_from_mapping(folder, mapping, records)
+        library_hash = _hash_rows(rows)
+    else:
+        library = prompts.load_library(prompts_spec)
+        rows, problems = _rows_from_library(folder, library)
+        library_hash = library.sha256
+    if not rows:
+        detail = "; ".join(f"{len(v)} {k}" for k, v in problems.items() if v)
+        raise ClipevalError(f"no image in {folder} matches a prompt of {prompts_spec}" + (f" ({detail})" if detail else ""))
+    settings = {"library_sha256": library_hash, "seed": None, "images": str(folder), "prompts": prompts_spec}
+    return Source("images", folder, _chunks(rows, batch_size or DEFAULT_BATCH), settings, problems)
+
+
+def _image_key(keys: list[str]) -> str | None:
+    lowered = {k.strip().lower(): k for k in keys}
+    return next((lowered[c] for c in IMAGE_COLUMNS if c in lowered), None)
+
+
+def _rows_from_mapping(folder: Path, mapping: Path, records) -> tuple[list[ImageRow], dict[str, list[str]]]:
+    """One row per mapping line; prompt_id numbers distinct prompts in order of appearance."""
+    from clipeval.prompts import CATEGORY_COLUMNS, CHALLENGE_COLUMNS, PROMPT_COLUMNS, _pick, text_field
+
+    ids: dict[tuple[str, str, str], int] = {}
+    samples: dict[int, int] = {}
+    rows, missing = [], []
+    root = folder.resolve()
+    for where, fields in records:
+        keys = list(fields)
+        image_key = _image_key(keys)
+        if image_key is None:
+            raise ClipevalError(f"{mapping}: {where}: no image column (looked for {', '.join(IMAGE_COLUMNS)})")
+        picks = [_pick(keys, None, aliases, f"{mapping}: {where}", what) for aliases, what in
+                 ((PROMPT_COLUMNS, "prompt"), (CATEGORY_COLUMNS, "category"), (CHALLENGE_COLUMNS, "challenge"))]
+        prompt, category, challenge = (text_field(fields, keys[i], str(mapping), where) if i is not None else "" for i in picks)
+        name = text_field(fields, image_key, str(mapping), where)
+        if not prompt.strip():
+            raise ClipevalError(f"{mapping}: {where}: empty prompt")
+        path = (folder / name).resolve()
+        if not path.is_relative_to(root):
+            raise ClipevalError(f"{mapping}: {where}: image {name!r} is outside {folder}")
+        if not path.is_file():
+            missing.append(name)
+            continue
+        prompt_id = ids.setdefault((prompt, category, challenge), len(ids))
+        sample = samples.get(prompt_id, 0)
+        samples[prompt_id] = sample + 1
+        rows.append(ImageRow(prompt_id, sample, "", prompt, category, challenge, name, path))
+    rows.sort(key=lambda r: (r.prompt_id, r.sample))
+    return rows, {"missing images": missing}
+
+
+def _rows_from_library(folder: Path, library) -> tuple[list[ImageRow], dict[str, list[str]]]:
+    """Images named by prompt_id (and sample): 00012.png, 00012_01.png, 12.jpg ..."""
+    by_id = {p.prompt_id: p for p in library.prompts}
+    rows, unmatched, seen = [], [], set()
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        match = IMAGE_STEM.match(path.stem)
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not match or int(match.group(1)) not in by_id:
+            unmatched.append(path.name)
+            continue
+        prompt_id, sample = int(match.group(1)), int(match.group(2) or 0)
+        if (prompt_id, sample) in seen:
+            raise ClipevalError(f"{folder}: two images for prompt {prompt_id} sample {sample} (e.g. {path.name})")
+        seen.add((prompt_id, sample))
+        p = by_id[prompt_id]
+        rows.append(ImageRow(prompt_id, sample, "", p.prompt, p.category, p.challenge, path.name, path))
+    rows.sort(key=lambda r: (r.prompt_id, r.sample))
+    scored = {r.prompt_id for r in rows}
+    missing = [f"{p.prompt_id:05d}" for p in library.prompts if p.prompt_id not in scored]
+    return rows, {"prompts without an image": missing, "files matching no prompt": unmatched}
+
+
+def _hash_rows(rows: list[ImageRow]) -> str:
+    import hashlib
+
+    distinct = sorted({(r.prompt_id, r.prompt, r.category, r.challenge) for r in rows})
+    return hashlib.sha256(json.dumps(distinct, ensure_ascii=False).encode()).hexdigest()
+
+
+def _chunks(rows: list[ImageRow], size: int) -> list[list[ImageRow]]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+def load_rgb(path: Path):
+    """uint8 ``(3, H, W)`` RGB, the way transformers' processor would see the file."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode.startswith("I;16") or image.mode == "I":
+                # 16-bit grayscale: keep the high byte, as Pillow does for 16-bit RGB.
+                high = (np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+                image = Image.fromarray(high, mode="L")
+            elif image.mode == "F":
+                raise ImageProblem("32-bit float images are not supported")
+            if "A" in image.getbands() or image.info.get("transparency") is not None:
+                rgba = image.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(white, rgba)
+            array = np.asarray(image.convert("RGB"))
+    except ImageProblem:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageProblem(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _decoded(batches: list[list[ImageRow]], workers: int) -> Iterator[tuple[list[ImageRow], list[Any]]]:
+    """Batches with their decoded images (or ImageProblem), decoded up to two batches ahead."""
+
+    def decode(row: ImageRow):
+        try:
+            return load_rgb(row.path)
+        except ImageProblem as err:
+            return err
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending = []
+        for batch in batches:
+            pending.append((batch, [pool.submit(decode, row) for row in batch]))
+            if len(pending) > 2:
+                done_batch, futures = pending.pop(0)
+                yield done_batch, [f.result() for f in futures]
+        for done_batch, futures in pending:
+            yield done_batch, [f.result() for f in futures]
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+def score(config: ScoreConfig):
+    from clipeval import pipelines, stats, store
+    from clipeval.runner import RunResult, versions
+    from clipeval.score import ClipScorer
+
+    source_dir = Path(config.source).expanduser()
+    out = Path(config.out).expanduser()
+    if not source_dir.is_dir():
+        raise ClipevalError(f"{config.source}: no such folder")
+    if out.resolve() == source_dir.resolve():
+        raise ClipevalError("--out must not be the source folder (its files would be replaced)")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise ClipevalError("--batch-size must be at least 1")
+    models = tuple(dict.fromkeys(config.clip_models))
+    store.check_parent(out)
+    if is_run(source_dir):
+        if config.prompts is not None:
+            raise ClipevalError(f"{source_dir} is a run folder, which carries its prompts: drop --prompts")
+        source = from_run(source_dir, config.batch_size)
+    else:
+        source = from_images(source_dir, config.prompts, config.batch_size)
+    device = pipelines.resolve_device(config.device)
+    settings = {**source.settings, "clip_model": models[0], "clip_models": list(models),
+                "clip_dtype": config.clip_dtype, "preprocess": config.preprocess}
+    rundir = store.RunDir(out)
+    rundir.check(settings, overwrite=config.overwrite)
+    scorers = [ClipScorer(m, device=device, dtype=config.clip_dtype, preprocess=config.preprocess) for m in models]
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    rundir.claim(settings, overwrite=True)  # nothing is resumed: the files are recomputed whole
+    try:
+        results, skipped = _score_batches(source.batches, scorers, config.progress)
+        if not results:
+            raise ClipevalError(f"no image could be scored ({len(skipped)} unreadable, e.g. {skipped[0]['image']}: {skipped[0]['reason']})")
+        scores = _table(results, models)
+        summary = stats.summarize(scores)
+        if len(models) > 1:
+            summary["models"] = {
+                m: stats.summarize(scores.assign(clip_score=scores[_col(m, i)], truncated=scores[_col(m, i, "truncated")]))
+                for i, m in enumerate(models)
+            }
+        per_prompt = stats.prompts_table(scores)
+        for i, m in enumerate(models[1:], 1):
+            per_prompt[f"clip_mean:{m}"] = scores.groupby("prompt_id", sort=True)[_col(m, i)].mean().map(stats._num).to_numpy()
+        manifest = {
+            "kind": "score",
+            "status": "complete",
+            "command": config.command,
+            "settings": settings,
+            "source": {"kind": source.kind, "path": str(source_dir), "prompts": config.prompts,
+                       "batches": len(source.batches)},
+            "clip": [{"model": s.name, "dtype": config.clip_dtype, "preprocess": config.preprocess,
+                      "max_text_tokens": s.max_length} for s in scorers],
+            "skipped": skipped,
+            "problems": source.problems,
+            "device": {"name": device},
+            "versions": versions(),
+            "started_at": started,
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        store.write_csv(out / "scores.csv", scores)
+        store.write_csv(out / "prompts.csv", per_prompt)
+        store.write_json(out / "summary.json", summary)
+        store.write_json(out / "manifest.json", manifest)
+    finally:
+        rundir.release()
+    problems = {**source.problems, "unreadable images": [s["image"] for s in skipped]}
+    return RunResult(out, summary, manifest, scores, problems)
+
+
+def _col(model: str, index: int, what: str = "clip_score") -> str:
+    return what if index == 0 else f"{what}:{model}"
+
+
+def _score_batches(batches, scorers, progress: bool):
+    import os
+
+    from tqdm.auto import tqdm
+
+    from clipeval.runner import score_value
+
+    results: list[tuple[ImageRow, list[tuple[float, bool]]]] = []
+    skipped: list[dict[str, str]] = []
+    total = sum(len(b) for b in batches)
+    with tqdm(total=total, unit="img", desc="scoring", disable=not progress, dynamic_ncols=True) as bar:
+        for batch, images in _decoded(batches, workers=min(8, os.cpu_count() or 1)):
+            good = [(row, img) for row, img in zip(batch, images) if not isinstance(img, ImageProblem)]
+            skipped += [{"image": row.image, "reason": str(img)} for row, img in zip(batch, images)
+                        if isinstance(img, ImageProblem)]
+            if good:
+                rows, tensors = zip(*good)
+                per_model = []
+                for scorer in scorers:
+                    cosines, truncated = scorer.score(list(tensors), [r.prompt for r in rows])
+                    scorer.forget(keep=[rows[-1].prompt])
+                    per_model.append(list(zip(map(score_value, cosines), truncated)))
+                results += [(row, [m[i] for m in per_model]) for i, row in enumerate(rows)]
+            bar.update(len(batch))
+    return results, skipped
+
+
+def _table(results, models):
+    import pandas as pd
+
+    from clipeval.stats import SCORE_COLUMNS
+
+    records = []
+    for row, per_model in results:
+        record = {"prompt_id": row.prompt_id, "sample": row.sample, "seed": row.seed, "prompt": row.prompt,
+                  "category": row.category, "challenge": row.challenge, "clip_score": per_model[0][0],
+                  "truncated": per_model[0][1], "image": row.image}
+        for i, m in enumerate(models[1:], 1):
+            record[_col(m, i)], record[_col(m, i, "truncated")] = per_model[i]
+        records.append(record)
+    extra = [c for i, m in enumerate(models[1:], 1) for c in (_col(m, i), _col(m, i, "truncated"))]
+    frame = pd.DataFrame(records, columns=SCORE_COLUMNS + extra)
+    return frame.sort_values(["prompt_id", "sample"], kind="stable").reset_index(drop=True)
