@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ def run(config: RunConfig) -> RunResult:
     from clipeval import pipelines, prompts, store
     from clipeval.generate import MAX_SAMPLES, MAX_SEED, work_items
 
+    clock = {"start": time.perf_counter()}
+
     # 1. Everything cheap first: bad input fails before a model is loaded.
     if not 1 <= config.images_per_prompt <= MAX_SAMPLES:
         raise ClipevalError(f"--images-per-prompt must be in [1, {MAX_SAMPLES}]")
@@ -122,14 +125,15 @@ def run(config: RunConfig) -> RunResult:
     from clipeval.score import ClipScorer
 
     scorer = ClipScorer(config.clip_model, device=device, dtype=config.clip_dtype, preprocess=config.preprocess)
+    clock["loaded"] = time.perf_counter()
     previous = rundir.claim(settings, overwrite=config.overwrite)
     try:
-        return _generate_and_write(config, rundir, previous, settings, ref, library, items, gen, pipe, scorer, device)
+        return _generate_and_write(config, rundir, previous, settings, ref, library, items, gen, pipe, scorer, device, clock)
     finally:
         rundir.release()
 
 
-def _generate_and_write(config, rundir, previous, settings, ref, library, items, gen, pipe, scorer, device):
+def _generate_and_write(config, rundir, previous, settings, ref, library, items, gen, pipe, scorer, device, clock):
     from clipeval import store
 
     out = rundir.path
@@ -138,7 +142,9 @@ def _generate_and_write(config, rundir, previous, settings, ref, library, items,
 
     # 3. Generate and score what the journal does not hold yet.
     done = rundir.done()
-    _generate_and_score(pipe, scorer, gen, items, done, rundir, config)
+    clock["loop"] = time.perf_counter()
+    generated = _generate_and_score(pipe, scorer, gen, items, done, rundir, config)
+    clock["looped"] = time.perf_counter()
 
     # 4. Tables and summary from the journal: the same files however often the run was cut.
     from clipeval import stats
@@ -148,7 +154,16 @@ def _generate_and_write(config, rundir, previous, settings, ref, library, items,
     store.write_csv(out / "scores.csv", scores)
     store.write_csv(out / "prompts.csv", stats.prompts_table(scores))
     store.write_json(out / "summary.json", summary)
-    manifest.update(status="complete", finished_at=_now())
+    manifest.update(
+        status="complete",
+        finished_at=_now(),
+        timings={  # this invocation's, in seconds; a resumed run times only what it did
+            "load_s": round(clock["loaded"] - clock["start"], 3),
+            "generate_and_score_s": round(clock["looped"] - clock["loop"], 3),
+            "images_generated": generated,
+            "write_s": round(time.perf_counter() - clock["looped"], 3),
+        },
+    )
     store.write_json(out / "manifest.json", manifest)
     return RunResult(out, summary, manifest, scores)
 
@@ -174,8 +189,8 @@ def _generation_settings(config: RunConfig, defaults: dict[str, Any]):
     return gen
 
 
-def _generate_and_score(pipe, scorer, gen, items, done, rundir, config: RunConfig) -> None:
-    """The hot loop. PNG encoding and writing run on worker threads while the next batch is
+def _generate_and_score(pipe, scorer, gen, items, done, rundir, config: RunConfig) -> int:
+    """The hot loop; returns the number of images generated. PNG encoding and writing run on worker threads while the next batch is
     generated; a batch is committed to the journal only once its images are on disk."""
     from tqdm.auto import tqdm
 
@@ -236,6 +251,7 @@ def _generate_and_score(pipe, scorer, gen, items, done, rundir, config: RunConfi
         if pending:
             commit(*pending)
     bar.close()
+    return remaining
 
 
 def _write_png(rundir, name: str, pixels, item) -> None:

@@ -47,7 +47,6 @@ class ClipScorer:
 
         quiet_hf(with_diffusers=False)
         import torch
-        import transformers
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         if preprocess not in MODES:
@@ -67,9 +66,10 @@ class ClipScorer:
             self.tokenizer = AutoTokenizer.from_pretrained(location)
             # The PIL processor on every machine (transformers 5 would pick a torchvision one where
             # torchvision is installed): "exact" must mean the same computation everywhere.
-            major = int(transformers.__version__.split(".")[0])
-            pil = {"backend": "pil"} if major >= 5 else {"use_fast": False}
-            self.processor = AutoImageProcessor.from_pretrained(location, **pil)
+            try:
+                self.processor = AutoImageProcessor.from_pretrained(location, backend="pil")
+            except (TypeError, ValueError):  # transformers before the backend argument
+                self.processor = AutoImageProcessor.from_pretrained(location, use_fast=False)
         except Exception as err:
             raise ClipevalError(f"could not load CLIP model {model}: {hub_error(err)}") from err
         self.model.eval().to(device)
