@@ -42,7 +42,7 @@ def make_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def _text_config(tokenizer, *, hidden: int = 32, layers: int = 2, projection: int = 32):
+def _text_config(tokenizer, *, hidden: int = 32, layers: int = 2, projection: int = 32, positions: int = 77):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -51,7 +51,7 @@ def _text_config(tokenizer, *, hidden: int = 32, layers: int = 2, projection: in
         intermediate_size=37,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        max_position_embeddings=77,
+        max_position_embeddings=positions,
         # eos must be the tokenizer's: the value 2 switches CLIP to its legacy argmax pooling.
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -60,8 +60,9 @@ def _text_config(tokenizer, *, hidden: int = 32, layers: int = 2, projection: in
     )
 
 
-def build_clip(path: Path, *, seed: int = 0, image_size: int = 32) -> Path:
-    """A 60k-parameter CLIPModel with tokenizer and image processor, saved as a model folder."""
+def build_clip(path: Path, *, seed: int = 0, image_size: int = 32, text_positions: int = 77) -> Path:
+    """A 60k-parameter CLIPModel with tokenizer and image processor, saved as a model folder.
+    ``text_positions=248`` makes a LongCLIP-shaped model (its tokenizer still says 77)."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
 
@@ -77,7 +78,9 @@ def build_clip(path: Path, *, seed: int = 0, image_size: int = 32) -> Path:
         projection_dim=32,
     )
     config = CLIPConfig(
-        text_config=_text_config(tokenizer).to_dict(), vision_config=vision.to_dict(), projection_dim=32
+        text_config=_text_config(tokenizer, positions=text_positions).to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=32,
     )
     CLIPModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

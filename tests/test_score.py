@@ -113,6 +113,21 @@ def test_truncation_flag_boundary(exact):
     assert exact.embed_texts(["x " * 76])[0].truncated
 
 
+def test_longer_text_positions_are_used_whole(tmp_path):
+    """LongCLIP-style models (248 positions) truncate at their own length, not the tokenizer's 77."""
+    from clipeval.demo import build_clip
+
+    scorer = ClipScorer(str(build_clip(tmp_path / "long", text_positions=248)))
+    assert scorer.max_length == 248 and scorer.tokenizer.model_max_length == 77
+    assert not scorer.embed_texts(["x " * 200])[0].truncated  # 202 tokens fit in 248
+    long = "x " * 300
+    assert scorer.embed_texts([long])[0].truncated
+    ids = scorer.tokenizer(long)["input_ids"][:247] + [scorer.tokenizer.eos_token_id]
+    with torch.no_grad():
+        v = scorer.model.get_text_features(input_ids=torch.tensor([ids])).pooler_output[0]
+    assert torch.allclose(scorer.embed_texts([long])[0].vector, v / v.norm(), atol=1e-6)
+
+
 def test_each_distinct_prompt_is_embedded_once(models):
     scorer = ClipScorer(str(models.clip))
     calls = []
