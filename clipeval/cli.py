@@ -62,6 +62,9 @@ def main() -> None:
 @click.option("--clip-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True, help="CLIP precision (embeddings are always compared in float32).")
 @click.option("--preprocess", type=click.Choice(["fast", "exact"]), default="fast", show_default=True, help="CLIP image preprocessing: batched tensors on the device, or the model's own PIL processor.")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N prompts of the library.")
+@click.option("--revision", help="Pin the hub checkpoint to a branch, tag or commit.")
+@click.option("--clip-revision", help="Pin the hub CLIP model to a branch, tag or commit.")
+@click.option("--allow-pickle", is_flag=True, help="Also read .ckpt/.bin/.pt weights (with torch.load(weights_only=True)).")
 @click.option("--no-save-images", "save_images", is_flag=True, flag_value=False, default=True, help="Score without writing PNGs.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out made with other settings.")
 @click.option("--fail-below", type=float, help="Exit 1 (after writing every file) when clip/mean is below this.")
@@ -76,6 +79,7 @@ def run(quiet: bool, fail_below: float | None, **options) -> None:
     result = run_evaluation(RunConfig(**options, progress=not quiet, command=["clipeval", *sys.argv[1:]]))
     s = result.summary
     click.echo(_closing_line(s, result.out))
+    _warn_flagged(s)
     if s["few_prompts"]:
         click.echo(f"note: only {s['prompts']} prompts; the interval says little below {s['few_prompts_threshold']}", err=True)
     if s["truncated_prompts"]:
@@ -89,6 +93,14 @@ def run(quiet: bool, fail_below: float | None, **options) -> None:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _warn_flagged(s: dict) -> None:
+    flagged = s.get("flagged_images") or {}
+    if flagged:
+        counts = ", ".join(f"{n} {kind}" for kind, n in flagged.items())
+        click.echo(f"warning: {sum(flagged.values())} image(s) flagged ({counts}) and left out of the statistics; "
+                   "see the flag column of scores.csv", err=True)
 
 
 def _closing_line(s: dict, out: Path, label: str = "clip/mean") -> str:
@@ -111,15 +123,16 @@ def _closing_line(s: dict, out: Path, label: str = "clip/mean") -> str:
 @click.option("--clip-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--preprocess", type=click.Choice(["fast", "exact"]), default="fast", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), help="[default: a run's own batches, else 16]")
+@click.option("--allow-pickle", is_flag=True, help="Also read CLIP models with only .bin weights (torch.load(weights_only=True)).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier score in --out made with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def score(source, out, prompts_spec, clip_models, device, clip_dtype, preprocess, batch_size, overwrite, quiet) -> None:
+def score(source, out, prompts_spec, clip_models, device, clip_dtype, preprocess, batch_size, allow_pickle, overwrite, quiet) -> None:
     """Score existing images: a run folder (re-score), or an image folder with --prompts."""
     from clipeval.rescore import ScoreConfig, score as score_images
 
     config = ScoreConfig(
         source=source, out=out, prompts=prompts_spec, clip_models=tuple(clip_models), device=device,
-        clip_dtype=clip_dtype, preprocess=preprocess, batch_size=batch_size, overwrite=overwrite,
+        clip_dtype=clip_dtype, preprocess=preprocess, batch_size=batch_size, allow_pickle=allow_pickle, overwrite=overwrite,
         progress=not quiet, command=["clipeval", *sys.argv[1:]],
     )
     result = score_images(config)
@@ -127,6 +140,7 @@ def score(source, out, prompts_spec, clip_models, device, clip_dtype, preprocess
         if names:
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
             click.echo(f"warning: {len(names)} {kind}: {shown} (all listed in manifest.json)", err=True)
+    _warn_flagged(result.summary)
     models = result.summary.get("models") or {clip_models[0]: result.summary}
     for model, block in models.items():
         click.echo(_closing_line(block, result.out, f"{model}: clip/mean" if len(models) > 1 else "clip/mean"))

@@ -46,7 +46,8 @@ def load_run(path: str | Path) -> RunScores:
         raise ClipevalError(f"{path}: no such run folder")
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        scores = pd.read_csv(folder / "scores.csv", keep_default_na=False, dtype={"prompt": str, "category": str, "challenge": str})
+        scores = pd.read_csv(folder / "scores.csv", keep_default_na=False, na_values={"clip_score": [""]},
+                             dtype={"prompt": str, "category": str, "challenge": str})
     except FileNotFoundError as err:
         raise ClipevalError(f"{path}: not a finished clipeval run ({Path(err.filename).name} missing)") from err
     except (OSError, ValueError) as err:
@@ -56,7 +57,9 @@ def load_run(path: str | Path) -> RunScores:
         raise ClipevalError(f"{path}/scores.csv: missing columns {', '.join(sorted(missing))}")
     if not pd.api.types.is_numeric_dtype(scores["clip_score"]):
         raise ClipevalError(f"{path}/scores.csv: clip_score is not numeric")
-    return RunScores(str(path), folder, manifest.get("settings", {}), scores)
+    from clipeval.stats import usable
+
+    return RunScores(str(path), folder, manifest.get("settings", {}), usable(scores))  # flagged images never pair
 
 
 @dataclass

@@ -70,7 +70,9 @@ class GenerationSettings:
 
 
 def generate(pipe: Any, batch: Sequence[WorkItem], settings: GenerationSettings):
-    """Images of ``batch`` as uint8 ``(B, 3, H, W)`` on the pipeline's device, as they will be saved."""
+    """Images of ``batch`` as uint8 ``(B, 3, H, W)`` on the pipeline's device, as they will be saved,
+    and a flag per image: "nan" (non-finite pixels, e.g. a float16 overflow), "nsfw" (the pipeline's
+    safety checker blanked it), "black" (every pixel 0), or "" for a usable image."""
     import torch
 
     kwargs: dict[str, Any] = {}
@@ -90,7 +92,13 @@ def generate(pipe: Any, batch: Sequence[WorkItem], settings: GenerationSettings)
             )
         except ValueError as err:  # diffusers' check_inputs: settings this pipeline cannot take
             raise ClipevalError(f"the pipeline refused the generation settings: {err}") from err
-    return to_uint8(output.images)
+    images = output.images
+    nonfinite = (~torch.isfinite(images.float())).flatten(1).any(dim=1).tolist()
+    nsfw = getattr(output, "nsfw_content_detected", None) or [False] * len(batch)
+    pixels = to_uint8(images)
+    black = (pixels.flatten(1).amax(dim=1) == 0).tolist()
+    flags = ["nan" if n else "nsfw" if s else "black" if b else "" for n, s, b in zip(nonfinite, nsfw, black)]
+    return pixels, flags
 
 
 def to_uint8(images):

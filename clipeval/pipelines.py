@@ -83,7 +83,13 @@ class CheckpointRef:
         return (self.model_index or {}).get("_class_name", "?")
 
 
-def resolve_checkpoint(spec: str, base_model: str | None) -> CheckpointRef:
+PICKLE_HINT = "pickle files can run arbitrary code when loaded; convert to .safetensors, or pass --allow-pickle " \
+    "(then read with torch.load(weights_only=True), which refuses anything but tensors)"
+
+
+def resolve_checkpoint(
+    spec: str, base_model: str | None, *, allow_pickle: bool = False, revision: str | None = None
+) -> CheckpointRef:
     """Check that the checkpoint exists and what it is, cheaply, before any model is loaded."""
     if spec == "demo":
         from clipeval import demo
@@ -91,13 +97,12 @@ def resolve_checkpoint(spec: str, base_model: str | None) -> CheckpointRef:
         path = demo.demo_pipeline_dir()
         return CheckpointRef(spec, "demo", str(path), None, _read_index(path / "model_index.json"))
     path = Path(spec).expanduser()
+    if revision is not None and (path.exists() or spec == "demo"):
+        raise ClipevalError(f"--revision applies to hub ids; {spec} is local")
     if path.is_file():
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise ClipevalError(
-                f"{spec}: pickle checkpoints ({path.suffix}) can run arbitrary code when loaded; "
-                "convert it to .safetensors"
-            )
-        if path.suffix.lower() != ".safetensors":
+        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            raise ClipevalError(f"{spec}: {PICKLE_HINT}")
+        if path.suffix.lower() != ".safetensors" and path.suffix.lower() not in PICKLE_SUFFIXES:
             raise ClipevalError(f"{spec}: not a .safetensors file, a diffusers folder or a hub id")
         if not base_model:
             raise ClipevalError(
@@ -109,11 +114,15 @@ def resolve_checkpoint(spec: str, base_model: str | None) -> CheckpointRef:
         index = path / "model_index.json"
         if not index.is_file():
             raise ClipevalError(f"{spec}: not a diffusers pipeline folder (no model_index.json)")
+        if not allow_pickle and not any(path.rglob("*.safetensors")) and any(
+            p.suffix in PICKLE_SUFFIXES for p in path.rglob("*") if p.is_file()
+        ):
+            raise ClipevalError(f"{spec} holds only pickle weights: {PICKLE_HINT}")
         return CheckpointRef(spec, "folder", str(path), None, _read_index(index))
     if path.exists():
         raise ClipevalError(f"{spec}: not a file or folder")
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        return CheckpointRef(spec, "hub", spec, None, _hub_index(spec))
+        return CheckpointRef(spec, "hub", spec, None, _hub_index(spec, revision))
     raise ClipevalError(f"checkpoint not found: {spec} (no such file or folder, and not a hub id)")
 
 
@@ -122,21 +131,35 @@ def _read_index(path: Path) -> dict[str, Any]:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ClipevalError(f"{path}: unreadable model_index.json ({err})") from err
+    return _trusted(index, str(path))
+
+
+TRUSTED_LIBRARIES = {None, "diffusers", "transformers"}
+
+
+def _trusted(index: Any, where: str) -> dict[str, Any]:
+    """A model_index.json may name modules of its own (custom pipelines and components), which
+    diffusers would import and run. clipeval never runs code that comes with a checkpoint."""
     if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
-        raise ClipevalError(f"{path}: model_index.json names no pipeline class (custom code is not run)")
-    return index
+        raise ClipevalError(f"{where}: model_index.json asks for a custom pipeline class; clipeval never runs code from a checkpoint")
+    for name, value in index.items():
+        if not name.startswith("_") and isinstance(value, (list, tuple)) and len(value) == 2:
+            if value[0] not in TRUSTED_LIBRARIES:
+                raise ClipevalError(
+                    f"{where}: component {name} comes from {value[0]!r}, and clipeval never runs code from a "
+                    "checkpoint (only diffusers and transformers components load)"
+                )
+    return dict(index)
 
 
-def _hub_index(repo_id: str) -> dict[str, Any]:
+def _hub_index(repo_id: str, revision: str | None = None) -> dict[str, Any]:
     from diffusers import DiffusionPipeline
 
     try:
-        index = DiffusionPipeline.load_config(repo_id)
+        index = DiffusionPipeline.load_config(repo_id, revision=revision)
     except Exception as err:  # hub errors come in many types; all mean "cannot get it"
-        raise ClipevalError(f"checkpoint {repo_id}: {hub_error(err)}") from err
-    if not isinstance(index.get("_class_name"), str):
-        raise ClipevalError(f"{repo_id}: model_index.json names no pipeline class (custom code is not run)")
-    return dict(index)
+        raise ClipevalError(f"checkpoint {repo_id}{f'@{revision}' if revision else ''}: {hub_error(err)}") from err
+    return _trusted(index, repo_id)
 
 
 def _base_index(base: str) -> dict[str, Any]:
@@ -163,7 +186,18 @@ def hub_error(err: BaseException) -> str:
         return "no such model on the Hub (or it is private: log in with huggingface-cli login)"
     if "LocalEntryNotFound" in name or "offline" in first.lower() or "couldn't connect" in first.lower():
         return "not in the local Hugging Face cache and the Hub cannot be reached (offline?)"
+    if "does not appear to have a file named" in first and _hub_offline():
+        return "not in the local Hugging Face cache, and HF_HUB_OFFLINE forbids downloading it"
     return f"{first} ({name})"
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return False
 
 
 def quiet_hf(*, with_diffusers: bool = True) -> None:
@@ -183,7 +217,7 @@ def quiet_hf(*, with_diffusers: bool = True) -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def load_pipeline(ref: CheckpointRef, *, device: str, dtype: str):
+def load_pipeline(ref: CheckpointRef, *, device: str, dtype: str, allow_pickle: bool = False, revision: str | None = None):
     """Load the pipeline in ``dtype`` on ``device``, with diffusers' own progress bars off."""
     import warnings
 
@@ -199,7 +233,9 @@ def load_pipeline(ref: CheckpointRef, *, device: str, dtype: str):
             if ref.kind == "single-file":
                 pipe = _from_single_file(diffusers, ref, kwargs)
             else:
-                pipe = AutoPipelineForText2Image.from_pretrained(ref.location, use_safetensors=True, **kwargs)
+                pipe = AutoPipelineForText2Image.from_pretrained(
+                    ref.location, use_safetensors=None if allow_pickle else True, revision=revision, **kwargs
+                )
     except ClipevalError:
         raise
     except Exception as err:

@@ -300,6 +300,8 @@ def _table_records(text: str, fmt: str, origin: str) -> list[Record]:
             for fields in reader:
                 rows.append((reader.line_num, fields))
         except csv.Error as err:
+            if "field limit" in str(err):  # csv's cap, 128 KiB: no prompt is that long
+                raise ClipevalError(f"{origin}: line {reader.line_num}: a field over {csv.field_size_limit()} characters") from err
             raise ClipevalError(f"{origin}: line {reader.line_num}: malformed CSV ({err})") from err
     rows = [(n, fields) for n, fields in rows if fields and any(f.strip() for f in fields)]
     if not rows:

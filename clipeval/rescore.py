@@ -42,6 +42,7 @@ class ImageRow:
     challenge: str
     image: str  # as written to scores.csv
     path: Path  # where it is read from
+    flag: str = ""  # a run's flag, carried over (see stats.FLAGS)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class ScoreConfig:
     clip_dtype: str = "float32"
     preprocess: str = "fast"
     batch_size: int | None = None  # None: the run's own batches, or DEFAULT_BATCH
+    allow_pickle: bool = False
     overwrite: bool = False
     progress: bool = True
     command: list[str] | None = None
@@ -87,9 +89,11 @@ def from_run(folder: Path, batch_size: int | None) -> Source:
     scores = pd.read_csv(folder / "scores.csv", keep_default_na=False, dtype={"prompt": str, "category": str, "challenge": str})
     if "image" not in scores.columns or (scores["image"] == "").all():
         raise ClipevalError(f"{folder}: the run saved no images (--no-save-images); nothing to re-score")
+    if "flag" not in scores.columns:
+        scores["flag"] = ""
     rows = {
         (int(r.prompt_id), int(r.sample)): ImageRow(int(r.prompt_id), int(r.sample), r.seed, r.prompt, r.category,
-                                                    r.challenge, r.image, folder / r.image)
+                                                    r.challenge, r.image, folder / r.image, r.flag)
         for r in scores.itertuples(index=False)
         if r.image
     }
@@ -282,7 +286,10 @@ def score(config: ScoreConfig):
                 "clip_dtype": config.clip_dtype, "preprocess": config.preprocess}
     rundir = store.RunDir(out)
     rundir.check(settings, overwrite=config.overwrite)
-    scorers = [ClipScorer(m, device=device, dtype=config.clip_dtype, preprocess=config.preprocess) for m in models]
+    scorers = [
+        ClipScorer(m, device=device, dtype=config.clip_dtype, preprocess=config.preprocess, allow_pickle=config.allow_pickle)
+        for m in models
+    ]
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     rundir.claim(settings, overwrite=True)  # nothing is resumed: the files are recomputed whole
     try:
@@ -336,7 +343,7 @@ def _score_batches(batches, scorers, progress: bool):
 
     from clipeval.runner import score_value
 
-    results: list[tuple[ImageRow, list[tuple[float, bool]]]] = []
+    results: list[tuple[ImageRow, list[tuple[float | None, bool]], str]] = []
     skipped: list[dict[str, str]] = []
     total = sum(len(b) for b in batches)
     with tqdm(total=total, unit="img", desc="scoring", disable=not progress, dynamic_ncols=True) as bar:
@@ -350,8 +357,11 @@ def _score_batches(batches, scorers, progress: bool):
                 for scorer in scorers:
                     cosines, truncated = scorer.score(list(tensors), [r.prompt for r in rows])
                     scorer.forget(keep=[rows[-1].prompt])
-                    per_model.append(list(zip(map(score_value, cosines), truncated)))
-                results += [(row, [m[i] for m in per_model]) for i, row in enumerate(rows)]
+                    # A run's NaN image has no score (its PNG holds zeros where the NaNs were).
+                    per_model.append([(None if r.flag == "nan" else score_value(c), t)
+                                      for r, c, t in zip(rows, cosines, truncated)])
+                flags = [r.flag or ("black" if int(t.max()) == 0 else "") for r, t in zip(rows, tensors)]
+                results += [(row, [m[i] for m in per_model], flag) for i, (row, flag) in enumerate(zip(rows, flags))]
             bar.update(len(batch))
     return results, skipped
 
@@ -362,10 +372,10 @@ def _table(results, models):
     from clipeval.stats import SCORE_COLUMNS
 
     records = []
-    for row, per_model in results:
+    for row, per_model, flag in results:
         record = {"prompt_id": row.prompt_id, "sample": row.sample, "seed": row.seed, "prompt": row.prompt,
                   "category": row.category, "challenge": row.challenge, "clip_score": per_model[0][0],
-                  "truncated": per_model[0][1], "image": row.image}
+                  "truncated": per_model[0][1], "image": row.image, "flag": flag}
         for i, m in enumerate(models[1:], 1):
             record[_col(m, i)], record[_col(m, i, "truncated")] = per_model[i]
         records.append(record)

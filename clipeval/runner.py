@@ -44,6 +44,9 @@ class RunConfig:
     clip_dtype: str = "float32"
     preprocess: str = "fast"
     limit: int | None = None
+    revision: str | None = None  # of a hub checkpoint
+    clip_revision: str | None = None  # of a hub CLIP model
+    allow_pickle: bool = False
     save_images: bool = True
     overwrite: bool = False
     progress: bool = True
@@ -87,15 +90,19 @@ def run(config: RunConfig) -> RunResult:
     store.check_parent(out)
     full_library = prompts.load_library(config.prompt_library)
     library = full_library.head(config.limit)
-    ref = pipelines.resolve_checkpoint(config.checkpoint, config.base_model)
+    ref = pipelines.resolve_checkpoint(
+        config.checkpoint, config.base_model, allow_pickle=config.allow_pickle, revision=config.revision
+    )
     device = pipelines.resolve_device(config.device)
     dtype = pipelines.resolve_dtype(config.dtype, device, ref.model_index)
     items = work_items(library, images_per_prompt=config.images_per_prompt, seed=config.seed)
     settings = {
         "checkpoint": config.checkpoint,
+        "revision": config.revision,
         "base_model": config.base_model,
         "pipeline": ref.pipeline_class,
         "clip_model": config.clip_model,
+        "clip_revision": config.clip_revision,
         # The whole library's hash (before --limit): runs with other limits may share a folder.
         "library_sha256": full_library.sha256,
         "seed": config.seed,
@@ -119,12 +126,21 @@ def run(config: RunConfig) -> RunResult:
     rundir.check({**settings, **explicit}, overwrite=config.overwrite)
 
     # 2. Models, then the settings that depend on them. Nothing is written before they load.
-    pipe = pipelines.load_pipeline(ref, device=device, dtype=dtype)
+    pipe = pipelines.load_pipeline(
+        ref, device=device, dtype=dtype, allow_pickle=config.allow_pickle, revision=config.revision
+    )
     gen = _generation_settings(config, pipelines.call_defaults(pipe))
     settings.update(steps=gen.steps, guidance_scale=gen.guidance_scale, height=gen.height, width=gen.width)
     from clipeval.score import ClipScorer
 
-    scorer = ClipScorer(config.clip_model, device=device, dtype=config.clip_dtype, preprocess=config.preprocess)
+    scorer = ClipScorer(
+        config.clip_model,
+        device=device,
+        dtype=config.clip_dtype,
+        preprocess=config.preprocess,
+        revision=config.clip_revision,
+        allow_pickle=config.allow_pickle,
+    )
     clock["loaded"] = time.perf_counter()
     previous = rundir.claim(settings, overwrite=config.overwrite)
     try:
@@ -150,9 +166,14 @@ def _generate_and_write(config, rundir, previous, settings, ref, library, items,
     from clipeval import stats
 
     scores = stats.scores_table([done[item.key] for item in items])
-    summary = stats.summarize(scores)
     store.write_csv(out / "scores.csv", scores)
     store.write_csv(out / "prompts.csv", stats.prompts_table(scores))
+    try:
+        summary = stats.summarize(scores)
+    except ClipevalError:  # every image flagged: the tables above say which and why
+        manifest.update(status="no usable image", finished_at=_now())
+        store.write_json(out / "manifest.json", manifest)
+        raise
     store.write_json(out / "summary.json", summary)
     manifest.update(
         status="complete",
@@ -222,12 +243,12 @@ def _generate_and_score(pipe, scorer, gen, items, done, rundir, config: RunConfi
             batch = [item for item in batch if item.key not in done]
             if not batch:
                 continue
-            images = generate(pipe, batch, gen)
+            images, flags = generate(pipe, batch, gen)
             cosines, truncated = scorer.score(images, [item.prompt for item in batch])
             scorer.forget(keep=[batch[-1].prompt])
             host = images.permute(0, 2, 3, 1).cpu().numpy()
             rows, futures = [], []
-            for item, pixels, cosine, cut in zip(batch, host, cosines, truncated):
+            for item, pixels, cosine, cut, flag in zip(batch, host, cosines, truncated, flags):
                 name = image_name(item.prompt_id, item.sample) if config.save_images else ""
                 if name:
                     futures.append(writers.submit(_write_png, rundir, name, pixels, item))
@@ -239,9 +260,11 @@ def _generate_and_score(pipe, scorer, gen, items, done, rundir, config: RunConfi
                         "prompt": item.prompt,
                         "category": item.category,
                         "challenge": item.challenge,
-                        "clip_score": score_value(cosine),
+                        # A NaN image has no score; a black one keeps CLIP's, but neither counts.
+                        "clip_score": None if flag == "nan" else score_value(cosine),
                         "truncated": bool(cut),
                         "image": f"images/{name}" if name else "",
+                        "flag": flag,
                     }
                 )
             if pending:

@@ -42,6 +42,8 @@ class ClipScorer:
         device: str = "cpu",
         dtype: str = "float32",
         preprocess: str = "fast",
+        revision: str | None = None,
+        allow_pickle: bool = False,
     ) -> None:
         from clipeval.pipelines import hub_error, quiet_hf, torch_dtype
 
@@ -61,15 +63,23 @@ class ClipScorer:
             location = str(Path(model).expanduser())
             if not Path(location, "config.json").is_file():
                 raise ClipevalError(f"--clip-model {model}: not a transformers model folder (no config.json)")
+            if revision is not None:
+                raise ClipevalError(f"--clip-revision applies to hub ids; {model} is local")
+            if not allow_pickle and not any(Path(location).glob("*.safetensors")) and any(Path(location).glob("*.bin")):
+                from clipeval.pipelines import PICKLE_HINT
+
+                raise ClipevalError(f"--clip-model {model} holds only pickle weights: {PICKLE_HINT}")
         try:
-            self.model = CLIPModel.from_pretrained(location, dtype=torch_dtype(dtype), use_safetensors=True)
-            self.tokenizer = AutoTokenizer.from_pretrained(location)
+            self.model = CLIPModel.from_pretrained(
+                location, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True, revision=revision
+            )
+            self.tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
             # The PIL processor on every machine (transformers 5 would pick a torchvision one where
             # torchvision is installed): "exact" must mean the same computation everywhere.
             try:
-                self.processor = AutoImageProcessor.from_pretrained(location, backend="pil")
+                self.processor = AutoImageProcessor.from_pretrained(location, backend="pil", revision=revision)
             except (TypeError, ValueError):  # transformers before the backend argument
-                self.processor = AutoImageProcessor.from_pretrained(location, use_fast=False)
+                self.processor = AutoImageProcessor.from_pretrained(location, use_fast=False, revision=revision)
         except Exception as err:
             raise ClipevalError(f"could not load CLIP model {model}: {hub_error(err)}") from err
         self.model.eval().to(device)

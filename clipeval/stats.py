@@ -26,7 +26,12 @@ SCORE_DEFINITION = (
     "in [-1, 1]; not multiplied by 100 and not clamped (torchmetrics' CLIPScore reports "
     "max(100 * mean, 0))"
 )
-SCORE_COLUMNS = ["prompt_id", "sample", "seed", "prompt", "category", "challenge", "clip_score", "truncated", "image"]
+SCORE_COLUMNS = ["prompt_id", "sample", "seed", "prompt", "category", "challenge", "clip_score", "truncated", "image", "flag"]
+FLAGS = {
+    "nan": "non-finite pixels (e.g. a float16 overflow in the VAE); no score",
+    "nsfw": "blanked by the pipeline's safety checker",
+    "black": "every pixel is 0",
+}
 PROMPT_COLUMNS = ["prompt_id", "prompt", "category", "challenge", "n", "clip_mean", "clip_min", "clip_max"]
 
 
@@ -41,22 +46,27 @@ def scores_table(rows: list[dict[str, Any]]):
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=SCORE_COLUMNS)
+    frame["flag"] = frame["flag"].fillna("")
     return frame.sort_values(["prompt_id", "sample"], kind="stable").reset_index(drop=True)
 
 
+def usable(scores):
+    """Rows that count: not flagged, with a score. Flagged images stay in scores.csv for the record."""
+    keep = scores["clip_score"].notna()
+    if "flag" in scores.columns:
+        keep &= scores["flag"].fillna("") == ""
+    return scores[keep]
+
+
 def prompts_table(scores):
-    grouped = scores.groupby("prompt_id", sort=True)
-    frame = grouped.agg(
-        prompt=("prompt", "first"),
-        category=("category", "first"),
-        challenge=("challenge", "first"),
-        n=("clip_score", "size"),
-        clip_mean=("clip_score", "mean"),
-        clip_min=("clip_score", "min"),
-        clip_max=("clip_score", "max"),
-    ).reset_index()
-    for column in ("clip_mean", "clip_min", "clip_max"):
-        frame[column] = frame[column].map(_num)
+    """One row per prompt, over its usable images (n = 0 and empty means when none is usable)."""
+    good = usable(scores)
+    first = scores.groupby("prompt_id", sort=True)[["prompt", "category", "challenge"]].first()
+    stats = good.groupby("prompt_id", sort=True)["clip_score"].agg(["size", "mean", "min", "max"])
+    frame = first.join(stats, how="left").reset_index()
+    frame["n"] = frame["size"].fillna(0).astype(int)
+    for column in ("mean", "min", "max"):
+        frame[f"clip_{column}"] = frame[column].map(lambda v: None if v != v else _num(v))
     return frame[PROMPT_COLUMNS]
 
 
@@ -148,24 +158,36 @@ def _group(scores, column: str, boot: Bootstrap) -> dict[str, dict[str, Any]]:
 
 
 def summarize(scores, boot: Bootstrap = Bootstrap()) -> dict[str, Any]:
-    values = scores["clip_score"]
-    prompts = int(scores["prompt_id"].nunique())
+    good = usable(scores)
+    flagged = scores.loc[~scores.index.isin(good.index), "flag"] if "flag" in scores.columns else scores.iloc[:0]
+    if good.empty:
+        from clipeval.errors import ClipevalError
+
+        raise ClipevalError(f"no usable image: all {len(scores)} are flagged ({_counts(flagged)}); see scores.csv")
+    values = good["clip_score"]
+    prompts = int(good["prompt_id"].nunique())
     return {
         "score": SCORE_DEFINITION,
         "scale": "cosine",
         "clip/mean": _num(values.mean()),
-        "clip/mean_ci": _ci(scores, boot),
+        "clip/mean_ci": _ci(good, boot),
         "clip/min": _num(values.min()),
         "clip/max": _num(values.max()),
         "clip/std": _num(values.std(ddof=1)),
         "clip/median": _num(values.median()),
         "std_kind": "sample standard deviation over images (ddof=1)",
         "ci": boot.describe(),
-        "images": int(len(scores)),
+        "images": int(len(good)),
         "prompts": prompts,
+        "flagged_images": _counts(flagged),
+        "flags": FLAGS,
         "few_prompts": prompts < FEW_PROMPTS,
         "few_prompts_threshold": FEW_PROMPTS,
-        "truncated_prompts": int(scores.loc[scores["truncated"].astype(bool), "prompt_id"].nunique()),
-        "by_category": _group(scores, "category", boot),
-        "by_challenge": _group(scores, "challenge", boot),
+        "truncated_prompts": int(good.loc[good["truncated"].astype(bool), "prompt_id"].nunique()),
+        "by_category": _group(good, "category", boot),
+        "by_challenge": _group(good, "challenge", boot),
     }
+
+
+def _counts(flags) -> dict[str, int]:
+    return {str(k): int(v) for k, v in flags.fillna("unscored").replace("", "unscored").value_counts().sort_index().items()}

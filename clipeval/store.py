@@ -15,6 +15,8 @@ half a file, and a rerun of the same command resumes from the journal.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -37,20 +39,37 @@ def image_name(prompt_id: int, sample: int) -> str:
     return f"{prompt_id:05d}_{sample:02d}.png"
 
 
+@contextlib.contextmanager
+def io_errors(path: Path):
+    """An OSError while writing results (disk full, I/O error, permissions) becomes one line that
+    says what to do; every write is atomic, so what was written before is intact."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if err.errno == errno.ENOSPC:
+            reason += " (disk full)"
+        raise ClipevalError(
+            f"cannot write {path}: {reason}; files written before are intact: "
+            "fix it, then rerun the same command to resume"
+        ) from err
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder, fsync, rename: ``path`` is old or new, never half.
     (Not mkstemp: its files are 0600; results get the user's umask like any other file.)"""
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with io_errors(path):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -200,7 +219,7 @@ class RunDir:
         """Append one batch as one line, then fsync: the batch is done exactly when this returns."""
         path = self.state / f"journal-{self.rank}.jsonl"
         line = json.dumps({"rows": list(rows)}, ensure_ascii=False, allow_nan=False) + "\n"
-        with open(path, "ab") as f:
+        with io_errors(path), open(path, "ab") as f:
             if f.tell() and not _ends_with_newline(path):
                 f.write(b"\n")  # seal a torn line left by a kill, so this batch parses
             f.write(line.encode("utf-8"))

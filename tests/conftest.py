@@ -25,6 +25,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("CLIPEVAL_LIBRARY_MIRROR", None)
 _CACHE = tempfile.mkdtemp(prefix="clipeval-test-cache-")
 os.environ["CLIPEVAL_CACHE_DIR"] = _CACHE
+os.environ["HF_HUB_CACHE"] = os.path.join(_CACHE, "hf-hub")  # an empty hub cache the tests may fill
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -59,6 +59,64 @@ def write_atomic(path, data):
     _write_atomic(path, data)
 store.write_atomic = write_atomic
 """,
+    # while the models load: nothing written yet
+    "during-model-load": """
+import clipeval.pipelines
+clipeval.pipelines.load_pipeline = lambda *a, **k: _die()
+""",
+    # inside the third batch's generation
+    "inside-generation": """
+import clipeval.generate
+_generate = clipeval.generate.generate
+def generate(*a, **k):
+    _n[0] += 1
+    if _n[0] == 3: _die()
+    return _generate(*a, **k)
+clipeval.generate.generate = generate
+""",
+    # while the third batch's prompts are embedded
+    "text-embedding": """
+import clipeval.score
+_embed = clipeval.score.ClipScorer.embed_texts
+def embed_texts(self, prompts):
+    _n[0] += 1
+    if _n[0] == 3: _die()
+    return _embed(self, prompts)
+clipeval.score.ClipScorer.embed_texts = embed_texts
+""",
+    # while the second batch's images are embedded
+    "image-scoring": """
+import clipeval.score
+_images = clipeval.score.ClipScorer.embed_images
+def embed_images(self, images):
+    _n[0] += 1
+    if _n[0] == 2: _die()
+    return _images(self, images)
+clipeval.score.ClipScorer.embed_images = embed_images
+""",
+    # every batch committed, no table written
+    "before-final-tables": """
+def write_csv(path, frame): _die()
+store.write_csv = write_csv
+""",
+    # half of summary.json's temp file on disk
+    "mid-summary-write": """
+def write_atomic(path, data):
+    if path.name == "summary.json":
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.write(fd, data[: len(data) // 2]); _die()
+    _write_atomic(path, data)
+store.write_atomic = write_atomic
+""",
+    # everything written but the final manifest
+    "final-manifest": """
+def write_atomic(path, data):
+    if path.name == "manifest.json":
+        _n[0] += 1
+        if _n[0] == 2: _die()
+    _write_atomic(path, data)
+store.write_atomic = write_atomic
+""",
     # everything generated; scores.csv written, prompts.csv not yet
     "between-final-tables": """
 def write_atomic(path, data):
@@ -87,7 +145,7 @@ def test_resume_after_kill_equals_uninterrupted(point, reference, run_tiny, mode
     args = ["run", "--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, "--quiet", *ARGS]
     killed = run_subprocess(args, prelude=_PRELUDE + KILL_POINTS[point])
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert not (out / "summary.json").exists() or point == "between-final-tables"
+    assert not (out / "summary.json").exists() or point == "final-manifest"
     resumed = run_tiny(out, *ARGS[2:-2])  # the same command
     assert resumed.exit_code == 0, resumed.stderr
     assert files_of(out) == reference

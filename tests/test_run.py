@@ -23,8 +23,9 @@ def test_run_writes_the_documented_files(run_tiny, tmp_path, models):
 
     scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
     assert list(scores.columns) == [
-        "prompt_id", "sample", "seed", "prompt", "category", "challenge", "clip_score", "truncated", "image",
+        "prompt_id", "sample", "seed", "prompt", "category", "challenge", "clip_score", "truncated", "image", "flag",
     ]
+    assert (scores["flag"] == "").all()
     assert len(scores) == 32
     assert scores["prompt_id"].tolist() == [i // 2 for i in range(32)]
     assert scores["sample"].tolist() == [0, 1] * 16
@@ -45,6 +46,7 @@ def test_run_writes_the_documented_files(run_tiny, tmp_path, models):
     assert summary["clip/median"] == pytest.approx(scores["clip_score"].median(), abs=1e-9)
     assert summary["clip/min"] == scores["clip_score"].min() and summary["clip/max"] == scores["clip_score"].max()
     assert (summary["images"], summary["prompts"], summary["truncated_prompts"]) == (32, 16, 0)
+    assert summary["flagged_images"] == {}
     assert summary["scale"] == "cosine" and "not clamped" in summary["score"]
     animals = summary["by_category"]["Animals"]
     assert (animals["n"], animals["prompts"]) == (4, 2)
