@@ -68,8 +68,9 @@ def main() -> None:
 @click.option("--no-save-images", "save_images", is_flag=True, flag_value=False, default=True, help="Score without writing PNGs.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out made with other settings.")
 @click.option("--fail-below", type=float, help="Exit 1 (after writing every file) when clip/mean is below this.")
+@click.option("--report", "with_report", is_flag=True, help="Also write OUT/report.html.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(quiet: bool, fail_below: float | None, **options) -> None:
+def run(quiet: bool, fail_below: float | None, with_report: bool, **options) -> None:
     """Generate images for every prompt, score them with CLIP, write tables and a summary."""
     from clipeval.runner import RunConfig, run as run_evaluation
 
@@ -84,6 +85,10 @@ def run(quiet: bool, fail_below: float | None, **options) -> None:
         click.echo(f"note: only {s['prompts']} prompts; the interval says little below {s['few_prompts_threshold']}", err=True)
     if s["truncated_prompts"]:
         click.echo(f"note: {s['truncated_prompts']} prompt(s) longer than the CLIP text limit were truncated", err=True)
+    if with_report:
+        from clipeval import report as reporting
+
+        click.echo(f"report → {reporting.write([result.out], result.out / 'report.html')}")
     if demo:
         click.secho(DEMO_WARNING, fg="yellow", err=True)
     if fail_below is not None and s["clip/mean"] < fail_below:
@@ -190,6 +195,20 @@ def compare(runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confiden
                 err=True,
             )
         sys.exit(EXIT_GATE_FAILED)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The .html file to write.")
+@click.option("--baseline", type=click.Path(path_type=Path), help="The run the others are compared with [default: the first].")
+@click.option("--allow-mismatch", is_flag=True, help="Compare runs with another library, seed or CLIP model on what they share.")
+@click.option("--top", type=click.IntRange(1), default=12, show_default=True, help="Prompts shown side by side, biggest changes first.")
+def report(runs, out, baseline, allow_mismatch, top) -> None:
+    """One self-contained HTML report of a run, or a comparison of several."""
+    from clipeval import report as reporting
+
+    path = reporting.write(list(runs), out, baseline=baseline, allow_mismatch=allow_mismatch, top=top)
+    click.echo(f"report → {path}")
 
 
 @main.command()

@@ -1,0 +1,270 @@
+"""``clipeval report``: structure and escaping read with an HTML parser, and the page driven in a
+real headless Chromium (console errors, network, filtering, sorting, a screenshot)."""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO, assert_user_error
+
+HOSTILE = [
+    '<script>alert("prompt")</script> a cat',
+    '"><img src=x onerror=alert(1)> a dog',
+    "fish & chips </script><!-- -->",
+    "a café in 東京 with a 🐱 — 'quotes'",
+    "a\ttab and a plain prompt",
+]
+HOSTILE_CATEGORY = "--><script>alert('category')</script><!--"
+
+
+class Page(html.parser.HTMLParser):
+    """Every tag with its attributes, the text of each script, and the visible text."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.scripts: list[str] = []
+        self.text: list[str] = []
+        self._in_script = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_script = tag == "script"
+        if self._in_script:
+            self.scripts.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._in_script = False
+
+    def handle_data(self, data):
+        if self._in_script:
+            self.scripts[-1] += data
+        else:
+            self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def hostile_runs(models, tmp_path_factory):
+    from click.testing import CliRunner
+
+    from clipeval.cli import main
+
+    root = tmp_path_factory.mktemp("report") / "<odd & path>"
+    root.mkdir()
+    library = root / "hostile.jsonl"
+    library.write_text("".join(json.dumps({"prompt": p, "category": HOSTILE_CATEGORY if i % 2 else "plain"}) + "\n"
+                               for i, p in enumerate(HOSTILE)), encoding="utf-8")
+    runs = []
+    for name, steps in (("a", "2"), ("b", "3")):
+        out = root / name
+        args = ["run", "--checkpoint", str(models.sd), "--clip-model", str(models.clip), "--prompt-library", str(library),
+                "--out", str(out), "--steps", steps, "--images-per-prompt", "2", "--quiet"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.stderr
+        runs.append(out)
+    return runs
+
+
+def _check_page(path: Path, hostile: bool = True) -> Page:
+    text = path.read_text(encoding="utf-8")
+    page = Page(text)
+    tags = [t for t, _ in page.tags]
+    assert tags.count("script") == 2  # the data block and our code, nothing injected
+    assert not {"link", "iframe", "object", "embed", "base", "form"} & set(tags)
+    for tag, attrs in page.tags:
+        assert not any(name.startswith("on") for name in attrs), (tag, attrs)
+        for name in ("src", "href"):
+            if name in attrs:
+                assert attrs[name].startswith("data:"), (tag, attrs)  # nothing fetched, ever
+    import re
+
+    without_namespaces = re.sub(r'xmlns(:\w+)?="[^"]*"', "", text)  # XML names, never fetched
+    assert "http://" not in without_namespaces and "https://" not in without_namespaces
+    csp = [a for t, a in page.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
+    assert csp and "default-src 'none'" in csp[0]["content"]
+    if not hostile:
+        return page
+    # The visible text carries the hostile strings as text; the raw HTML never as markup.
+    visible = "".join(page.text)
+    assert '<script>alert("prompt")</script> a cat' in visible
+    assert "<script>alert(" not in text.replace("&lt;script&gt;", "")
+    assert "onerror=alert(1)>" not in text.replace("onerror=alert(1)&gt;", "")
+    return page
+
+
+def test_single_run_report_structure_and_escaping(cli, hostile_runs, tmp_path):
+    out = tmp_path / "one.html"
+    result = cli("report", hostile_runs[0], "--out", out)
+    assert result.exit_code == 0, result.stderr
+    page = _check_page(out)
+    data = json.loads(page.scripts[0])
+    assert [r["prompt"] for r in data["rows"]] == HOSTILE
+    assert {r["category"] for r in data["rows"]} == {"plain", HOSTILE_CATEGORY}
+    assert all(r["thumb"].startswith("data:image/jpeg;base64,") for r in data["rows"])
+    assert all(r["n"] == 2 for r in data["rows"])
+    visible = "".join(page.text)
+    assert "clip/mean" in visible and "Best" in visible and "Worst" in visible
+    assert visible.count("seed ") >= 4  # best/worst cards show each image's seed
+    svgs = [a for t, a in page.tags if t == "svg"]
+    assert len(svgs) == 2  # histogram and category bars; this library has no challenge column
+
+
+def test_comparison_report(cli, hostile_runs, tmp_path):
+    out = tmp_path / "two.html"
+    result = cli("report", *hostile_runs, "--out", out)
+    assert result.exit_code == 0, result.stderr
+    page = _check_page(out)
+    data = json.loads(page.scripts[0])
+    assert data["runs"] == ["a", "b"] and all(len(r["means"]) == 2 for r in data["rows"])
+    visible = "".join(page.text)
+    assert "Comparison" in visible and "p (Wilcoxon)" in visible and "Biggest changes" in visible
+    assert "same prompt, same seeds" in visible
+
+
+def test_run_with_report_flag_and_reports_of_scores_and_imageless_runs(cli, run_tiny, models, tmp_path):
+    run = tmp_path / "run"
+    result = run_tiny(run, "--limit", "3", "--report")
+    assert result.exit_code == 0, result.stderr
+    assert "report → " in result.stdout and (run / "report.html").is_file()
+    _check_page(run / "report.html", hostile=False)
+    rescored = tmp_path / "rescored"
+    assert cli("score", run, "--out", rescored, "--clip-model", models.clip2, "--quiet").exit_code == 0
+    assert cli("report", rescored, "--out", tmp_path / "s.html").exit_code == 0
+    rows = json.loads(Page((tmp_path / "s.html").read_text()).scripts[0])["rows"]
+    assert all(r["thumb"] for r in rows)  # the images of the run it re-scored
+    bare = tmp_path / "bare"
+    assert run_tiny(bare, "--limit", "2", "--no-save-images").exit_code == 0
+    assert cli("report", bare, "--out", tmp_path / "bare.html").exit_code == 0
+    assert "no image" in (tmp_path / "bare.html").read_text()
+
+
+def test_report_errors(cli, hostile_runs, tmp_path):
+    assert_user_error(cli("report", tmp_path / "nothing", "--out", tmp_path / "r.html"), "not a finished clipeval run")
+    assert_user_error(cli("report", hostile_runs[0], "--out", tmp_path / "r.txt"), "give a .html file name")
+
+
+# -- in a real browser ---------------------------------------------------------------------------------
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium package)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def _open(browser, path: Path):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
+    page.on("request", lambda r: problems.append(f"request: {r.url[:80]}") if not r.url.startswith(("file:", "data:")) else None)
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    return page, problems
+
+
+def _artifact(page, name: str) -> None:
+    folder = Path(os.environ.get("CLIPEVAL_TEST_ARTIFACTS", REPO / "test-artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / name), full_page=True)
+
+
+@pytest.mark.slow
+def test_the_report_in_chromium_renders_filters_and_sorts(cli, hostile_runs, tmp_path, browser):
+    out = tmp_path / "two.html"
+    assert cli("report", *hostile_runs, "--out", out).exit_code == 0
+    page, problems = _open(browser, out)
+    assert problems == []
+    assert page.inner_text("#count") == "5 of 5 prompts"
+    assert page.locator("#prompts tbody tr").count() == 5
+    assert page.locator("img").count() >= 5 and page.evaluate("document.querySelectorAll('img').length > 0")
+    assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    assert page.evaluate("typeof alert") == "function" and page.evaluate("window.__pwned === undefined")
+    page.fill("#search", "café")
+    page.wait_for_timeout(300)
+    assert page.inner_text("#count") == "1 of 5 prompts"
+    visible = page.locator("#prompts tbody tr:visible td.text").all_inner_texts()
+    assert visible == [HOSTILE[3]]
+    page.fill("#search", "")
+    page.select_option("#category", HOSTILE_CATEGORY)
+    page.wait_for_timeout(300)
+    assert page.inner_text("#count") == "2 of 5 prompts"
+    assert page.locator("#prompts tbody tr:visible td.text").all_inner_texts() == [HOSTILE[1], HOSTILE[3]]
+    page.select_option("#category", "")
+    page.locator("#prompts thead th", has_text="mean: a").click()  # numbers sort high to low first
+    means = page.evaluate("Array.from(document.querySelectorAll('#prompts tbody tr')).map(r => parseFloat(r.cells[6].textContent))")
+    assert means == sorted(means, reverse=True)
+    _artifact(page, "report-comparison.png")
+    assert problems == []
+
+
+@pytest.mark.slow
+def test_a_parti_sized_report_stays_fast(browser, mirror, tmp_path, cli):
+    """1632 prompts × 4 images, as a full Parti run would have: the table filters in well under
+    a second. The run is constructed (tiny PNGs, random scores), the report is the real one."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from clipeval.prompts import load_library
+
+    lib = load_library("parti")
+    run = tmp_path / "parti"
+    (run / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    tile = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    rows = []
+    for p in lib.prompts:
+        for s in range(4):
+            name = f"images/{p.prompt_id:05d}_{s:02d}.png"
+            if s == 0:
+                tile.save(run / name)
+            else:
+                os.link(run / f"images/{p.prompt_id:05d}_00.png", run / name)
+            rows.append({"prompt_id": p.prompt_id, "sample": s, "seed": p.prompt_id * 4096 + s, "prompt": p.prompt,
+                         "category": p.category, "challenge": p.challenge,
+                         "clip_score": round(0.3 + 0.03 * rng.standard_normal(), 8), "truncated": False, "image": name, "flag": ""})
+    scores = pd.DataFrame(rows)
+    scores.to_csv(run / "scores.csv", index=False)
+    from clipeval import stats
+
+    (run / "summary.json").write_text(json.dumps(stats.summarize(scores)))
+    (run / "manifest.json").write_text(json.dumps({"settings": {"library_sha256": lib.sha256, "seed": 0, "clip_model": "m"}}))
+    out = tmp_path / "parti.html"
+    assert cli("report", run, "--out", out).exit_code == 0
+    page, problems = _open(browser, out)
+    assert problems == []
+    assert page.inner_text("#count") == "1632 of 1632 prompts"
+    elapsed = page.evaluate("""() => {
+        const search = document.getElementById('search');
+        const t0 = performance.now();
+        search.value = 'dog';
+        search.dispatchEvent(new Event('input'));
+        return new Promise(resolve => setTimeout(() => resolve(performance.now() - t0), 200));
+    }""")
+    shown = int(page.inner_text("#count").split()[0])
+    assert 0 < shown < 1632
+    assert elapsed < 200 + 500  # the 120 ms debounce, then the filter itself
+    sort_ms = page.evaluate("""() => {
+        const t0 = performance.now();
+        document.querySelectorAll('#prompts thead th')[6].click();
+        return performance.now() - t0;
+    }""")
+    assert sort_ms < 1000
+    _artifact(page, "report-parti.png")
