@@ -68,7 +68,6 @@ def prompts(n: int) -> list[str]:
 
 
 def write_images(folder: Path, texts: list[str], k: int, size: int) -> Path:
-    import numpy as np
     import torch
     from PIL import Image
 

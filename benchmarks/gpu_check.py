@@ -7,7 +7,8 @@ same code on tiny models on the CPU to check the script itself.
    loop (same pipeline, prompts, seeds, batch size, CLIP model; PNGs saved; scored as a user would),
    images/s of each, the ratio, and the GPU busy fraction sampled through NVML;
 3. CLIP ViT-L/14-336 scoring: clipeval fp32 and fp16 against torchmetrics, images/s and the
-   largest fp16-fp32 score difference on the same images.
+   largest fp16-fp32 score difference on the same images;
+4. ``--compile`` on the run of section 2: the cost of compiling, and images/s once compiled.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_score  # noqa: E402
 
 RESULTS: dict = {}
+OUT_DIR: Path | None = None
 
 
 def section(name):
@@ -40,6 +42,8 @@ def section(name):
                 RESULTS[name] = {"error": f"{type(err).__name__}: {err}"}
             RESULTS[name]["seconds"] = round(time.perf_counter() - start, 1)
             print(json.dumps(RESULTS[name], indent=1), flush=True)
+            if OUT_DIR is not None:  # after every section: a timeout later loses nothing
+                (OUT_DIR / "gpu_results.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
         return run
     return wrap
 
@@ -249,13 +253,40 @@ def scoring(work: Path, device: str, tiny: bool, prompts: int) -> dict:
     return out
 
 
+@section("4 --compile on SD 1.5 size")
+def compiled(work: Path, device: str, tiny: bool, images: int) -> dict:
+    """The same run as section 2 with --compile: the first run pays the compilation, the timed
+    one reuses inductor's cache; compare its loop with section 2's."""
+    from clipeval.runner import RunConfig, run
+
+    steps, size, batch = (2, 64, 8) if tiny else (20, 512, 8)
+    common = dict(checkpoint=str(work / "sd15"), clip_model=str(work / "clip-l"), prompt_library=str(work / "prompts.txt"),
+                  device=device, batch_size=batch, steps=steps, height=size, width=size, guidance_scale=7.5,
+                  progress=False, compile=True)
+    start = time.perf_counter()
+    run(RunConfig(out=work / "compile-warm", limit=batch, **common))
+    first = time.perf_counter() - start
+    result = run(RunConfig(out=work / "compiled", **common))
+    loop_s = result.manifest["timings"]["generate_and_score_s"]
+    n = len(result.scores)
+    baseline = RESULTS.get("2 clipeval run vs a plain loop, SD 1.5 size", {}).get("clipeval_img_s")
+    return {"first_run_with_compilation_s": round(first, 1), "compiled_img_s": round(n / loop_s, 3),
+            "uncompiled_img_s_section_2": baseline,
+            "speedup": round(n / loop_s / baseline, 3) if baseline else None,
+            "load_s_second_run": result.manifest["timings"]["load_s"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the script")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--score-prompts", type=int, default=64)
+    parser.add_argument("--no-compile", action="store_true", help="skip section 4 (compilation takes minutes)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
+    global OUT_DIR
+    OUT_DIR = args.out
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
     import torch
 
     from clipeval.pipelines import quiet_hf
@@ -270,6 +301,8 @@ def main() -> None:
     correctness(work, device)
     run_vs_bare(work, device, args.tiny, args.images)
     scoring(work, device, args.tiny, args.score_prompts)
+    if not args.no_compile:
+        compiled(work, device, args.tiny, args.images)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_results.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
     print("\n" + json.dumps(RESULTS, indent=1, default=str))

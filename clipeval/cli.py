@@ -67,6 +67,7 @@ def main() -> None:
 @click.option("--allow-pickle", is_flag=True, help="Also read .ckpt/.bin/.pt weights (with torch.load(weights_only=True)).")
 @click.option("--no-save-images", "save_images", is_flag=True, flag_value=False, default=True, help="Score without writing PNGs.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out made with other settings.")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile the denoiser (minutes up front; pays on long GPU runs).")
 @click.option("--fail-below", type=float, help="Exit 1 (after writing every file) when clip/mean is below this.")
 @click.option("--report", "with_report", is_flag=True, help="Also write OUT/report.html.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -78,6 +79,8 @@ def run(quiet: bool, fail_below: float | None, with_report: bool, **options) -> 
     if demo:
         click.secho(DEMO_WARNING, fg="yellow", err=True)
     result = run_evaluation(RunConfig(**options, progress=not quiet, command=["clipeval", *sys.argv[1:]]))
+    if result is None:  # another rank of a multi-process run: rank 0 reports
+        return
     s = result.summary
     click.echo(_closing_line(s, result.out))
     _warn_flagged(s)

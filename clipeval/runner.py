@@ -7,12 +7,10 @@ Importable from a training loop; the CLI is a thin layer over ``run``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
 import hashlib
-import io
-import json
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +47,7 @@ class RunConfig:
     allow_pickle: bool = False
     save_images: bool = True
     overwrite: bool = False
+    compile: bool = False  # torch.compile the denoiser (and channels-last for UNets on CUDA)
     progress: bool = True
     command: list[str] | None = None  # recorded in the manifest
 
@@ -73,11 +72,14 @@ def score_value(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def run(config: RunConfig) -> RunResult:
-    from clipeval import pipelines, prompts, store
+def run(config: RunConfig) -> RunResult | None:
+    """Run the evaluation; returns the result on rank 0 (None on the other ranks of a
+    multi-process launch, whose work rank 0 merges)."""
+    from clipeval import distributed, pipelines, prompts, store
     from clipeval.generate import MAX_SAMPLES, MAX_SEED, work_items
 
     clock = {"start": time.perf_counter()}
+    ranks = distributed.ranks()
 
     # 1. Everything cheap first: bad input fails before a model is loaded.
     if not 1 <= config.images_per_prompt <= MAX_SAMPLES:
@@ -93,7 +95,7 @@ def run(config: RunConfig) -> RunResult:
     ref = pipelines.resolve_checkpoint(
         config.checkpoint, config.base_model, allow_pickle=config.allow_pickle, revision=config.revision
     )
-    device = pipelines.resolve_device(config.device)
+    device = pipelines.resolve_device(_rank_device(config.device, ranks))
     dtype = pipelines.resolve_dtype(config.dtype, device, ref.model_index)
     items = work_items(library, images_per_prompt=config.images_per_prompt, seed=config.seed)
     settings = {
@@ -122,13 +124,15 @@ def run(config: RunConfig) -> RunResult:
         }.items()
         if v is not None
     }
-    rundir = store.RunDir(out)
+    rundir = store.RunDir(out, rank=ranks.rank)
     rundir.check({**settings, **explicit}, overwrite=config.overwrite)
 
     # 2. Models, then the settings that depend on them. Nothing is written before they load.
     pipe = pipelines.load_pipeline(
         ref, device=device, dtype=dtype, allow_pickle=config.allow_pickle, revision=config.revision
     )
+    if config.compile:
+        pipelines.compile_denoiser(pipe)
     gen = _generation_settings(config, pipelines.call_defaults(pipe))
     settings.update(steps=gen.steps, guidance_scale=gen.guidance_scale, height=gen.height, width=gen.width)
     from clipeval.score import ClipScorer
@@ -142,28 +146,52 @@ def run(config: RunConfig) -> RunResult:
         allow_pickle=config.allow_pickle,
     )
     clock["loaded"] = time.perf_counter()
-    previous = rundir.claim(settings, overwrite=config.overwrite)
+    previous = ranks.on_main(lambda: rundir.claim(settings, overwrite=config.overwrite))
     try:
-        return _generate_and_write(config, rundir, previous, settings, ref, library, items, gen, pipe, scorer, device, clock)
+        return _generate_and_write(config, rundir, ranks, previous, settings, ref, library, items, gen, pipe,
+                                   scorer, device, clock)
     finally:
         rundir.release()
 
 
-def _generate_and_write(config, rundir, previous, settings, ref, library, items, gen, pipe, scorer, device, clock):
+def _rank_device(spec: str, ranks) -> str:
+    """In a multi-process launch each rank takes its own accelerator (accelerate's choice)."""
+    if ranks.world > 1 and spec in ("auto", "cuda"):
+        return ranks.device() if spec == "auto" or ranks.device().startswith("cuda") else spec
+    return spec
+
+
+def _generate_and_write(config, rundir, ranks, previous, settings, ref, library, items, gen, pipe, scorer, device, clock):
     from clipeval import store
+    from clipeval.generate import batches
 
     out = rundir.path
-    manifest = _manifest(config, settings, ref, library, gen, device, scorer, previous)
-    store.write_json(out / "manifest.json", manifest)
+    manifest = _manifest(config, settings, ref, library, gen, device, scorer, previous, ranks)
+    if ranks.main:
+        store.write_json(out / "manifest.json", manifest)
+    ranks.barrier()  # rank 0 has claimed (and, with --overwrite, cleared) the folder
 
-    # 3. Generate and score what the journal does not hold yet.
+    # 3. Generate and score what the journals do not hold yet. The batches are cut from the full
+    #    list, so each is the same whichever rank, or whichever earlier run, computes it.
     done = rundir.done()
+    todo = [[i for i in b if i.key not in done] for b in batches(items, config.batch_size)]
+    todo = [b for b in todo if b]
+    mine = todo[ranks.rank :: ranks.world]
     clock["loop"] = time.perf_counter()
-    generated = _generate_and_score(pipe, scorer, gen, items, done, rundir, config)
+    error = None
+    try:
+        generated = _generate_and_score(pipe, scorer, gen, items, mine, done, rundir, config, ranks)
+    except ClipevalError as err:
+        error, generated = str(err), 0
     clock["looped"] = time.perf_counter()
+    ranks.all_ok(error)
+    if not ranks.main:
+        return None
 
-    # 4. Tables and summary from the journal: the same files however often the run was cut.
+    # 4. Tables and summary from the journals: the same files however often the run was cut.
     from clipeval import stats
+
+    done = rundir.done()
 
     scores = stats.scores_table([done[item.key] for item in items])
     store.write_csv(out / "scores.csv", scores)
@@ -210,83 +238,26 @@ def _generation_settings(config: RunConfig, defaults: dict[str, Any]):
     return gen
 
 
-def _generate_and_score(pipe, scorer, gen, items, done, rundir, config: RunConfig) -> int:
-    """The hot loop; returns the number of images generated. PNG encoding and writing run on worker threads while the next batch is
-    generated; a batch is committed to the journal only once its images are on disk."""
+def _generate_and_score(pipe, scorer, gen, items, mine, done, rundir, config: RunConfig, ranks) -> int:
+    """This rank's batches through the hot loop (``clipeval.loop``), under one progress bar."""
     from tqdm.auto import tqdm
 
-    from clipeval.generate import batches, generate
-    from clipeval.store import image_name
+    from clipeval import loop
 
     remaining = sum(1 for item in items if item.key not in done)
     bar = tqdm(
-        total=len(items),
-        initial=len(items) - remaining,
+        total=len(items) if ranks.world == 1 else sum(len(b) for b in mine),
+        initial=len(items) - remaining if ranks.world == 1 else 0,
         unit="img",
-        desc="generating + scoring",
-        disable=not config.progress,
+        desc="generating + scoring" + (f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""),
+        disable=not config.progress or not ranks.main,
         dynamic_ncols=True,
     )
-    if config.save_images:
-        rundir.images.mkdir(parents=True, exist_ok=True)
-    pending: tuple[list[dict[str, Any]], list[concurrent.futures.Future]] | None = None
-
-    def commit(batch_rows, futures) -> None:
-        for future in futures:
-            future.result()  # re-raises a failed write (disk full, ...)
-        rundir.commit(batch_rows)
-        for row in batch_rows:
-            done[(row["prompt_id"], row["sample"])] = row
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="png") as writers:
-        for batch in batches(items, config.batch_size):
-            batch = [item for item in batch if item.key not in done]
-            if not batch:
-                continue
-            images, flags = generate(pipe, batch, gen)
-            cosines, truncated = scorer.score(images, [item.prompt for item in batch])
-            scorer.forget(keep=[batch[-1].prompt])
-            host = images.permute(0, 2, 3, 1).cpu().numpy()
-            rows, futures = [], []
-            for item, pixels, cosine, cut, flag in zip(batch, host, cosines, truncated, flags):
-                name = image_name(item.prompt_id, item.sample) if config.save_images else ""
-                if name:
-                    futures.append(writers.submit(_write_png, rundir, name, pixels, item))
-                rows.append(
-                    {
-                        "prompt_id": item.prompt_id,
-                        "sample": item.sample,
-                        "seed": item.seed,
-                        "prompt": item.prompt,
-                        "category": item.category,
-                        "challenge": item.challenge,
-                        # A NaN image has no score; a black one keeps CLIP's, but neither counts.
-                        "clip_score": None if flag == "nan" else score_value(cosine),
-                        "truncated": bool(cut),
-                        "image": f"images/{name}" if name else "",
-                        "flag": flag,
-                    }
-                )
-            if pending:
-                commit(*pending)
-            pending = (rows, futures)
-            bar.update(len(batch))
-        if pending:
-            commit(*pending)
-    bar.close()
-    return remaining
-
-
-def _write_png(rundir, name: str, pixels, item) -> None:
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    meta = {"prompt_id": item.prompt_id, "sample": item.sample, "seed": item.seed, "prompt": item.prompt}
-    info.add_itxt("clipeval", json.dumps(meta, ensure_ascii=False))
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
-    rundir.save_image(name, buffer.getvalue())
+    with bar:
+        return loop.run_batches(
+            mine, pipe=pipe, scorer=scorer, gen=gen, rundir=rundir, done=done, save_images=config.save_images,
+            batch_size=config.batch_size, bar=bar, log=lambda message: tqdm.write(f"clipeval: {message}", file=sys.stderr),
+        )
 
 
 def versions() -> dict[str, str]:
@@ -332,7 +303,7 @@ def _fingerprint(ref) -> list[dict[str, Any]]:
     return out
 
 
-def _manifest(config, settings, ref, library, gen, device, scorer, previous) -> dict[str, Any]:
+def _manifest(config, settings, ref, library, gen, device, scorer, previous, ranks) -> dict[str, Any]:
     return {
         "status": "running",
         "command": config.command,
@@ -367,6 +338,8 @@ def _manifest(config, settings, ref, library, gen, device, scorer, previous) -> 
             "seed_formula": SEED_FORMULA,
             "generator": "one torch.Generator('cpu') per image",
             "batch_size": config.batch_size,
+            "processes": ranks.world,
+            "compile": config.compile,
             "dtype": settings["dtype"],
             "save_images": config.save_images,
         },

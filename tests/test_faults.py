@@ -262,4 +262,5 @@ def test_clip_models_with_only_pickle_weights(cli, models, tmp_path):
     allowed = cli(*args, "--out", tmp_path / "o2", "--allow-pickle")
     assert allowed.exit_code == 0, allowed.stderr
     same = cli("score", images, "--prompts", "smoke", "--clip-model", models.clip, "--quiet", "--out", tmp_path / "o3")
+    assert same.exit_code == 0, same.stderr
     assert (tmp_path / "o2" / "scores.csv").read_bytes() == (tmp_path / "o3" / "scores.csv").read_bytes()

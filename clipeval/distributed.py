@@ -1,0 +1,83 @@
+"""Several processes (``accelerate launch``, ``torchrun``, Slurm through accelerate's config).
+
+A run is cut into fixed batches once, from the full list of work items; the batches still to do
+are dealt round-robin to the ranks. Each rank journals its batches in its own file; rank 0 claims
+the folder, and merges all journals at the end. Because a batch is the same whoever computes it,
+the result equals a single-process run, and a run resumes with any number of processes.
+
+Every collective step also carries errors: when rank 0 cannot claim the folder, or any rank fails
+in its loop, every rank raises the same ``ClipevalError`` instead of waiting at a barrier forever.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from clipeval.errors import ClipevalError
+
+T = TypeVar("T")
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    state: Any = None  # accelerate.PartialState when launched in several processes
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> str:
+        if self.state is None:
+            return "auto"
+        device = str(self.state.device)
+        return "cpu" if device.startswith("cpu") else device
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0; every rank gets its result, or raises its error."""
+        outcome: list[Any] = [None]
+        if self.main:
+            try:
+                outcome = [("ok", fn())]
+            except ClipevalError as err:
+                outcome = [("error", str(err))]
+        if self.state is not None:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(outcome, from_process=0)
+        kind, value = outcome[0]
+        if kind == "error":
+            raise ClipevalError(value if self.main else f"rank 0: {value}")
+        return value
+
+    def all_ok(self, error: str | None) -> None:
+        """Every rank says whether its part failed; if any did, every rank raises."""
+        errors = [error]
+        if self.state is not None:
+            from accelerate.utils import gather_object
+
+            errors = gather_object([error])
+        failed = [(rank, e) for rank, e in enumerate(errors) if e]
+        if failed:
+            rank, message = failed[0]
+            raise ClipevalError(message if self.world == 1 else f"rank {rank}: {message}")
+
+
+def ranks() -> Ranks:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Ranks()
+    import torch
+    from accelerate import PartialState
+
+    # Without cpu=True, accelerate ignores torchrun's environment on a machine with no CUDA and
+    # every process would think it is alone; with it, the processes form a gloo group.
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    state = PartialState(cpu=cpu)
+    return Ranks(state.process_index, state.num_processes, state)
