@@ -276,7 +276,10 @@ def call_defaults(pipe) -> dict[str, Any]:
     defaults = {name: params[name].default for name in ("num_inference_steps", "guidance_scale") if name in params}
     sample = getattr(pipe, "default_sample_size", None)
     if sample is None:
-        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        # Not `unet or transformer`: a compiled module cannot be truth-tested.
+        denoiser = getattr(pipe, "unet", None)
+        if denoiser is None:
+            denoiser = getattr(pipe, "transformer", None)
         sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
     scale = getattr(pipe, "vae_scale_factor", 8)
     if isinstance(sample, int):

@@ -177,3 +177,21 @@ main()
         first.wait()
     resumed = run_tiny(out, *ARGS[2:-2])
     assert resumed.exit_code == 0, resumed.stderr
+
+
+def test_ctrl_c_exits_130_saying_how_to_resume(reference, run_tiny, models, tmp_path):
+    out = tmp_path / "run"
+    interrupt = _PRELUDE + """
+def commit(self, rows):
+    _commit(self, rows); _n[0] += 1
+    if _n[0] == 2: os.kill(os.getpid(), signal.SIGINT)
+store.RunDir.commit = commit
+"""
+    args = ["run", "--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, "--quiet", *ARGS]
+    stopped = run_subprocess(args, prelude=interrupt)
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stderr.strip().endswith("clipeval: interrupted; run the same command again to resume")
+    assert "Traceback" not in stopped.stderr
+    resumed = run_tiny(out, *ARGS[2:-2])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert files_of(out) == reference

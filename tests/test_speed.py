@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 
 
@@ -50,14 +49,29 @@ def test_out_of_memory_at_one_image_is_a_clear_error(run_tiny, tmp_path, small_g
 
 
 def test_compile_wraps_the_denoiser_and_is_recorded(run_tiny, tmp_path, monkeypatch):
+    """A real torch.compile wrapper (OptimizedModule), with the eager backend so the test does not
+    spend minutes in inductor; results equal the uncompiled run's to float rounding."""
+    import numpy as np
+    import pandas as pd
     import torch
 
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(type(module).__name__) or module)
+    original = torch.compile
+
+    def compile(module, **kwargs):
+        compiled.append(type(module).__name__)
+        return original(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile)
     out = tmp_path / "run"
-    assert run_tiny(out, "--limit", "2", "--compile").exit_code == 0
+    result = run_tiny(out, "--limit", "2", "--compile")
+    assert result.exit_code == 0, result.stderr
     assert compiled == ["UNet2DConditionModel"]
     assert json.loads((out / "manifest.json").read_text())["generation"]["compile"] is True
+    plain = tmp_path / "plain"
+    assert run_tiny(plain, "--limit", "2").exit_code == 0
+    a, b = pd.read_csv(out / "scores.csv"), pd.read_csv(plain / "scores.csv")
+    assert np.allclose(a.clip_score, b.clip_score, atol=1e-5)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["libraries"], ["prompts", "smoke"], ["run", "--help"], ["compare", "--help"]])
