@@ -43,51 +43,120 @@ def main() -> None:
     """
 
 
+def _evaluation_options(fn):
+    """The options that define an evaluation, shared by run and sweep."""
+    options = [
+        click.option("--prompt-library", "prompt_library", help="Built-in name (see 'clipeval libraries') or a .tsv/.csv/.jsonl/.json/.txt file.  [required, or from --config]"),
+        click.option("--clip-model", default="openai/clip-vit-large-patch14-336", show_default=True, help="transformers CLIP model id or folder, or 'demo'."),
+        click.option("--base-model", help="Diffusers folder or hub id the checkpoint builds on: for single files, LoRA weights and fine-tuned unet/transformer folders."),
+        click.option("--lora-scale", type=float, help="Strength of LoRA weights (0 = the base model).  [default: 1]"),
+        click.option("--images-per-prompt", type=click.IntRange(1, 4096), default=1, show_default=True),
+        click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Base seed; each image's seed derives from it, its prompt_id and sample."),
+        click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True),
+        click.option("--steps", type=click.IntRange(1), help="Denoising steps [default: the pipeline's]."),
+        click.option("--guidance-scale", type=float, help="Classifier-free guidance [default: the pipeline's]."),
+        click.option("--height", type=click.IntRange(8), help="[default: the pipeline's]"),
+        click.option("--width", type=click.IntRange(8), help="[default: the pipeline's]"),
+        click.option("--negative-prompt", help="One negative prompt for every image."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True, help="Generation precision; auto: float32 on CPU, half on GPU."),
+        click.option("--clip-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True, help="CLIP precision (embeddings are always compared in float32)."),
+        click.option("--preprocess", type=click.Choice(["fast", "exact"]), default="fast", show_default=True, help="CLIP image preprocessing: batched tensors on the device, or the model's own PIL processor."),
+        click.option("--attention", help="The denoiser's attention backend: sdpa, eager, xformers; flash, sage, ... for dispatcher-based denoisers (Flux, ...). CLIP keeps PyTorch's SDPA."),
+        click.option("--limit", type=click.IntRange(1), help="Only the first N prompts of the library."),
+        click.option("--revision", help="Pin the hub checkpoint to a branch, tag or commit."),
+        click.option("--clip-revision", help="Pin the hub CLIP model to a branch, tag or commit."),
+        click.option("--allow-pickle", is_flag=True, help="Also read .ckpt/.bin/.pt weights (with torch.load(weights_only=True))."),
+        click.option("--no-save-images", "save_images", is_flag=True, flag_value=False, default=True, help="Score without writing PNGs."),
+        click.option("--compile", "compile", is_flag=True, help="torch.compile the denoiser (minutes up front; pays on long GPU runs)."),
+        click.option("--report-to", type=click.Choice(["tensorboard", "wandb", "none"]), default="none", show_default=True, help="Log the summary at the checkpoint's training step."),
+        click.option("--logging-dir", type=click.Path(path_type=Path), help="Where trackers write [default: OUT/logs, or RESULTS_DIR/logs for sweep]."),
+        click.option("--project", default="clipeval", show_default=True, help="Tracker project (wandb)."),
+        click.option("--run-name", help="Tracker run name [default: clipeval]."),
+        click.option("--scale", type=click.Choice(["cosine", "percent"]), default="cosine", show_default=True, help="Scale of tracked and printed scores; percent = 100 x cosine, SimpleTuner's. Files stay in cosine."),
+        click.option("--config", "config_file", type=click.Path(path_type=Path), help="A SimpleTuner training config; options given here win over it."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _from_config(ctx: click.Context, options: dict) -> tuple[dict, list[str]]:
+    """Fill the options not given on the command line from a SimpleTuner config."""
+    path = options.pop("config_file")
+    if path is None:
+        return options, []
+    from click.core import ParameterSource
+
+    from clipeval import simpletuner
+
+    values, notes = simpletuner.load(path)
+    if values.pop("simpletuner_library", False) and not options.get("prompt_library") and "prompt_library" not in values:
+        raise ClipevalError(
+            f"--config {path}: validation_prompt_library asks for SimpleTuner's own prompts, which clipeval does not "
+            "ship; pass --prompt-library (e.g. parti) or set user_prompt_library"
+        )
+    for key, value in values.items():
+        if key in options and ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
+            options[key] = value
+        elif key not in options:
+            options[key] = value
+    return options, notes
+
+
+def _tracking(options: dict, default_dir: Path, step: int | None):
+    from clipeval.trackers import Tracking
+
+    report_to, logging_dir = options.pop("report_to"), options.pop("logging_dir")
+    project, run_name, scale = options.pop("project"), options.pop("run_name"), options.pop("scale")
+    if report_to == "none" and scale == "cosine":
+        return None, scale
+    return Tracking(report_to, Path(logging_dir or default_dir), project, run_name, step, scale), scale
+
+
+def _run_config(options: dict, **extra):
+    from clipeval.runner import RunConfig
+
+    quiet = options.pop("quiet")
+    return RunConfig(**options, progress=not quiet, command=["clipeval", *sys.argv[1:]], **extra)
+
+
 @main.command()
-@click.option("--checkpoint", required=True, help="Diffusers folder, hub id, single .safetensors file, or 'demo'.")
-@click.option("--prompt-library", "prompt_library", required=True, help="Built-in name (see 'clipeval libraries') or a .tsv/.csv/.jsonl/.json/.txt file.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder; rerunning the same command resumes it.")
-@click.option("--clip-model", default="openai/clip-vit-large-patch14-336", show_default=True, help="transformers CLIP model id or folder, or 'demo'.")
-@click.option("--base-model", help="Diffusers folder or hub id giving the architecture of a single-file checkpoint.")
-@click.option("--images-per-prompt", type=click.IntRange(1, 4096), default=1, show_default=True)
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Base seed; each image's seed derives from it, its prompt_id and sample.")
-@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
-@click.option("--steps", type=click.IntRange(1), help="Denoising steps [default: the pipeline's].")
-@click.option("--guidance-scale", type=float, help="Classifier-free guidance [default: the pipeline's].")
-@click.option("--height", type=click.IntRange(8), help="[default: the pipeline's]")
-@click.option("--width", type=click.IntRange(8), help="[default: the pipeline's]")
-@click.option("--negative-prompt", help="One negative prompt for every image.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True, help="Generation precision; auto: float32 on CPU, half on GPU.")
-@click.option("--clip-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True, help="CLIP precision (embeddings are always compared in float32).")
-@click.option("--preprocess", type=click.Choice(["fast", "exact"]), default="fast", show_default=True, help="CLIP image preprocessing: batched tensors on the device, or the model's own PIL processor.")
-@click.option("--limit", type=click.IntRange(1), help="Only the first N prompts of the library.")
-@click.option("--revision", help="Pin the hub checkpoint to a branch, tag or commit.")
-@click.option("--clip-revision", help="Pin the hub CLIP model to a branch, tag or commit.")
-@click.option("--allow-pickle", is_flag=True, help="Also read .ckpt/.bin/.pt weights (with torch.load(weights_only=True)).")
-@click.option("--no-save-images", "save_images", is_flag=True, flag_value=False, default=True, help="Score without writing PNGs.")
+@click.option("--checkpoint", help="Diffusers folder, hub id, single .safetensors file, LoRA or fine-tuned folder, or 'demo'.  [required, or output_dir of --config]")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder; rerunning the same command resumes it.  [required]")
+@_evaluation_options
+@click.option("--step", type=click.IntRange(0), help="Training step to log at [default: from the checkpoint's name or state file].")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out made with other settings.")
-@click.option("--compile", "compile", is_flag=True, help="torch.compile the denoiser (minutes up front; pays on long GPU runs).")
 @click.option("--fail-below", type=float, help="Exit 1 (after writing every file) when clip/mean is below this.")
 @click.option("--report", "with_report", is_flag=True, help="Also write OUT/report.html.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(quiet: bool, fail_below: float | None, with_report: bool, **options) -> None:
+@click.pass_context
+def run(ctx: click.Context, step: int | None, fail_below: float | None, with_report: bool, **options) -> None:
     """Generate images for every prompt, score them with CLIP, write tables and a summary."""
-    from clipeval.runner import RunConfig, run as run_evaluation
+    from clipeval.runner import run as run_evaluation
 
+    options, notes = _from_config(ctx, options)
+    for name in ("checkpoint", "prompt_library", "out"):
+        if not options.get(name):
+            raise ClipevalError(f"--{name.replace('_', '-')} is required" + (" (or --config)" if name != "out" else ""))
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    trackers, scale = _tracking(options, Path(options["out"]) / "logs", step)
     demo = "demo" in (options["checkpoint"], options["clip_model"])
     if demo:
         click.secho(DEMO_WARNING, fg="yellow", err=True)
-    result = run_evaluation(RunConfig(**options, progress=not quiet, command=["clipeval", *sys.argv[1:]]))
+    result = run_evaluation(_run_config(options, trackers=trackers))
     if result is None:  # another rank of a multi-process run: rank 0 reports
         return
     s = result.summary
-    click.echo(_closing_line(s, result.out))
+    click.echo(_closing_line(s, result.out, scale=scale))
     _warn_flagged(s)
     if s["few_prompts"]:
         click.echo(f"note: only {s['prompts']} prompts; the interval says little below {s['few_prompts_threshold']}", err=True)
     if s["truncated_prompts"]:
         click.echo(f"note: {s['truncated_prompts']} prompt(s) longer than the CLIP text limit were truncated", err=True)
+    for message in result.problems.get("tracking", []):
+        click.echo(message, err=True)
     if with_report:
         from clipeval import report as reporting
 
@@ -97,6 +166,44 @@ def run(quiet: bool, fail_below: float | None, with_report: bool, **options) -> 
     if fail_below is not None and s["clip/mean"] < fail_below:
         click.echo(f"clipeval: gate failed: clip/mean {s['clip/mean']:.4f} < --fail-below {fail_below:g}", err=True)
         sys.exit(EXIT_GATE_FAILED)
+
+
+@main.command()
+@click.argument("training_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="RESULTS_DIR: one run folder per checkpoint, and history.csv.")
+@_evaluation_options
+@click.option("--settle", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds a checkpoint must be left untouched before it counts as saved.")
+@click.pass_context
+def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: float, **options) -> None:
+    """Evaluate every checkpoint of TRAINING_DIR not evaluated yet, oldest step first (for cron).
+
+    \b
+    Exit codes: 0 when nothing failed (also when another sweep is busy with --out),
+    2 when a checkpoint could not be evaluated (the others still are).
+    """
+    from clipeval import sweep as sweeping
+
+    options, notes = _from_config(ctx, options)
+    folder = training_dir or (Path(options.pop("checkpoint")) if options.get("checkpoint") else None)
+    options.pop("checkpoint", None)
+    if folder is None:
+        raise ClipevalError("give TRAINING_DIR (or --config with output_dir)")
+    if not options.get("prompt_library"):
+        raise ClipevalError("--prompt-library is required (or --config)")
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    trackers, _ = _tracking(options, out / "logs", None)
+    base = _run_config(options, checkpoint="", out=out, trackers=trackers)
+    result = sweeping.sweep(folder, out, base, settle_s=settle, log=lambda m: click.echo(m, err=True))
+    if result.busy:
+        click.echo(result.busy)
+        return
+    click.echo(
+        f"{len(result.evaluated)} evaluated, {len(result.up_to_date)} up to date, {len(result.skipped)} still being "
+        f"written, {len(result.failed)} failed → {result.history}"
+    )
+    if result.failed:
+        sys.exit(EXIT_ERROR)
 
 
 def _fmt(value: float | None) -> str:
@@ -111,13 +218,18 @@ def _warn_flagged(s: dict) -> None:
                    "see the flag column of scores.csv", err=True)
 
 
-def _closing_line(s: dict, out: Path, label: str = "clip/mean") -> str:
+def _closing_line(s: dict, out: Path, label: str = "clip/mean", scale: str = "cosine") -> str:
     ci = s["clip/mean_ci"]
     level = int(round(s["ci"]["level"] * 100))
+    k, digits = (100.0, 2) if scale == "percent" else (1.0, 4)
+
+    def f(x):
+        return "n/a" if x is None else f"{x * k:.{digits}f}"
+
     return (
-        f"{label} {s['clip/mean']:.4f}"
-        + (f" [{level}% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
-        + f" (std {_fmt(s['clip/std'])}, min {s['clip/min']:.4f}, max {s['clip/max']:.4f})"
+        f"{label} {f(s['clip/mean'])}" + (" (100 x cosine)" if scale == "percent" else "")
+        + (f" [{level}% CI {f(ci[0])}, {f(ci[1])}]" if ci else "")
+        + f" (std {f(s['clip/std'])}, min {f(s['clip/min'])}, max {f(s['clip/max'])})"
         f" over {s['images']} images of {s['prompts']} prompts → {out}/summary.json"
     )
 

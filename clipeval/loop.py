@@ -124,13 +124,14 @@ class Pending:
 
 def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dict, save_images: bool,
                 batch_size: int, bar, log) -> int:
-    """Generate, score, write and commit ``batches``; returns the number of images generated."""
+    """Generate, score, write and commit ``batches``; returns the number of images generated.
+    With ``rundir`` None (``evaluate`` without a folder) nothing is written: rows only fill ``done``."""
     from clipeval.store import image_name
 
     overlap = str(getattr(pipe, "device", "cpu")).startswith("cuda")
     stage = ScoreStage(scorer, overlap)
     adaptive = Adaptive(batch_size, log=log)
-    if save_images:
+    if save_images and rundir is not None:
         rundir.images.mkdir(parents=True, exist_ok=True)
     generated = 0
 
@@ -140,7 +141,7 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
 
         cosines, truncated, host = p.scored.result()
         for item, pixels, cosine, cut, flag in zip(p.batch, host, cosines, truncated, p.flags):
-            name = image_name(item.prompt_id, item.sample) if save_images else ""
+            name = image_name(item.prompt_id, item.sample) if save_images and rundir is not None else ""
             if name:
                 p.writes.append(writers.submit(write_png, rundir, name, pixels, item))
             p.rows.append({
@@ -160,7 +161,8 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
     def commit(p: Pending) -> None:
         for write in p.writes:
             write.result()  # re-raises a failed write (disk full, ...)
-        rundir.commit(p.rows)
+        if rundir is not None:
+            rundir.commit(p.rows)
         for row in p.rows:
             done[(row["prompt_id"], row["sample"])] = row
         bar.update(len(p.batch))

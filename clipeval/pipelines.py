@@ -68,12 +68,16 @@ def resolve_dtype(spec: str, device: str, model_index: dict[str, Any] | None) ->
     return "float16"
 
 
+LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+DENOISERS = ("unet", "transformer")  # the subfolders a fine-tuning script saves
+
+
 @dataclass(frozen=True)
 class CheckpointRef:
     """What ``--checkpoint`` resolved to, before any weights are read."""
 
     spec: str  # as the user gave it
-    kind: str  # "demo" | "folder" | "hub" | "single-file"
+    kind: str  # "demo" | "folder" | "hub" | "single-file" | "lora" | "denoiser"
     location: str  # local path or hub id
     base_model: str | None
     model_index: dict[str, Any] | None
@@ -113,7 +117,7 @@ def resolve_checkpoint(
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
-            raise ClipevalError(f"{spec}: not a diffusers pipeline folder (no model_index.json)")
+            return _training_output(spec, path, base_model, allow_pickle)
         if not allow_pickle and not any(path.rglob("*.safetensors")) and any(
             p.suffix in PICKLE_SUFFIXES for p in path.rglob("*") if p.is_file()
         ):
@@ -124,6 +128,40 @@ def resolve_checkpoint(
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return CheckpointRef(spec, "hub", spec, None, _hub_index(spec, revision))
     raise ClipevalError(f"checkpoint not found: {spec} (no such file or folder, and not a hub id)")
+
+
+def _training_output(spec: str, path: Path, base_model: str | None, allow_pickle: bool) -> CheckpointRef:
+    """A folder a training script saved: LoRA weights, or a fine-tuned UNet/transformer alone.
+    Both go onto --base-model, which supplies everything else."""
+    lora = next((path / name for name in LORA_FILES if (path / name).is_file()), None)
+    denoiser = next((path / name for name in DENOISERS if (path / name / "config.json").is_file()), None)
+    if denoiser is None and _denoiser_class(path) is not None:
+        denoiser = path  # the folder is the UNet/transformer itself
+    if lora is None and denoiser is None:
+        raise ClipevalError(
+            f"{spec}: not a diffusers pipeline folder (no model_index.json), nor LoRA weights "
+            f"({LORA_FILES[0]}), nor a fine-tuned unet/ or transformer/"
+        )
+    if lora is not None and lora.suffix != ".safetensors" and not allow_pickle:
+        raise ClipevalError(f"{lora}: {PICKLE_HINT}")
+    if denoiser is not None:
+        weights = list(denoiser.glob("*.safetensors"))
+        if not weights and not allow_pickle:
+            raise ClipevalError(f"{denoiser} holds no safetensors weights: {PICKLE_HINT}")
+    kind = "lora" if lora is not None else "denoiser"
+    if not base_model:
+        what = "LoRA weights" if kind == "lora" else f"a fine-tuned {Path(denoiser).name}"
+        raise ClipevalError(f"{spec} holds {what}: pass --base-model with the pipeline they were trained from")
+    location = str(lora if kind == "lora" else denoiser)
+    return CheckpointRef(spec, kind, location, base_model, _base_index(base_model))
+
+
+def _denoiser_class(folder: Path) -> str | None:
+    try:
+        name = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and (name.startswith("UNet") or name.endswith("Transformer2DModel")) else None
 
 
 def _read_index(path: Path) -> dict[str, Any]:
@@ -217,7 +255,15 @@ def quiet_hf(*, with_diffusers: bool = True) -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def load_pipeline(ref: CheckpointRef, *, device: str, dtype: str, allow_pickle: bool = False, revision: str | None = None):
+def load_pipeline(
+    ref: CheckpointRef,
+    *,
+    device: str,
+    dtype: str,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    lora_scale: float | None = None,
+):
     """Load the pipeline in ``dtype`` on ``device``, with diffusers' own progress bars off."""
     import warnings
 
@@ -230,11 +276,19 @@ def load_pipeline(ref: CheckpointRef, *, device: str, dtype: str, allow_pickle: 
         with warnings.catch_warnings():
             # diffusers >= 0.42 prefers `dtype`; older releases know only `torch_dtype`.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            safetensors = None if allow_pickle else True
             if ref.kind == "single-file":
                 pipe = _from_single_file(diffusers, ref, kwargs)
+            elif ref.kind in ("lora", "denoiser"):
+                base = str(Path(ref.base_model).expanduser()) if Path(ref.base_model).expanduser().is_dir() else ref.base_model
+                pipe = AutoPipelineForText2Image.from_pretrained(base, use_safetensors=safetensors, **kwargs)
+                if ref.kind == "lora":
+                    _load_lora(pipe, ref, 1.0 if lora_scale is None else lora_scale)
+                else:
+                    _swap_denoiser(diffusers, pipe, Path(ref.location), safetensors, kwargs)
             else:
                 pipe = AutoPipelineForText2Image.from_pretrained(
-                    ref.location, use_safetensors=None if allow_pickle else True, revision=revision, **kwargs
+                    ref.location, use_safetensors=safetensors, revision=revision, **kwargs
                 )
     except ClipevalError:
         raise
@@ -242,6 +296,62 @@ def load_pipeline(ref: CheckpointRef, *, device: str, dtype: str, allow_pickle: 
         raise ClipevalError(f"could not load checkpoint {ref.spec}: {hub_error(err)}") from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _load_lora(pipe, ref: CheckpointRef, scale: float) -> None:
+    """diffusers' own LoRA loading (peft backend), at ``scale``: 0 is the base model exactly."""
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ClipevalError(f"{type(pipe).__name__} cannot load LoRA weights")
+    lora = Path(ref.location)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="clipeval")
+    pipe.set_adapters(["clipeval"], adapter_weights=[scale])
+
+
+def _swap_denoiser(diffusers, pipe, folder: Path, safetensors, kwargs: dict[str, Any]) -> None:
+    """A fine-tuned UNet/transformer (what training scripts save per checkpoint) into the base pipeline."""
+    name = _denoiser_class(folder)
+    cls = getattr(diffusers, name or "", None)
+    slot = "unet" if name and name.startswith("UNet") else "transformer"
+    if cls is None or getattr(pipe, slot, None) is None:
+        raise ClipevalError(f"{folder}: a {name} does not fit the base {type(pipe).__name__}")
+    setattr(pipe, slot, cls.from_pretrained(str(folder), use_safetensors=safetensors, **kwargs))
+
+
+def set_attention(pipe, backend: str) -> None:
+    """The denoiser's attention backend, and only the denoiser's (CLIP keeps PyTorch's SDPA).
+
+    Denoisers built on diffusers' attention dispatcher (Flux, Wan, Qwen-Image, ...) take every
+    backend diffusers knows (flash, sage, ...). Those with the classic processors (SD/SDXL UNets,
+    SD3's transformer in diffusers 0.42) take sdpa, eager (plain matmuls) or xformers."""
+    unet = getattr(pipe, "unet", None)
+    denoiser = unet if unet is not None else getattr(pipe, "transformer", None)
+    if denoiser is None:
+        raise ClipevalError("--attention: this pipeline has no unet or transformer")
+    processors = list(getattr(denoiser, "attn_processors", {}).values())
+    if processors and all(hasattr(p, "_attention_backend") for p in processors):
+        name = "native" if backend == "sdpa" else backend
+        try:
+            denoiser.set_attention_backend(name)
+        except (ValueError, RuntimeError, ImportError) as err:
+            raise ClipevalError(f"--attention {backend}: {str(err).splitlines()[0]}") from err
+        return
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if backend in ("sdpa", "native"):
+        denoiser.set_attn_processor(AttnProcessor2_0())
+    elif backend == "eager":
+        denoiser.set_attn_processor(AttnProcessor())
+    elif backend == "xformers":
+        try:
+            denoiser.enable_xformers_memory_efficient_attention()
+        except (ModuleNotFoundError, ImportError, ValueError) as err:
+            raise ClipevalError(f"--attention xformers: {str(err).splitlines()[0]}") from err
+    else:
+        raise ClipevalError(
+            f"--attention {backend}: the {type(denoiser).__name__} of this pipeline uses diffusers' classic attention "
+            "processors, which take sdpa, eager or xformers; backends such as flash and sage apply to denoisers built "
+            "on diffusers' attention dispatcher (Flux, Wan, Qwen-Image, ...)"
+        )
 
 
 def _from_single_file(diffusers, ref: CheckpointRef, kwargs: dict[str, Any]):

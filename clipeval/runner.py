@@ -48,6 +48,9 @@ class RunConfig:
     save_images: bool = True
     overwrite: bool = False
     compile: bool = False  # torch.compile the denoiser (and channels-last for UNets on CUDA)
+    lora_scale: float | None = None  # LoRA checkpoints only; None means 1
+    attention: str | None = None  # the denoiser's attention backend; None keeps the pipeline's
+    trackers: "Any" = None  # clipeval.trackers.Tracking: where and at which step to log the summary
     progress: bool = True
     command: list[str] | None = None  # recorded in the manifest
 
@@ -95,6 +98,10 @@ def run(config: RunConfig) -> RunResult | None:
     ref = pipelines.resolve_checkpoint(
         config.checkpoint, config.base_model, allow_pickle=config.allow_pickle, revision=config.revision
     )
+    if config.lora_scale is not None and ref.kind != "lora":
+        raise ClipevalError(f"--lora-scale applies to LoRA checkpoints; {config.checkpoint} is not one")
+    if config.trackers is not None:
+        config.trackers.check(config.checkpoint)  # a missing extra or step fails before the GPU work
     device = pipelines.resolve_device(_rank_device(config.device, ranks))
     dtype = pipelines.resolve_dtype(config.dtype, device, ref.model_index)
     items = work_items(library, images_per_prompt=config.images_per_prompt, seed=config.seed)
@@ -102,6 +109,7 @@ def run(config: RunConfig) -> RunResult | None:
         "checkpoint": config.checkpoint,
         "revision": config.revision,
         "base_model": config.base_model,
+        "lora_scale": (1.0 if config.lora_scale is None else config.lora_scale) if ref.kind == "lora" else None,
         "pipeline": ref.pipeline_class,
         "clip_model": config.clip_model,
         "clip_revision": config.clip_revision,
@@ -129,11 +137,17 @@ def run(config: RunConfig) -> RunResult | None:
 
     # 2. Models, then the settings that depend on them. Nothing is written before they load.
     pipe = pipelines.load_pipeline(
-        ref, device=device, dtype=dtype, allow_pickle=config.allow_pickle, revision=config.revision
+        ref, device=device, dtype=dtype, allow_pickle=config.allow_pickle, revision=config.revision,
+        lora_scale=config.lora_scale,
     )
+    if config.attention:
+        pipelines.set_attention(pipe, config.attention)
     if config.compile:
         pipelines.compile_denoiser(pipe)
-    gen = _generation_settings(config, pipelines.call_defaults(pipe))
+    gen = generation_settings(
+        pipelines.call_defaults(pipe), steps=config.steps, guidance_scale=config.guidance_scale,
+        height=config.height, width=config.width, negative_prompt=config.negative_prompt,
+    )
     settings.update(steps=gen.steps, guidance_scale=gen.guidance_scale, height=gen.height, width=gen.width)
     from clipeval.score import ClipScorer
 
@@ -214,23 +228,27 @@ def _generate_and_write(config, rundir, ranks, previous, settings, ref, library,
         },
     )
     store.write_json(out / "manifest.json", manifest)
-    return RunResult(out, summary, manifest, scores)
+    result = RunResult(out, summary, manifest, scores)
+    if config.trackers is not None:  # after every file is written: a tracker problem loses nothing
+        result.problems["tracking"] = [config.trackers.log(result, checkpoint=config.checkpoint)]
+    return result
 
 
-def _generation_settings(config: RunConfig, defaults: dict[str, Any]):
+def generation_settings(defaults: dict[str, Any], *, steps, guidance_scale, height, width, negative_prompt):
+    """The settings actually used: what was asked for, else the pipeline's own defaults."""
     from clipeval.generate import GenerationSettings
 
-    if config.negative_prompt is not None and not defaults["takes_negative_prompt"]:
+    if negative_prompt is not None and not defaults["takes_negative_prompt"]:
         raise ClipevalError("this pipeline takes no negative prompt; drop --negative-prompt")
     missing = [k for k in ("num_inference_steps", "guidance_scale", "height") if k not in defaults]
-    if missing and None in (config.steps, config.guidance_scale, config.height, config.width):
+    if missing and None in (steps, guidance_scale, height, width):
         raise ClipevalError(f"the pipeline has no default for {', '.join(missing)}; pass it explicitly")
     gen = GenerationSettings(
-        steps=config.steps if config.steps is not None else int(defaults["num_inference_steps"]),
-        guidance_scale=float(config.guidance_scale if config.guidance_scale is not None else defaults["guidance_scale"]),
-        height=config.height if config.height is not None else int(defaults["height"]),
-        width=config.width if config.width is not None else int(defaults["width"]),
-        negative_prompt=config.negative_prompt,
+        steps=steps if steps is not None else int(defaults["num_inference_steps"]),
+        guidance_scale=float(guidance_scale if guidance_scale is not None else defaults["guidance_scale"]),
+        height=height if height is not None else int(defaults["height"]),
+        width=width if width is not None else int(defaults["width"]),
+        negative_prompt=negative_prompt,
     )
     multiple = defaults["size_multiple"]
     if gen.height % multiple or gen.width % multiple:
@@ -340,6 +358,7 @@ def _manifest(config, settings, ref, library, gen, device, scorer, previous, ran
             "batch_size": config.batch_size,
             "processes": ranks.world,
             "compile": config.compile,
+            "attention": config.attention,
             "dtype": settings["dtype"],
             "save_images": config.save_images,
         },
@@ -355,3 +374,93 @@ def _manifest(config, settings, ref, library, gen, device, scorer, previous, ran
         "resumed": previous.get("resumed", 0) + 1 if previous else 0,
         "finished_at": None,
     }
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate`` returns: one row per image, one per prompt, and the summary."""
+
+    scores: Any  # DataFrame, the columns of scores.csv
+    prompts: Any  # DataFrame, the columns of prompts.csv
+    summary: dict[str, Any]
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.scores.to_dict("records")
+
+
+def evaluate(
+    pipe: Any,
+    prompts: Any,
+    *,
+    clip: Any = DEFAULT_CLIP_MODEL,
+    images_per_prompt: int = 1,
+    seed: int = 0,
+    batch_size: int = 4,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    preprocess: str = "fast",
+    out: str | Path | None = None,
+    progress: bool = False,
+) -> Evaluation:
+    """The evaluation of ``run`` on a pipeline already in memory, e.g. inside a training loop.
+
+    ``prompts``: a library name or file, a ``PromptLibrary``, or a list of strings. ``clip``: a
+    model id or folder, or a ``clipeval.score.ClipScorer`` to reuse across calls (load CLIP once per
+    training run, not once per evaluation). Seeds, scores and statistics are those of ``run``.
+    Nothing is written unless ``out`` names a folder (then: images, scores.csv, prompts.csv and
+    summary.json). The pipeline's modules are put in eval mode for the call and restored after.
+    """
+    from tqdm.auto import tqdm
+
+    from clipeval import loop, pipelines, stats, store
+    from clipeval.generate import batches, work_items
+    from clipeval.prompts import Prompt, PromptLibrary, load_library
+    from clipeval.score import ClipScorer
+
+    if isinstance(prompts, PromptLibrary):
+        library = prompts
+    elif isinstance(prompts, (str, Path)):
+        library = load_library(str(prompts))
+    else:
+        texts = list(prompts)
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ClipevalError("prompts: give a library name or file, or a non-empty list of non-empty strings")
+        library = PromptLibrary("in-memory", "prompts given to evaluate()", tuple(Prompt(i, t) for i, t in enumerate(texts)))
+    device = str(getattr(pipe, "device", "cpu"))
+    scorer = clip if isinstance(clip, ClipScorer) else ClipScorer(str(clip), device=device, preprocess=preprocess)
+    gen = generation_settings(pipelines.call_defaults(pipe), steps=steps, guidance_scale=guidance_scale,
+                              height=height, width=width, negative_prompt=negative_prompt)
+    items = work_items(library, images_per_prompt=images_per_prompt, seed=seed)
+    rundir = None
+    if out is not None:
+        store.check_parent(Path(out).expanduser())
+        rundir = store.RunDir(Path(out).expanduser())
+        rundir.path.mkdir(parents=True, exist_ok=True)
+    done: dict = {}
+    modules = [m for m in getattr(pipe, "components", {}).values() if hasattr(m, "training") and hasattr(m, "eval")]
+    training = [m.training for m in modules]
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        for module in modules:
+            module.eval()
+        with tqdm(total=len(items), unit="img", desc="evaluating", disable=not progress) as bar:
+            loop.run_batches(list(batches(items, batch_size)), pipe=pipe, scorer=scorer, gen=gen, rundir=rundir,
+                             done=done, save_images=rundir is not None, batch_size=batch_size, bar=bar,
+                             log=lambda message: tqdm.write(f"clipeval: {message}", file=sys.stderr))
+    finally:
+        for module, was_training in zip(modules, training):
+            module.train(was_training)
+        pipe.set_progress_bar_config(**bar_config)
+    scores = stats.scores_table([done[item.key] for item in items])
+    per_prompt = stats.prompts_table(scores)
+    summary = stats.summarize(scores)
+    if rundir is not None:
+        store.write_csv(rundir.path / "scores.csv", scores)
+        store.write_csv(rundir.path / "prompts.csv", per_prompt)
+        store.write_json(rundir.path / "summary.json", summary)
+    return Evaluation(scores, per_prompt, summary)

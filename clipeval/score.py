@@ -70,8 +70,10 @@ class ClipScorer:
 
                 raise ClipevalError(f"--clip-model {model} holds only pickle weights: {PICKLE_HINT}")
         try:
+            # SDPA explicitly: whatever attention backend the denoiser is given, CLIP's stays PyTorch's.
             self.model = CLIPModel.from_pretrained(
-                location, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True, revision=revision
+                location, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True, revision=revision,
+                attn_implementation="sdpa",
             )
             self.tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
             # The PIL processor on every machine (transformers 5 would pick a torchvision one where

@@ -219,6 +219,8 @@ class RunDir:
         """Append one batch as one line, then fsync: the batch is done exactly when this returns."""
         path = self.state / f"journal-{self.rank}.jsonl"
         line = json.dumps({"rows": list(rows)}, ensure_ascii=False, allow_nan=False) + "\n"
+        with io_errors(path):
+            self.state.mkdir(exist_ok=True)
         with io_errors(path), open(path, "ab") as f:
             if f.tell() and not _ends_with_newline(path):
                 f.write(b"\n")  # seal a torn line left by a kill, so this batch parses

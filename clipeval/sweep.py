@@ -1,0 +1,191 @@
+"""``sweep``: evaluate every checkpoint of a training run that has not been evaluated yet, for cron.
+
+Checkpoints are the sub-folders of the training output that load as one (a pipeline folder,
+LoRA weights, or a fine-tuned unet/ or transformer/ over --base-model), oldest step first. Each is
+evaluated into RESULTS_DIR/<its name>/ with the same settings; a finished one is not redone.
+
+- One sweep at a time per RESULTS_DIR (a flock, which dies with its process): the next cron tick
+  while a slow sweep runs says so and exits 0, so no checkpoint is ever evaluated twice at once.
+- A checkpoint still being written (a file modified in the last --settle seconds, a truncated
+  .safetensors, a component of model_index.json missing) is skipped until a later tick.
+- A checkpoint that fails is reported and the sweep goes on with the next; the exit code says so.
+- ``history.csv`` (one row per evaluated checkpoint, by step) is rebuilt from the finished runs
+  after each one, so it never holds a duplicate or a half row.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from clipeval.errors import ClipevalError
+
+HISTORY_COLUMNS = ["step", "checkpoint", "clip_mean", "clip_mean_ci_low", "clip_mean_ci_high", "clip_std", "clip_median",
+                   "clip_min", "clip_max", "images", "prompts", "flagged_images", "finished_at", "run"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int | None
+
+
+@dataclass
+class SweepResult:
+    evaluated: list[str] = field(default_factory=list)
+    up_to_date: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # name: why (still being written, ...)
+    failed: dict[str, str] = field(default_factory=dict)  # name: error
+    busy: str | None = None  # another sweep holds the results folder
+    history: Path | None = None
+
+
+def is_checkpoint(folder: Path) -> bool:
+    from clipeval.pipelines import DENOISERS, LORA_FILES, _denoiser_class
+
+    return (
+        (folder / "model_index.json").is_file()
+        or any((folder / name).is_file() for name in LORA_FILES)
+        or any((folder / name / "config.json").is_file() for name in DENOISERS)
+        or _denoiser_class(folder) is not None
+    )
+
+
+def find_checkpoints(training_dir: Path) -> list[Checkpoint]:
+    from clipeval.trackers import training_step
+
+    if not training_dir.is_dir():
+        raise ClipevalError(f"{training_dir}: no such training output folder")
+    found = [Checkpoint(p, training_step(p)) for p in training_dir.iterdir()
+             if p.is_dir() and not p.name.startswith(".") and is_checkpoint(p)]
+    return sorted(found, key=lambda c: (c.step is None, c.step if c.step is not None else 0, c.path.name))
+
+
+def still_written(folder: Path, settle_s: float) -> str | None:
+    """Why ``folder`` looks half-written, or None when it looks complete."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    now = time.time()
+    newest = max((p.stat().st_mtime for p in files), default=0)
+    if now - newest < settle_s:
+        return f"modified {now - newest:.0f} s ago (waiting {settle_s:g} s for writes to settle)"
+    for path in files:
+        if path.suffix == ".safetensors" and not _safetensors_complete(path):
+            return f"{path.relative_to(folder)} is truncated"
+    index = folder / "model_index.json"
+    if index.is_file():
+        try:
+            components = json.loads(index.read_text(encoding="utf-8"))
+        except ValueError:
+            return "model_index.json is not valid JSON yet"
+        for name, value in components.items():
+            if not name.startswith("_") and isinstance(value, list) and value[0] is not None and not (folder / name).is_dir():
+                return f"component {name}/ is missing"
+    return None
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """The header's tensors end within the file: a file cut short by a crash or a copy in progress fails."""
+    try:
+        with path.open("rb") as f:
+            size = path.stat().st_size
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                return False
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return False
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    return 8 + length + max(ends, default=0) <= size
+
+
+def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float = 60.0, log=print) -> SweepResult:
+    """``base`` is a ``RunConfig`` carrying the settings; its checkpoint and out are replaced."""
+    from clipeval import runner, store
+
+    training_dir, results_dir = Path(training_dir).expanduser(), Path(results_dir).expanduser()
+    checkpoints = find_checkpoints(training_dir)
+    store.check_parent(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    result = SweepResult(history=results_dir / "history.csv")
+    lock = os.open(results_dir / ".clipeval-sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(lock, 64, 0).decode(errors="replace").strip() or "?"
+            result.busy = f"another sweep (pid {holder}) is working on {results_dir}; nothing to do"
+            return result
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, str(os.getpid()).encode(), 0)
+        for checkpoint in checkpoints:
+            name = checkpoint.path.name
+            out = results_dir / name
+            if _finished(out):
+                result.up_to_date.append(name)
+                continue
+            reason = still_written(checkpoint.path, settle_s)
+            if reason:
+                result.skipped[name] = reason
+                log(f"skipping {name}: {reason}; it will be evaluated by a later sweep")
+                continue
+            log(f"evaluating {name}" + (f" (step {checkpoint.step})" if checkpoint.step is not None else ""))
+            trackers = base.trackers
+            if trackers is not None:
+                trackers = replace(trackers, step=checkpoint.step)
+            try:
+                runner.run(replace(base, checkpoint=str(checkpoint.path), out=out, trackers=trackers))
+            except ClipevalError as err:
+                result.failed[name] = str(err)
+                log(f"{name} failed: {err}")
+                continue
+            result.evaluated.append(name)
+            write_history(results_dir, {c.path.name: c.step for c in checkpoints})
+        write_history(results_dir, {c.path.name: c.step for c in checkpoints})
+        return result
+    finally:
+        os.close(lock)
+
+
+def _finished(out: Path) -> bool:
+    try:
+        return json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
+def write_history(results_dir: Path, steps: dict[str, int | None]) -> Path:
+    """history.csv from every finished run in ``results_dir``: derived, so never a duplicate row."""
+    import pandas as pd
+
+    from clipeval.store import write_csv
+    from clipeval.trackers import training_step
+
+    rows = []
+    for out in sorted(p for p in results_dir.iterdir() if p.is_dir() and _finished(p)):
+        try:
+            summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+            manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        ci = summary.get("clip/mean_ci") or [None, None]
+        step = steps.get(out.name, training_step(manifest.get("settings", {}).get("checkpoint", out.name)))
+        rows.append({
+            "step": step, "checkpoint": manifest.get("settings", {}).get("checkpoint"),
+            "clip_mean": summary["clip/mean"], "clip_mean_ci_low": ci[0], "clip_mean_ci_high": ci[1],
+            "clip_std": summary["clip/std"], "clip_median": summary["clip/median"], "clip_min": summary["clip/min"],
+            "clip_max": summary["clip/max"], "images": summary["images"], "prompts": summary["prompts"],
+            "flagged_images": sum((summary.get("flagged_images") or {}).values()),
+            "finished_at": manifest.get("finished_at"), "run": out.name,
+        })
+    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    frame["step"] = frame["step"].astype("Int64")
+    frame = frame.sort_values(["step", "run"], na_position="last", kind="stable")
+    path = results_dir / "history.csv"
+    write_csv(path, frame)
+    return path

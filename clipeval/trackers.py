@@ -1,0 +1,183 @@
+"""Logging a run to TensorBoard or Weights & Biases at the checkpoint's training step, so the CLIP
+score curve sits beside the loss curve.
+
+Logged: ``clip/mean``, ``clip/min``, ``clip/max``, ``clip/std``, ``clip/median``, one
+``clip/category/<name>`` per category, the histogram of image scores, and one image of the best
+four and worst four images. Logging a step that is already there does nothing (TensorBoard: read
+back from the event files; wandb: a small ledger next to its files), so a rerun from cron never
+draws the same point twice. Both are optional extras with a one-line error when missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipeval.errors import ClipevalError
+
+TRACKERS = ("tensorboard", "wandb", "none")
+STEP_IN_NAME = re.compile(r"(?:checkpoint|global[-_]?step|steps?|ckpt)[-_]?(\d+)$", re.IGNORECASE)
+STATE_FILES = ("trainer_state.json", "training_state.json")  # HF Trainer; SimpleTuner and diffusers scripts
+GRID_TILE = 192
+
+
+def training_step(checkpoint: str | Path) -> int | None:
+    """The training step of a checkpoint: from its name (checkpoint-1500), else its state file."""
+    path = Path(checkpoint)
+    match = STEP_IN_NAME.search(path.name)
+    if match:
+        return int(match.group(1))
+    for name in STATE_FILES:
+        try:
+            state = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in ("global_step", "step", "current_step"):
+            if isinstance(state.get(key), int):
+                return state[key]
+    return None
+
+
+@dataclass
+class Tracking:
+    report_to: str
+    logging_dir: Path
+    project: str = "clipeval"
+    run_name: str | None = None
+    step: int | None = None
+    scale: str = "cosine"  # "percent": SimpleTuner's 100 x cosine
+
+    def check(self, checkpoint: str) -> None:
+        """Before any GPU work: the extra is installed and the step is known."""
+        if self.report_to not in TRACKERS:
+            raise ClipevalError(f"--report-to {self.report_to}: use one of {', '.join(TRACKERS)}")
+        if self.scale not in ("cosine", "percent"):
+            raise ClipevalError(f"--scale {self.scale}: use cosine or percent")
+        if self.report_to == "none":
+            return
+        _require(self.report_to)
+        if self.step is None:
+            self.step = training_step(checkpoint)
+        if self.step is None:
+            raise ClipevalError(
+                f"--report-to {self.report_to}: no training step for {checkpoint} (not in its name, e.g. "
+                f"checkpoint-1500, nor in {' or '.join(STATE_FILES)}); pass --step"
+            )
+
+    def values(self, summary: dict[str, Any]) -> dict[str, float]:
+        factor = 100.0 if self.scale == "percent" else 1.0
+        scalars = {k: summary[k] * factor for k in ("clip/mean", "clip/min", "clip/max", "clip/std", "clip/median")
+                   if summary.get(k) is not None}
+        for name, group in summary.get("by_category", {}).items():
+            scalars[f"clip/category/{name}"] = group["mean"] * factor
+        return scalars
+
+    def log(self, result, *, checkpoint: str) -> str:
+        if self.report_to == "none":
+            return "not logged (--report-to none)"
+        self.check(checkpoint)
+        scalars = self.values(result.summary)
+        usable = result.scores[(result.scores["flag"] == "") & result.scores["clip_score"].notna()]
+        scores = usable["clip_score"].to_numpy() * (100.0 if self.scale == "percent" else 1.0)
+        grid = best_and_worst(usable, result.out)
+        if self.report_to == "tensorboard":
+            return self._tensorboard(scalars, scores, grid)
+        return self._wandb(scalars, scores, grid)
+
+    @property
+    def name(self) -> str:
+        return self.run_name or "clipeval"
+
+    def _tensorboard(self, scalars, scores, grid) -> str:
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder = Path(self.logging_dir).expanduser() / self.name
+        if self.step in logged_steps(folder):
+            return f"step {self.step} is already in {folder}; not logged again"
+        writer = SummaryWriter(log_dir=str(folder))
+        try:
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, self.step)
+            writer.add_histogram("clip/scores", scores, self.step)
+            if grid is not None:
+                writer.add_image("clip/best_and_worst", grid, self.step, dataformats="HWC")
+        finally:
+            writer.close()
+        return f"logged step {self.step} to TensorBoard in {folder}"
+
+    def _wandb(self, scalars, scores, grid) -> str:
+        import hashlib
+        import os
+
+        import wandb
+
+        from clipeval.store import write_json
+
+        folder = Path(self.logging_dir).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        run_id = "clipeval-" + hashlib.sha1(f"{self.project}/{self.name}".encode()).hexdigest()[:12]
+        ledger_path = folder / "clipeval-wandb-steps.json"
+        ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+        if self.step in ledger.get(run_id, []):
+            return f"step {self.step} is already logged to wandb run {run_id}; not logged again"
+        os.environ.setdefault("WANDB_SILENT", "true")
+        run = wandb.init(project=self.project, name=self.name, id=run_id, resume="allow", dir=str(folder))
+        try:
+            # Our own step axis: checkpoints may be evaluated out of order, wandb's steps may not.
+            run.define_metric("train/step")
+            run.define_metric("clip/*", step_metric="train/step")
+            payload: dict[str, Any] = {"train/step": self.step, **scalars, "clip/scores": wandb.Histogram(scores)}
+            if grid is not None:
+                payload["clip/best_and_worst"] = wandb.Image(grid)
+            run.log(payload)
+        finally:
+            run.finish()
+        ledger.setdefault(run_id, []).append(self.step)
+        write_json(ledger_path, ledger)
+        return f"logged step {self.step} to wandb run {run_id} in {folder}"
+
+
+def _require(tracker: str) -> None:
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[tracker]
+    try:
+        __import__(module)
+    except ImportError as err:
+        raise ClipevalError(f"--report-to {tracker} needs the {tracker} extra: pip install 'clipeval[{tracker}]'") from err
+
+
+def logged_steps(folder: Path) -> set[int]:
+    """The steps at which clip/mean is already in the TensorBoard event files of ``folder``."""
+    if not folder.is_dir():
+        return set()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    if "clip/mean" not in events.Tags().get("scalars", []):
+        return set()
+    return {event.step for event in events.Scalars("clip/mean")}
+
+
+def best_and_worst(usable, run_dir: Path, count: int = 4):
+    """One uint8 HWC image: the ``count`` best images above the ``count`` worst, or None without images."""
+    import numpy as np
+    from PIL import Image
+
+    ranked = usable[usable["image"] != ""].sort_values("clip_score", kind="stable")
+    if ranked.empty:
+        return None
+    rows = [ranked.tail(count).iloc[::-1], ranked.head(count)]
+    canvas = Image.new("RGB", (GRID_TILE * count, GRID_TILE * 2), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, path in enumerate(row["image"]):
+            try:
+                with Image.open(Path(run_dir) / path) as image:
+                    tile = image.convert("RGB")
+                    tile.thumbnail((GRID_TILE, GRID_TILE))
+                    canvas.paste(tile, (c * GRID_TILE, r * GRID_TILE))
+            except OSError:
+                continue
+    return np.asarray(canvas)
