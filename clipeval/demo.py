@@ -107,15 +107,13 @@ def _vae(seed: int):
     )
 
 
-def build_sd(path: Path, *, seed: int = 0) -> Path:
-    """A 4.7 MB StableDiffusionPipeline (64×64 images by default)."""
+def _unet(seed: int, **family):
+    """The tiny two-level UNet both pipeline families share; ``family`` adds what differs."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
-    tokenizer = make_tokenizer()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=32,
@@ -123,10 +121,19 @@ def build_sd(path: Path, *, seed: int = 0) -> Path:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
         norm_num_groups=8,
-        attention_head_dim=4,
+        **family,
     )
+
+
+def build_sd(path: Path, *, seed: int = 0) -> Path:
+    """A 4.7 MB StableDiffusionPipeline (64×64 images by default)."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    tokenizer = make_tokenizer()
+    unet = _unet(seed, cross_attention_dim=32, attention_head_dim=4)
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(_text_config(tokenizer))
     scheduler = DDIMScheduler(
@@ -154,19 +161,12 @@ def build_sd(path: Path, *, seed: int = 0) -> Path:
 def build_sdxl(path: Path, *, seed: int = 0) -> Path:
     """A tiny StableDiffusionXLPipeline: two text encoders, the text_time added conditioning."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = make_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
+        seed,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -174,7 +174,6 @@ def build_sdxl(path: Path, *, seed: int = 0) -> Path:
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=80,  # 6 time ids × 8 + the pooled 32
         cross_attention_dim=64,  # the two encoders' 32 + 32
-        norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(_text_config(tokenizer))

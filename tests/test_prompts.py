@@ -123,6 +123,11 @@ def test_utf16_with_bom(tmp_path):
     [
         ("empty.csv", b"", "empty file"),
         ("header.csv", b"prompt,category\n", "no prompts"),
+        ("header-crlf.csv", b"prompt,category\r\n", "no prompts"),
+        ("header.tsv", b"caption\tcategory\n", "no prompts"),
+        ("nocol.jsonl", b'{"words": "x"}\n', "no prompt column"),
+        ("quoted.csv", b'prompt,category\n"x","y","z"\n', "line 2: 3 fields, the header has 2"),
+        ("short.tsv", b"prompt\tcategory\nx\n", "line 2: 1 fields, the header has 2"),
         ("nocol.csv", b"description,category\nx,y\n", "no prompt column"),
         ("ragged.tsv", b"prompt\tcategory\na\tb\nc\td\te\n", "line 3: 3 fields"),
         ("ragged.csv", b"prompt,category\na,b\nc\n", "line 3: 1 fields"),
