@@ -155,7 +155,7 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
         click.echo(f"note: only {s['prompts']} prompts; the interval says little below {s['few_prompts_threshold']}", err=True)
     if s["truncated_prompts"]:
         click.echo(f"note: {s['truncated_prompts']} prompt(s) longer than the CLIP text limit were truncated", err=True)
-    for message in result.problems.get("tracking", []):
+    for message in result.notes.get("tracking", []):
         click.echo(message, err=True)
     if with_report:
         from clipeval import report as reporting
@@ -256,7 +256,7 @@ def score(source, out, prompts_spec, clip_models, device, clip_dtype, preprocess
         progress=not quiet, command=["clipeval", *sys.argv[1:]],
     )
     result = score_images(config)
-    for kind, names in result.problems.items():
+    for kind, names in result.notes.items():
         if names:
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
             click.echo(f"warning: {len(names)} {kind}: {shown} (all listed in manifest.json)", err=True)

@@ -328,8 +328,8 @@ def score(config: ScoreConfig):
         store.write_json(out / "manifest.json", manifest)
     finally:
         rundir.release()
-    problems = {**source.problems, "unreadable images": [s["image"] for s in skipped]}
-    return RunResult(out, summary, manifest, scores, problems)
+    notes = {**source.problems, "unreadable images": [s["image"] for s in skipped]}
+    return RunResult(out, summary, manifest, scores, notes)
 
 
 def _col(model: str, index: int, what: str = "clip_score") -> str:

@@ -61,7 +61,7 @@ class RunResult:
     summary: dict[str, Any]
     manifest: dict[str, Any]
     scores: Any = field(repr=False)  # pandas DataFrame, one row per image
-    problems: dict[str, list[str]] = field(default_factory=dict)  # what was skipped, by kind
+    notes: dict[str, list[str]] = field(default_factory=dict)  # worth telling: what was skipped, where it was logged
 
 
 def _now() -> str:
@@ -230,7 +230,7 @@ def _generate_and_write(config, rundir, ranks, previous, settings, ref, library,
     store.write_json(out / "manifest.json", manifest)
     result = RunResult(out, summary, manifest, scores)
     if config.trackers is not None:  # after every file is written: a tracker problem loses nothing
-        result.problems["tracking"] = [config.trackers.log(result, checkpoint=config.checkpoint)]
+        result.notes["tracking"] = [config.trackers.log(result, checkpoint=config.checkpoint)]
     return result
 
 
