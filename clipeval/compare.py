@@ -219,7 +219,7 @@ def _ci(ci, signed: bool = False) -> str:
     return "" if ci is None else f"[{_f(ci[0], signed)}, {_f(ci[1], signed)}]"
 
 
-def _p(p: float | None) -> str:
+def format_p(p: float | None) -> str:
     if p is None:
         return "n/a"
     return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
@@ -254,9 +254,9 @@ def render(result: Comparison, fmt: str, *, top: int = 5) -> str:
             f"{run.paired_images}" + ("" if run.paired_images == run.run_images == run.baseline_images else f"/{run.run_images}"),
             f"{_f(o.mean)} {_ci(o.mean_ci)}",
             f"{_f(o.delta, True)} {_ci(o.delta_ci, True)}",
-            _p(o.p_value),
+            format_p(o.p_value),
             f"{o.win_rate:.1%}",
-            _verdict(run, result.margin),
+            verdict(run, result.margin),
         ])
     out = [_table(header, rows, markdown)]
     for message in result.mismatches:
@@ -270,12 +270,12 @@ def render(result: Comparison, fmt: str, *, top: int = 5) -> str:
             title = f"Groups that moved most, {run.name} vs {result.baseline}:"
             out.append(("\n**" + title + "**\n") if markdown else "\n" + title)
             group_rows = [[g.kind, g.label + (" (few prompts)" if g.few_prompts else ""), str(g.prompts),
-                           f"{_f(g.delta, True)} {_ci(g.delta_ci, True)}", _p(g.p_value)] for g in moved]
+                           f"{_f(g.delta, True)} {_ci(g.delta_ci, True)}", format_p(g.p_value)] for g in moved]
             out.append(_table(["group", "name", "prompts", f"delta [{level}% CI]", "p"], group_rows, markdown))
     return "\n".join(out) + "\n"
 
 
-def _verdict(run: RunComparison, margin: float) -> str:
+def verdict(run: RunComparison, margin: float) -> str:
     ci = run.overall.delta_ci
     if ci is None:
         return "too few prompts"

@@ -204,9 +204,9 @@ def parse(
     for where, fields in records:
         keys = list(fields)
         picked = (
-            _pick(keys, prompt_column, PROMPT_COLUMNS, f"{origin}: {where}", "prompt"),
-            _pick(keys, category_column, CATEGORY_COLUMNS, origin, "category"),
-            _pick(keys, challenge_column, CHALLENGE_COLUMNS, origin, "challenge"),
+            pick_column(keys, prompt_column, PROMPT_COLUMNS, f"{origin}: {where}", "prompt"),
+            pick_column(keys, category_column, CATEGORY_COLUMNS, origin, "category"),
+            pick_column(keys, challenge_column, CHALLENGE_COLUMNS, origin, "challenge"),
         )
         values = [text_field(fields, keys[i], origin, where) if i is not None else "" for i in picked]
         if not values[0].strip():
@@ -272,7 +272,7 @@ def _lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def _pick(header: list[str], wanted: str | None, aliases: Iterable[str], origin: str, what: str) -> int | None:
+def pick_column(header: list[str], wanted: str | None, aliases: Iterable[str], origin: str, what: str) -> int | None:
     if wanted is not None:
         if wanted not in header:
             raise ClipevalError(f"{origin}: no column {wanted!r}; columns are {', '.join(header)}")

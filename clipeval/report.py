@@ -236,13 +236,13 @@ def _comparison_table(comparison) -> str:
     level = int(round(comparison.bootstrap["level"] * 100))
     rows = [f"<tr><td>{e(comparison.baseline)} (baseline)</td><td>{comparison.baseline_images}</td>"
             f"<td>{_f(comparison.baseline_mean)} {_ci(comparison.baseline_ci)}</td><td></td><td></td><td></td><td></td></tr>"]
-    from clipeval.compare import _p, _verdict
+    from clipeval.compare import format_p, verdict
 
     for run in comparison.runs:
         o = run.overall
         rows.append(f"<tr><td>{e(run.name)}</td><td>{run.paired_images}</td><td>{_f(o.mean)} {_ci(o.mean_ci)}</td>"
                     f"<td class='{'up' if o.delta > 0 else 'down'}'>{_f(o.delta, True)} {_ci(o.delta_ci, True)}</td>"
-                    f"<td>{e(_p(o.p_value))}</td><td>{o.win_rate:.1%}</td><td>{e(_verdict(run, comparison.margin))}</td></tr>")
+                    f"<td>{e(format_p(o.p_value))}</td><td>{o.win_rate:.1%}</td><td>{e(verdict(run, comparison.margin))}</td></tr>")
     head = ("<tr><th>run</th><th>paired images</th><th>mean [" + str(level) + "% CI]</th><th>delta [" + str(level)
             + "% CI]</th><th>p (Wilcoxon)</th><th>win rate</th><th>verdict</th></tr>")
     notes = "".join(f"<p class='warn'>mismatch (allowed): {e(m)}</p>" for m in comparison.mismatches)

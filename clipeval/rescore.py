@@ -144,7 +144,7 @@ def _image_key(keys: list[str]) -> str | None:
 
 def _rows_from_mapping(folder: Path, mapping: Path, records) -> tuple[list[ImageRow], dict[str, list[str]]]:
     """One row per mapping line; prompt_id numbers distinct prompts in order of appearance."""
-    from clipeval.prompts import CATEGORY_COLUMNS, CHALLENGE_COLUMNS, PROMPT_COLUMNS, _pick, text_field
+    from clipeval.prompts import CATEGORY_COLUMNS, CHALLENGE_COLUMNS, PROMPT_COLUMNS, pick_column, text_field
 
     ids: dict[tuple[str, str, str], int] = {}
     samples: dict[int, int] = {}
@@ -155,7 +155,7 @@ def _rows_from_mapping(folder: Path, mapping: Path, records) -> tuple[list[Image
         image_key = _image_key(keys)
         if image_key is None:
             raise ClipevalError(f"{mapping}: {where}: no image column (looked for {', '.join(IMAGE_COLUMNS)})")
-        picks = [_pick(keys, None, aliases, f"{mapping}: {where}", what) for aliases, what in
+        picks = [pick_column(keys, None, aliases, f"{mapping}: {where}", what) for aliases, what in
                  ((PROMPT_COLUMNS, "prompt"), (CATEGORY_COLUMNS, "category"), (CHALLENGE_COLUMNS, "challenge"))]
         prompt, category, challenge = (text_field(fields, keys[i], str(mapping), where) if i is not None else "" for i in picks)
         name = text_field(fields, image_key, str(mapping), where)
@@ -305,7 +305,7 @@ def score(config: ScoreConfig):
             }
         per_prompt = stats.prompts_table(scores)
         for i, m in enumerate(models[1:], 1):
-            per_prompt[f"clip_mean:{m}"] = scores.groupby("prompt_id", sort=True)[_col(m, i)].mean().map(stats._num).to_numpy()
+            per_prompt[f"clip_mean:{m}"] = scores.groupby("prompt_id", sort=True)[_col(m, i)].mean().map(stats.rounded).to_numpy()
         manifest = {
             "kind": "score",
             "status": "complete",

@@ -35,7 +35,7 @@ FLAGS = {
 PROMPT_COLUMNS = ["prompt_id", "prompt", "category", "challenge", "n", "clip_mean", "clip_min", "clip_max"]
 
 
-def _num(value: Any) -> float | None:
+def rounded(value: Any) -> float | None:
     """Aggregates of float32 scores, to 10 significant digits (float64 sums add only noise
     beyond that); JSON has no NaN, so an undefined statistic (std of one value) is null."""
     value = float(value)
@@ -66,7 +66,7 @@ def prompts_table(scores):
     frame = first.join(stats, how="left").reset_index()
     frame["n"] = frame["size"].fillna(0).astype(int)
     for column in ("mean", "min", "max"):
-        frame[f"clip_{column}"] = frame[column].map(lambda v: None if v != v else _num(v))
+        frame[f"clip_{column}"] = frame[column].map(lambda v: None if v != v else rounded(v))
     return frame[PROMPT_COLUMNS]
 
 
@@ -138,7 +138,7 @@ def prompt_sums(scores):
 def _ci(scores, boot: Bootstrap) -> list[float] | None:
     sums, counts = prompt_sums(scores)
     ci = weighted_mean_ci(sums.to_numpy(), counts.to_numpy(), boot)
-    return None if ci is None else [_num(ci[0]), _num(ci[1])]
+    return None if ci is None else [rounded(ci[0]), rounded(ci[1])]
 
 
 def _group(scores, column: str, boot: Bootstrap) -> dict[str, dict[str, Any]]:
@@ -147,9 +147,9 @@ def _group(scores, column: str, boot: Bootstrap) -> dict[str, dict[str, Any]]:
     for label, part in labelled.groupby(column, sort=True):
         prompts = int(part["prompt_id"].nunique())
         out[str(label)] = {
-            "mean": _num(part["clip_score"].mean()),
+            "mean": rounded(part["clip_score"].mean()),
             "ci": _ci(part, boot),
-            "std": _num(part["clip_score"].std(ddof=1)),
+            "std": rounded(part["clip_score"].std(ddof=1)),
             "n": int(len(part)),
             "prompts": prompts,
             "few_prompts": prompts < FEW_PROMPTS,
@@ -169,12 +169,12 @@ def summarize(scores, boot: Bootstrap = Bootstrap()) -> dict[str, Any]:
     return {
         "score": SCORE_DEFINITION,
         "scale": "cosine",
-        "clip/mean": _num(values.mean()),
+        "clip/mean": rounded(values.mean()),
         "clip/mean_ci": _ci(good, boot),
-        "clip/min": _num(values.min()),
-        "clip/max": _num(values.max()),
-        "clip/std": _num(values.std(ddof=1)),
-        "clip/median": _num(values.median()),
+        "clip/min": rounded(values.min()),
+        "clip/max": rounded(values.max()),
+        "clip/std": rounded(values.std(ddof=1)),
+        "clip/median": rounded(values.median()),
         "std_kind": "sample standard deviation over images (ddof=1)",
         "ci": boot.describe(),
         "images": int(len(good)),
