@@ -182,11 +182,11 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
                     finish(scoring, writers)
                     writing = scoring
                 scoring = submitted
-            for p in (writing, scoring):
-                if p is not None and p is scoring:
-                    finish(p, writers)
-                if p is not None:
-                    commit(p)
+            if writing is not None:  # the last two batches: one scored, one still being scored
+                commit(writing)
+            if scoring is not None:
+                finish(scoring, writers)
+                commit(scoring)
     finally:
         stage.close()
     return generated
