@@ -1,12 +1,22 @@
 """Work items and batched generation with one seed per image.
 
-The seed of an image depends only on ``--seed``, its prompt_id and its sample index::
+A CPU ``torch.Generator`` (mt19937) keeps only the low 32 bits of its seed, so the whole seed of an
+image must live in 32 bits. It depends only on ``--seed``, its prompt_id and its sample index::
 
-    seed = base_seed · 2³² + prompt_id · 2¹² + sample
+    seed = (prompt_id · 2¹² + sample) XOR bitreverse32(base_seed)
 
-so an image is the same whatever the batch size, order, ``--limit``, ``--images-per-prompt`` or
-number of processes, and runs with different base seeds never share an image. Each image gets its
-own CPU ``torch.Generator``, so initial noise is identical on every device.
+- ``--seed 0`` gives ``prompt_id · 2¹² + sample``: the images of runs made before this scheme
+  (whose formula put the base seed in bits the generator drops) are unchanged for seed 0.
+- Within a run every image has its own seed (XOR with a constant is a bijection).
+- The base seed's low bits land in the seed's high bits, which prompt ids only reach in huge
+  libraries: two base seeds whose lowest differing bit is ``j`` share no seed among images with
+  ``prompt_id < 2^(19 − j)``. Consecutive seeds (j = 0) never share one below 524,288 prompts; any
+  two seeds below 256 never share one below 4,096 prompts (every built-in library but ``hpsv2``
+  needs fewer, and seeds below 128 cover it).
+
+An image is therefore the same whatever the batch size, order, ``--limit``,
+``--images-per-prompt`` or number of processes. Each image gets its own CPU ``torch.Generator``,
+so its initial noise is identical on every device.
 """
 
 from __future__ import annotations
@@ -20,14 +30,24 @@ from clipeval.prompts import PromptLibrary
 MAX_SEED = 2**31 - 1
 MAX_PROMPTS = 2**20
 MAX_SAMPLES = 2**12
+# Version of the formula above, recorded in the manifest. Scheme 1 (clipeval 0.1.0) was
+# base_seed·2³² + prompt_id·2¹² + sample: the generator dropped the base seed, so every --seed
+# gave the images of --seed 0. Runs made under it are resumed only when their seed was 0.
+SEED_SCHEME = 2
+SEED_FORMULA = "seed = (prompt_id * 2**12 + sample) XOR bitreverse32(base_seed)"
+
+
+def bitreverse32(value: int) -> int:
+    return int(f"{value:032b}"[::-1], 2)
 
 
 def image_seed(base_seed: int, prompt_id: int, sample: int) -> int:
+    """The seed of one image, below 2³²: every bit of it reaches the CPU generator."""
     if not 0 <= base_seed <= MAX_SEED:
         raise ValueError(f"seed {base_seed} outside [0, {MAX_SEED}]")
     if not 0 <= prompt_id < MAX_PROMPTS or not 0 <= sample < MAX_SAMPLES:
         raise ValueError(f"prompt_id {prompt_id} or sample {sample} out of range")
-    return (base_seed << 32) | (prompt_id << 12) | sample
+    return ((prompt_id << 12) | sample) ^ bitreverse32(base_seed)
 
 
 @dataclass(frozen=True)

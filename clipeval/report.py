@@ -275,11 +275,15 @@ def _side_by_side(runs: list[ReportRun], comparison, top: int) -> str:
                     continue
                 r = row.iloc[0]
                 cells.append(f"<td>{img(thumbnail(run.image(r.image), CARD_THUMB), f'{run.name} prompt {pid} sample {sample}', CARD_THUMB)}"
-                             f"<div>{_f(r.clip_score)}{' · ' + e(r.flag) if r.flag else ''}</div></td>")
-            body.append(f"<tr><th>sample {sample}<br>seed {e(per_run[0][per_run[0]['sample'] == sample].iloc[0].seed)}</th>{''.join(cells)}</tr>")
+                             f"<div>{_f(r.clip_score)}{' · ' + e(r.flag) if r.flag else ''}</div>"
+                             f"<div class='seed'>seed {e(r.seed)}</div></td>")
+            body.append(f"<tr><th>sample {sample}</th>{''.join(cells)}</tr>")
         blocks.append(f"<div class='card wide'><p class='prompt'>{e(prompt)}</p><p class='meta'>#{pid} · delta "
                       f"{_f(float(moved[pid]), True)}</p><table class='side'><tr><th></th>{header}</tr>{''.join(body)}</table></div>")
-    title = f"Biggest changes, {Path(other.name).name or other.name} vs {Path(base.name).name or base.name}: same prompt, same seeds"
+    same = base.scores.set_index(["prompt_id", "sample"])["seed"].reindex(
+        other.scores.set_index(["prompt_id", "sample"]).index).eq(other.scores["seed"].to_numpy()).all()
+    title = (f"Biggest changes, {Path(other.name).name or other.name} vs {Path(base.name).name or base.name}: "
+             f"same prompt, {'same seeds' if same else 'different seeds'}")
     return f"<section><h2>{e(title)}</h2>{''.join(blocks)}</section>"
 
 

@@ -19,8 +19,6 @@ from typing import Any
 from clipeval.errors import ClipevalError
 from clipeval.score import DEFAULT_CLIP_MODEL
 
-SEED_FORMULA = "seed = base_seed * 2**32 + prompt_id * 2**12 + sample"
-
 
 @dataclass
 class RunConfig:
@@ -133,7 +131,7 @@ def run(config: RunConfig) -> RunResult | None:
         if v is not None
     }
     rundir = store.RunDir(out, rank=ranks.rank)
-    rundir.check({**settings, **explicit}, overwrite=config.overwrite)
+    _check_seed_scheme(rundir.check({**settings, **explicit}, overwrite=config.overwrite), out)
 
     # 2. Models, then the settings that depend on them. Nothing is written before they load.
     pipe = pipelines.load_pipeline(
@@ -166,6 +164,21 @@ def run(config: RunConfig) -> RunResult | None:
                                    scorer, device, clock)
     finally:
         rundir.release()
+
+
+def _check_seed_scheme(previous: dict[str, Any] | None, out: Path) -> None:
+    """Images made under the first seed scheme (clipeval 0.1.0) are those of seed 0 whatever the
+    base seed was; only a seed-0 run of that scheme may be resumed or extended."""
+    from clipeval.generate import SEED_SCHEME
+
+    if previous is None:
+        return
+    scheme = previous.get("generation", {}).get("seed_scheme", 1)
+    if scheme != SEED_SCHEME and previous.get("settings", {}).get("seed", 0) != 0:
+        raise ClipevalError(
+            f"{out} was made under seed scheme {scheme}, whose images ignored --seed; "
+            "its images cannot be extended: use --overwrite to redo it, or another --out"
+        )
 
 
 def _rank_device(spec: str, ranks) -> str:
@@ -322,6 +335,8 @@ def _fingerprint(ref) -> list[dict[str, Any]]:
 
 
 def _manifest(config, settings, ref, library, gen, device, scorer, previous, ranks) -> dict[str, Any]:
+    from clipeval.generate import SEED_FORMULA, SEED_SCHEME
+
     return {
         "status": "running",
         "command": config.command,
@@ -353,6 +368,7 @@ def _manifest(config, settings, ref, library, gen, device, scorer, previous, ran
             "width": gen.width,
             "negative_prompt": gen.negative_prompt,
             "seed": config.seed,
+            "seed_scheme": SEED_SCHEME,
             "seed_formula": SEED_FORMULA,
             "generator": "one torch.Generator('cpu') per image",
             "batch_size": config.batch_size,

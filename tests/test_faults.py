@@ -263,4 +263,10 @@ def test_clip_models_with_only_pickle_weights(cli, models, tmp_path):
     assert allowed.exit_code == 0, allowed.stderr
     same = cli("score", images, "--prompts", "smoke", "--clip-model", models.clip, "--quiet", "--out", tmp_path / "o3")
     assert same.exit_code == 0, same.stderr
-    assert (tmp_path / "o2" / "scores.csv").read_bytes() == (tmp_path / "o3" / "scores.csv").read_bytes()
+    import pandas as pd
+
+    # The same weights, read from pickle or safetensors; where the tensors land in memory can move
+    # the kernels' summation order, so the scores agree to float32 rounding, not always bit for bit.
+    pickled, safe = (pd.read_csv(tmp_path / o / "scores.csv") for o in ("o2", "o3"))
+    assert pickled.drop(columns="clip_score").equals(safe.drop(columns="clip_score"))
+    assert (pickled["clip_score"] - safe["clip_score"]).abs().max() < 1e-6

@@ -11,13 +11,40 @@ from clipeval.prompts import Prompt, PromptLibrary
 
 
 def test_seed_formula_known_values():
+    # Seed 0 keeps the images of the first scheme: prompt_id·2¹² + sample.
     assert image_seed(0, 0, 0) == 0
     assert image_seed(0, 0, 1) == 1
     assert image_seed(0, 5, 1) == 5 * 4096 + 1 == 20481
-    assert image_seed(1, 0, 0) == 2**32
-    assert image_seed(2**31 - 1, 2**20 - 1, 4095) == 2**63 - 1  # fits torch's int64 seeds
+    # The base seed's bits, reversed, XOR the high bits: every seed stays below 2³².
+    assert image_seed(1, 0, 0) == 2**31
+    assert image_seed(1, 5, 1) == 2**31 + 20481
+    assert image_seed(2, 0, 0) == 2**30
+    assert image_seed(3, 0, 0) == 2**31 + 2**30
+    assert image_seed(2**31 - 1, 2**20 - 1, 4095) == (2**32 - 1) ^ (2**32 - 2) == 1
+    assert max(image_seed(s, p, k) for s in (0, 1, 2**31 - 1) for p in (0, 2**20 - 1) for k in (0, 4095)) < 2**32
     with pytest.raises(ValueError):
         image_seed(0, 0, 4096)
+
+
+def test_every_bit_of_a_seed_reaches_the_cpu_generator():
+    """The bug this scheme fixes: a CPU Generator drops bits above 32, so a formula that put the
+    base seed there gave every --seed the noise of seed 0."""
+    def noise(seed):
+        return torch.randn(8, generator=torch.Generator("cpu").manual_seed(seed))
+
+    assert torch.equal(noise(2**32 + 7), noise(7))  # the generator's behaviour
+    assert not torch.equal(noise(image_seed(1, 0, 0)), noise(image_seed(0, 0, 0)))
+
+
+@pytest.mark.parametrize("a,b,prompts", [(0, 1, 4096), (41, 42, 4096), (0, 255, 4096), (7, 200, 4096), (0, 2**12, 2)])
+def test_runs_with_different_base_seeds_share_no_seed(a, b, prompts):
+    """Seeds below 256 are disjoint for every built-in library (≤ 4,096 prompts), at the most
+    images per prompt; seeds differing only in high bits are disjoint for small libraries."""
+    k = 4096 if prompts <= 2 else 64
+    first = {image_seed(a, p, s) for p in range(prompts) for s in range(k)}
+    second = {image_seed(b, p, s) for p in range(prompts) for s in range(k)}
+    assert len(first) == len(second) == prompts * k
+    assert not first & second
 
 
 def test_seeds_do_not_depend_on_images_per_prompt_or_limit():

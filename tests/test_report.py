@@ -128,6 +128,30 @@ def test_comparison_report(cli, hostile_runs, tmp_path):
     assert "same prompt, same seeds" in visible
 
 
+def test_a_comparison_shows_each_runs_own_seeds_under_its_images(cli, hostile_runs, tmp_path, models):
+    import re
+
+    import pandas as pd
+
+    other = tmp_path / "seed1"
+    library = hostile_runs[0].parent / "hostile.jsonl"
+    assert cli("run", "--checkpoint", models.sd, "--clip-model", models.clip, "--prompt-library", library, "--out", other,
+               "--steps", "2", "--images-per-prompt", "2", "--seed", "1", "--quiet").exit_code == 0
+    out = tmp_path / "seeds.html"
+    assert cli("report", hostile_runs[0], other, "--allow-mismatch", "--out", out).exit_code == 0
+    html = out.read_text(encoding="utf-8")
+    side = html[html.index("Biggest changes"):]
+    rows = re.findall(r"<tr><th>sample (\d+)</th>(.*?)</tr>", side)
+    assert rows
+    seeds = [pd.read_csv(run / "scores.csv") for run in (hostile_runs[0], other)]
+    for _, cells in rows:
+        shown = [int(x) for x in re.findall(r"seed (\d+)", cells)]
+        assert len(shown) == 2
+        assert shown[0] in set(seeds[0]["seed"]) and shown[1] in set(seeds[1]["seed"])
+        assert shown[0] != shown[1]
+    assert "same prompt, different seeds" in "".join(Page(html).text)
+
+
 def test_run_with_report_flag_and_reports_of_scores_and_imageless_runs(cli, run_tiny, models, tmp_path):
     run = tmp_path / "run"
     result = run_tiny(run, "--limit", "3", "--report")

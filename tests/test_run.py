@@ -29,7 +29,8 @@ def test_run_writes_the_documented_files(run_tiny, tmp_path, models):
     assert len(scores) == 32
     assert scores["prompt_id"].tolist() == [i // 2 for i in range(32)]
     assert scores["sample"].tolist() == [0, 1] * 16
-    assert scores["seed"].tolist() == [(5 << 32) + (i // 2) * 4096 + i % 2 for i in range(32)]
+    # bitreverse32(5) = 2³¹ + 2²⁹; the column holds the seed the generator was given
+    assert scores["seed"].tolist() == [((i // 2) * 4096 + i % 2) ^ (2**31 + 2**29) for i in range(32)]
     assert scores["image"].tolist() == [f"images/{i // 2:05d}_{i % 2:02d}.png" for i in range(32)]
     assert scores["clip_score"].between(-1, 1).all()
     assert sorted(p.name for p in (out / "images").iterdir()) == [s.split("/")[1] for s in scores["image"]]
@@ -60,7 +61,8 @@ def test_run_writes_the_documented_files(run_tiny, tmp_path, models):
     assert (s["height"], s["width"], s["dtype"], s["device_type"]) == (64, 64, "float32", "cpu")
     assert s["guidance_scale"] == 7.5  # the pipeline's own default, resolved and recorded
     assert s["pipeline"] == "StableDiffusionPipeline"
-    assert manifest["generation"]["seed_formula"].startswith("seed = base_seed * 2**32")
+    assert manifest["generation"]["seed_formula"] == "seed = (prompt_id * 2**12 + sample) XOR bitreverse32(base_seed)"
+    assert manifest["generation"]["seed_scheme"] == 2
     assert manifest["library"]["name"] == "smoke" and len(manifest["library"]["sha256"]) == 64
     assert set(manifest["versions"]) >= {"clipeval", "torch", "diffusers", "transformers", "python"}
     assert manifest["command"][:2] == ["clipeval", "run"] or manifest["command"][0] == "clipeval"
@@ -281,3 +283,47 @@ def test_demo_runs_end_to_end_and_says_its_scores_mean_nothing(cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert result.stderr.count("DEMO MODELS") == 2 and "mean nothing" in result.stderr
     assert len(pd.read_csv(out / "scores.csv")) == 16
+
+
+def _pixels(out):
+    return {p.name: np.asarray(Image.open(p).convert("RGB")) for p in sorted((out / "images").glob("*.png"))}
+
+
+def test_seed_reaches_the_pixels(run_tiny, tmp_path):
+    """--seed N and N+1 share no image; the same seed in other batches differs by at most one
+    uint8 level; the seed column and each PNG's metadata hold the seed the generator was given."""
+    args = ("--limit", "8", "--images-per-prompt", "2")
+    for name, extra in {"s0": ("--seed", "0"), "s1": ("--seed", "1"), "s1b": ("--seed", "1", "--batch-size", "5")}.items():
+        assert run_tiny(tmp_path / name, *args, *extra).exit_code == 0
+    s0, s1, s1b = (_pixels(tmp_path / n) for n in ("s0", "s1", "s1b"))
+    assert len(s0) == len(s1) == 16
+    every_pair = [(a, b) for a in s0.values() for b in s1.values()]
+    assert not any(np.array_equal(a, b) for a, b in every_pair)  # not even under another name
+    for name in s1:
+        assert np.abs(s1[name].astype(int) - s1b[name].astype(int)).max() <= 1, name
+    scores = pd.read_csv(tmp_path / "s1" / "scores.csv")
+    for row in scores.itertuples():
+        meta = json.loads(Image.open(tmp_path / "s1" / row.image).text["clipeval"])
+        assert meta["seed"] == row.seed < 2**32  # below 2³²: the CPU generator keeps every bit
+    assert set(scores["seed"]).isdisjoint(pd.read_csv(tmp_path / "s0" / "scores.csv")["seed"])
+
+
+def test_a_run_of_the_first_seed_scheme_is_resumed_only_for_seed_0(run_tiny, tmp_path):
+    """Scheme 1 (clipeval 0.1.0) ignored --seed. A seed-0 run of it has exactly today's images and
+    is extended; any other seed is refused with one line naming --overwrite."""
+    for seed in ("0", "3"):
+        out = tmp_path / f"seed{seed}"
+        assert run_tiny(out, "--limit", "2", "--seed", seed).exit_code == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        del manifest["generation"]["seed_scheme"]  # as 0.1.0 wrote it
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        before = _pixels(out)
+        extended = run_tiny(out, "--limit", "3", "--seed", seed)
+        if seed == "0":
+            assert extended.exit_code == 0, extended.stderr
+            assert json.loads((out / "manifest.json").read_text())["timings"]["images_generated"] == 1
+        else:
+            assert_user_error(extended, "seed scheme 1", "--overwrite")
+            after = _pixels(out)
+            assert after.keys() == before.keys() and all(np.array_equal(before[k], after[k]) for k in after)
+            assert run_tiny(out, "--limit", "3", "--seed", seed, "--overwrite").exit_code == 0
