@@ -39,27 +39,11 @@ class RunScores:
 
 
 def load_run(path: str | Path) -> RunScores:
-    import pandas as pd
-
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ClipevalError(f"{path}: no such run folder")
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        scores = pd.read_csv(folder / "scores.csv", keep_default_na=False, na_values={"clip_score": [""]},
-                             dtype={"prompt": str, "category": str, "challenge": str})
-    except FileNotFoundError as err:
-        raise ClipevalError(f"{path}: not a finished clipeval run ({Path(err.filename).name} missing)") from err
-    except (OSError, ValueError) as err:
-        raise ClipevalError(f"{path}: unreadable run files ({err})") from err
-    missing = {"prompt_id", "sample", "seed", "prompt", "category", "challenge", "clip_score"} - set(scores.columns)
-    if missing:
-        raise ClipevalError(f"{path}/scores.csv: missing columns {', '.join(sorted(missing))}")
-    if not pd.api.types.is_numeric_dtype(scores["clip_score"]):
-        raise ClipevalError(f"{path}/scores.csv: clip_score is not numeric")
     from clipeval.stats import usable
+    from clipeval.store import load_run as load
 
-    return RunScores(str(path), folder, manifest.get("settings", {}), usable(scores))  # flagged images never pair
+    record = load(path)
+    return RunScores(str(path), record.path, record.settings, usable(record.scores))  # flagged images never pair
 
 
 @dataclass

@@ -40,24 +40,12 @@ class ReportRun:
 
 
 def load(path: str | Path) -> ReportRun:
-    import pandas as pd
+    from clipeval.store import load_run
 
-    folder = Path(path).expanduser()
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-        scores = pd.read_csv(folder / "scores.csv", keep_default_na=False, na_values={"clip_score": [""]},
-                             dtype={"prompt": str, "category": str, "challenge": str, "image": str})
-    except FileNotFoundError as err:
-        raise ClipevalError(f"{path}: not a finished clipeval run ({Path(err.filename).name} missing)") from err
-    except (OSError, ValueError) as err:
-        raise ClipevalError(f"{path}: unreadable run files ({err})") from err
-    if "flag" not in scores.columns:
-        scores["flag"] = ""
-    source = manifest.get("source") or {}
-    # A `score` output points at the images it scored: the run it re-scored, or the image folder.
-    root = Path(manifest.get("settings", {}).get("rescored_from") or source.get("path") or folder) if manifest.get("kind") == "score" else folder
-    return ReportRun(str(path), folder, manifest, summary, scores, root)
+    record = load_run(path)
+    if record.summary is None:
+        raise ClipevalError(f"{path}: not a finished clipeval run (summary.json missing)")
+    return ReportRun(str(path), record.path, record.manifest, record.summary, record.scores, record.image_root)
 
 
 # -- pieces -------------------------------------------------------------------------------------------

@@ -77,20 +77,19 @@ class ImageProblem(Exception):
 # -- sources --------------------------------------------------------------------------------------
 
 def is_run(folder: Path) -> bool:
-    return (folder / "manifest.json").is_file() and (folder / "scores.csv").is_file()
+    """A run folder, finished or not (an unfinished one is refused by ``load_run``, saying why)."""
+    from clipeval.store import STATE
+
+    return (folder / "manifest.json").is_file() or (folder / STATE).is_dir()
 
 
 def from_run(folder: Path, batch_size: int | None) -> Source:
-    import pandas as pd
+    from clipeval.store import RunDir, load_run
 
-    from clipeval.store import RunDir
-
-    manifest = RunDir(folder).manifest() or {}
-    scores = pd.read_csv(folder / "scores.csv", keep_default_na=False, dtype={"prompt": str, "category": str, "challenge": str})
-    if "image" not in scores.columns or (scores["image"] == "").all():
+    record = load_run(folder)
+    manifest, scores = record.manifest, record.scores
+    if (scores["image"] == "").all():
         raise ClipevalError(f"{folder}: the run saved no images (--no-save-images); nothing to re-score")
-    if "flag" not in scores.columns:
-        scores["flag"] = ""
     rows = {
         (int(r.prompt_id), int(r.sample)): ImageRow(int(r.prompt_id), int(r.sample), r.seed, r.prompt, r.category,
                                                     r.challenge, r.image, folder / r.image, r.flag)
@@ -322,10 +321,7 @@ def score(config: ScoreConfig):
             "started_at": started,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        store.write_csv(out / "scores.csv", scores)
-        store.write_csv(out / "prompts.csv", per_prompt)
-        store.write_json(out / "summary.json", summary)
-        store.write_json(out / "manifest.json", manifest)
+        manifest = store.write_results(out, scores=scores, prompts=per_prompt, summary=summary, manifest=manifest)
     finally:
         rundir.release()
     notes = {**source.problems, "unreadable images": [s["image"] for s in skipped]}

@@ -195,7 +195,7 @@ def _generate_and_write(config, rundir, ranks, previous, settings, ref, library,
     out = rundir.path
     manifest = _manifest(config, settings, ref, library, gen, device, scorer, previous, ranks)
     if ranks.main:
-        store.write_json(out / "manifest.json", manifest)
+        rundir.start(manifest)
     ranks.barrier()  # rank 0 has claimed (and, with --overwrite, cleared) the folder
 
     # 3. Generate and score what the journals do not hold yet. The batches are cut from the full
@@ -221,15 +221,13 @@ def _generate_and_write(config, rundir, ranks, previous, settings, ref, library,
     done = rundir.done()
 
     scores = stats.scores_table([done[item.key] for item in items])
-    store.write_csv(out / "scores.csv", scores)
-    store.write_csv(out / "prompts.csv", stats.prompts_table(scores))
+    per_prompt = stats.prompts_table(scores)
     try:
         summary = stats.summarize(scores)
-    except ClipevalError:  # every image flagged: the tables above say which and why
+    except ClipevalError:  # every image flagged: the tables say which and why
         manifest.update(status="no usable image", finished_at=_now())
-        store.write_json(out / "manifest.json", manifest)
+        rundir.finish(scores=scores, prompts=per_prompt, summary=None, manifest=manifest)
         raise
-    store.write_json(out / "summary.json", summary)
     manifest.update(
         status="complete",
         finished_at=_now(),
@@ -240,7 +238,7 @@ def _generate_and_write(config, rundir, ranks, previous, settings, ref, library,
             "write_s": round(time.perf_counter() - clock["looped"], 3),
         },
     )
-    store.write_json(out / "manifest.json", manifest)
+    manifest = rundir.finish(scores=scores, prompts=per_prompt, summary=summary, manifest=manifest)
     result = RunResult(out, summary, manifest, scores)
     if config.trackers is not None:  # after every file is written: a tracker problem loses nothing
         result.notes["tracking"] = [config.trackers.log(result, checkpoint=config.checkpoint)]
@@ -433,7 +431,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     from clipeval import loop, pipelines, stats, store
-    from clipeval.generate import batches, work_items
+    from clipeval.generate import SEED_FORMULA, SEED_SCHEME, batches, work_items
     from clipeval.prompts import Prompt, PromptLibrary, load_library
     from clipeval.score import ClipScorer
 
@@ -475,8 +473,15 @@ def evaluate(
     scores = stats.scores_table([done[item.key] for item in items])
     per_prompt = stats.prompts_table(scores)
     summary = stats.summarize(scores)
-    if rundir is not None:
-        store.write_csv(rundir.path / "scores.csv", scores)
-        store.write_csv(rundir.path / "prompts.csv", per_prompt)
-        store.write_json(rundir.path / "summary.json", summary)
+    if rundir is not None:  # a folder compare, report and score read like a run's
+        manifest = {
+            "kind": "evaluate", "status": "complete",
+            "settings": {"library_sha256": library.sha256, "seed": seed, "clip_model": scorer.name},
+            "library": {"name": library.name, "sha256": library.sha256},
+            "generation": {"steps": gen.steps, "guidance_scale": gen.guidance_scale, "height": gen.height,
+                           "width": gen.width, "negative_prompt": gen.negative_prompt, "seed": seed,
+                           "seed_scheme": SEED_SCHEME, "seed_formula": SEED_FORMULA, "batch_size": batch_size},
+            "versions": versions(), "finished_at": _now(),
+        }
+        store.write_results(rundir.path, scores=scores, prompts=per_prompt, summary=summary, manifest=manifest)
     return Evaluation(scores, per_prompt, summary)

@@ -3,14 +3,20 @@
 Layout (the contract other commands build on)::
 
     DIR/images/{prompt_id:05d}_{sample:02d}.png
-    DIR/scores.csv  DIR/prompts.csv  DIR/summary.json  DIR/manifest.json
+    DIR/scores.csv  DIR/prompts.csv  DIR/summary.json  DIR/manifest.json   the result set
     DIR/.clipeval/lock                 held (flock) by the live run; the kernel frees it on death
     DIR/.clipeval/journal-<rank>.jsonl one JSON line per finished batch
+    DIR/.clipeval/run.json             the manifest of the invocation in progress
 
 A batch is committed by appending one line to the journal (then fsync), after its images are on
 disk. A line cut short by a kill is ignored, so a batch is either wholly done or redone. The
 final tables are derived from the journal and written by temp file + rename: readers never see
 half a file, and a rerun of the same command resumes from the journal.
+
+The four result files are one set. ``manifest.json`` is written last and holds the sha256 of the
+other three: it is the commit record. A failure anywhere in the final write leaves either the
+previous set intact or files whose hashes disagree with the manifest, and ``load_run`` (the one
+reader every command uses) refuses those, saying to rerun; rerunning completes the set.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -33,6 +40,10 @@ from clipeval.errors import ClipevalError
 STATE = ".clipeval"
 IMAGE_NAME = re.compile(r"^\d+_\d+\.png$")
 RESULT_FILES = ("scores.csv", "prompts.csv", "summary.json", "manifest.json")
+PENDING = "run.json"
+# How every reader parses scores.csv: empty strings stay strings (a prompt may be "NA"), an empty
+# clip_score is a missing score (a NaN image).
+SCORES_DTYPES = {"prompt": str, "category": str, "challenge": str, "image": str, "flag": str}
 
 
 def image_name(prompt_id: int, sample: int) -> str:
@@ -72,14 +83,109 @@ def write_atomic(path: Path, data: bytes) -> None:
             raise
 
 
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def csv_bytes(frame) -> bytes:
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, lineterminator="\n")
+    return buffer.getvalue().encode("utf-8")
+
+
 def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"))
+    write_atomic(path, json_bytes(obj))
 
 
 def write_csv(path: Path, frame) -> None:
-    buffer = io.StringIO()
-    frame.to_csv(buffer, index=False, lineterminator="\n")
-    write_atomic(path, buffer.getvalue().encode("utf-8"))
+    write_atomic(path, csv_bytes(frame))
+
+
+def write_results(folder: Path, *, scores, prompts, summary: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write the result set; returns the manifest as written (with ``results``: file → sha256).
+
+    ``summary`` None (no usable image) removes a previous summary.json, so no old summary stands
+    beside new tables. The manifest goes last: until it is replaced, the hashes of the previous
+    manifest no longer match whatever was already replaced, and readers refuse the folder."""
+    files = {"scores.csv": csv_bytes(scores), "prompts.csv": csv_bytes(prompts)}
+    if summary is not None:
+        files["summary.json"] = json_bytes(summary)
+    for name, data in files.items():
+        write_atomic(folder / name, data)
+    if summary is None:
+        with io_errors(folder / "summary.json"):
+            (folder / "summary.json").unlink(missing_ok=True)
+    manifest = {**manifest, "results": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
+    write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+@dataclass
+class RunRecord:
+    """A finished run folder (``run``, ``score`` or ``evaluate(out=...)``), as every command reads it."""
+
+    path: Path
+    manifest: dict[str, Any]
+    summary: dict[str, Any] | None
+    scores: Any  # DataFrame: every row of scores.csv, flagged images included
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.manifest.get("settings", {})
+
+    @property
+    def image_root(self) -> Path:
+        """Where the ``image`` column is relative to: a ``score`` output points at what it scored."""
+        if self.manifest.get("kind") != "score":
+            return self.path
+        source = self.manifest.get("source") or {}
+        return Path(self.settings.get("rescored_from") or source.get("path") or self.path)
+
+
+def load_run(path: str | Path) -> RunRecord:
+    """Read a run folder whose result files are one complete set, or raise one line saying why
+    and what to do."""
+    import pandas as pd
+
+    folder = Path(path).expanduser()
+    rerun = "rerun the command that made it to complete it"
+    if not folder.is_dir():
+        raise ClipevalError(f"{path}: no such run folder")
+    raw: dict[str, bytes] = {}
+    try:
+        raw["manifest.json"] = (folder / "manifest.json").read_bytes()
+        manifest = json.loads(raw["manifest.json"])
+        status = manifest.get("status")
+        if status != "complete":  # 0.1.0 kept a running run's manifest here
+            raise ClipevalError(f"{path}: the run is not finished (status: {status}); {rerun}")
+        expected = manifest.get("results")
+        # A 0.1.0 folder has no hashes: its scores.csv, and its summary.json where there is one.
+        legacy = ["scores.csv"] + (["summary.json"] if (folder / "summary.json").exists() else [])
+        for name in expected or legacy:
+            raw[name] = (folder / name).read_bytes()
+            if expected is not None and hashlib.sha256(raw[name]).hexdigest() != expected[name]:
+                raise ClipevalError(
+                    f"{path}: {name} does not belong with manifest.json (a final write was interrupted or failed); {rerun}"
+                )
+        scores = pd.read_csv(io.BytesIO(raw["scores.csv"]), keep_default_na=False, na_values={"clip_score": [""]},
+                             dtype={k: v for k, v in SCORES_DTYPES.items()})
+        summary = json.loads(raw["summary.json"]) if "summary.json" in raw else None
+    except FileNotFoundError as err:
+        unfinished = (folder / STATE / PENDING).exists()
+        raise ClipevalError(
+            f"{path}: not a finished clipeval run ({Path(err.filename).name} missing)" + (f"; {rerun}" if unfinished else "")
+        ) from err
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise ClipevalError(f"{path}: unreadable run files ({err}); {rerun}") from err
+    missing = {"prompt_id", "sample", "seed", "prompt", "category", "challenge", "clip_score"} - set(scores.columns)
+    if missing:
+        raise ClipevalError(f"{path}/scores.csv: missing columns {', '.join(sorted(missing))}")
+    if not pd.api.types.is_numeric_dtype(scores["clip_score"]):
+        raise ClipevalError(f"{path}/scores.csv: clip_score is not numeric")
+    for column in ("flag", "image"):
+        if column not in scores.columns:
+            scores[column] = ""
+    return RunRecord(folder, manifest, summary, scores)
 
 
 def check_parent(out: Path) -> None:
@@ -110,12 +216,27 @@ class RunDir:
         return self.path / STATE
 
     def manifest(self) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as err:
-            raise ClipevalError(f"{self.path}/manifest.json is unreadable ({err}); use --overwrite") from err
+        """The latest manifest: of an unfinished invocation if there is one, else the result set's."""
+        for path in (self.state / PENDING, self.path / "manifest.json"):
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as err:
+                raise ClipevalError(f"{path} is unreadable ({err}); use --overwrite") from err
+        return None
+
+    def start(self, manifest: dict[str, Any]) -> None:
+        """Record the invocation in progress; the previous result set stays as it was."""
+        with io_errors(self.state):
+            self.state.mkdir(parents=True, exist_ok=True)
+        write_json(self.state / PENDING, manifest)
+
+    def finish(self, **results: Any) -> dict[str, Any]:
+        """Commit the result set (see ``write_results``), then forget the invocation in progress."""
+        manifest = write_results(self.path, **results)
+        (self.state / PENDING).unlink(missing_ok=True)
+        return manifest
 
     # -- claiming the folder ---------------------------------------------------------------------
     def lock(self) -> None:
@@ -186,6 +307,7 @@ class RunDir:
         """Remove what a previous run wrote (and only that)."""
         for name in RESULT_FILES:
             (self.path / name).unlink(missing_ok=True)
+        (self.state / PENDING).unlink(missing_ok=True)
         for journal in self.state.glob("journal-*.jsonl") if self.state.is_dir() else ():
             journal.unlink()
         if self.images.is_dir():

@@ -153,10 +153,17 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
 
 
 def _finished(out: Path) -> bool:
+    return _record(out) is not None
+
+
+def _record(out: Path):
+    """The run's result set when it is complete and whole; else None (the sweep evaluates it again)."""
+    from clipeval.store import load_run
+
     try:
-        return json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("status") == "complete"
-    except (OSError, ValueError):
-        return False
+        return load_run(out)
+    except ClipevalError:
+        return None
 
 
 def write_history(results_dir: Path, steps: dict[str, int | None]) -> Path:
@@ -167,12 +174,11 @@ def write_history(results_dir: Path, steps: dict[str, int | None]) -> Path:
     from clipeval.trackers import training_step
 
     rows = []
-    for out in sorted(p for p in results_dir.iterdir() if p.is_dir() and _finished(p)):
-        try:
-            summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-            manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+    for out in sorted(p for p in results_dir.iterdir() if p.is_dir()):
+        record = _record(out)
+        if record is None or record.summary is None:
             continue
+        summary, manifest = record.summary, record.manifest
         ci = summary.get("clip/mean_ci") or [None, None]
         step = steps.get(out.name, training_step(manifest.get("settings", {}).get("checkpoint", out.name)))
         rows.append({

@@ -33,9 +33,13 @@ def base_scores(prompts: int = 40, samples: int = 2, seed: int = 0) -> pd.DataFr
 
 
 def make_run(path, scores: pd.DataFrame, **settings):
+    """A finished run folder with these scores, written as clipeval writes one (a result set)."""
+    from clipeval import stats, store
+
     path.mkdir(parents=True)
-    scores.to_csv(path / "scores.csv", index=False)
-    (path / "manifest.json").write_text(json.dumps({"settings": {**SETTINGS, **settings}}))
+    scores = scores.assign(flag=scores.get("flag", ""))
+    store.write_results(path, scores=scores, prompts=stats.prompts_table(scores), summary=None,
+                        manifest={"status": "complete", "settings": {**SETTINGS, **settings}})
     return path
 
 
@@ -175,7 +179,7 @@ def test_markdown_escapes_table_cells(cli, tmp_path):
 @pytest.mark.parametrize("setup, needle", [
     (lambda p: None, "no such run folder"),
     (lambda p: p.mkdir(), "not a finished clipeval run"),
-    (lambda p: (p.mkdir(), (p / "manifest.json").write_text("{}"), (p / "scores.csv").write_text("a,b\n1,2\n")), "missing columns"),
+    (lambda p: (p.mkdir(), (p / "manifest.json").write_text('{"status": "complete"}'), (p / "scores.csv").write_text("a,b\n1,2\n")), "missing columns"),
 ])
 def test_bad_run_folders(cli, tmp_path, setup, needle):
     good = make_run(tmp_path / "good", base_scores())

@@ -170,7 +170,7 @@ def test_run_with_report_flag_and_reports_of_scores_and_imageless_runs(cli, run_
 
 
 def test_report_errors(cli, hostile_runs, tmp_path):
-    assert_user_error(cli("report", tmp_path / "nothing", "--out", tmp_path / "r.html"), "not a finished clipeval run")
+    assert_user_error(cli("report", tmp_path / "nothing", "--out", tmp_path / "r.html"), "no such run folder")
     assert_user_error(cli("report", hostile_runs[0], "--out", tmp_path / "r.txt"), "give a .html file name")
 
 
@@ -265,11 +265,10 @@ def test_a_parti_sized_report_stays_fast(browser, mirror, tmp_path, cli):
                          "category": p.category, "challenge": p.challenge,
                          "clip_score": round(0.3 + 0.03 * rng.standard_normal(), 8), "truncated": False, "image": name, "flag": ""})
     scores = pd.DataFrame(rows)
-    scores.to_csv(run / "scores.csv", index=False)
-    from clipeval import stats
+    from clipeval import stats, store
 
-    (run / "summary.json").write_text(json.dumps(stats.summarize(scores)))
-    (run / "manifest.json").write_text(json.dumps({"settings": {"library_sha256": lib.sha256, "seed": 0, "clip_model": "m"}}))
+    store.write_results(run, scores=scores, prompts=stats.prompts_table(scores), summary=stats.summarize(scores),
+                        manifest={"status": "complete", "settings": {"library_sha256": lib.sha256, "seed": 0, "clip_model": "m"}})
     out = tmp_path / "parti.html"
     assert cli("report", run, "--out", out).exit_code == 0
     page, problems = _open(browser, out)

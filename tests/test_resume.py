@@ -3,6 +3,7 @@ identical to an uninterrupted run. Real processes: nothing in-process can fake a
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -64,40 +65,42 @@ store.write_atomic = write_atomic
 import clipeval.pipelines
 clipeval.pipelines.load_pipeline = lambda *a, **k: _die()
 """,
-    # inside the third batch's generation
+    # inside the fourth batch's generation (the first batch is committed)
     "inside-generation": """
 import clipeval.generate
 _generate = clipeval.generate.generate
 def generate(*a, **k):
     _n[0] += 1
-    if _n[0] == 3: _die()
+    if _n[0] == 4: _die()
     return _generate(*a, **k)
 clipeval.generate.generate = generate
 """,
-    # while the third batch's prompts are embedded
+    # while the fourth batch's prompts are embedded (the first batch is committed)
     "text-embedding": """
 import clipeval.score
 _embed = clipeval.score.ClipScorer.embed_texts
 def embed_texts(self, prompts):
     _n[0] += 1
-    if _n[0] == 3: _die()
+    if _n[0] == 4: _die()
     return _embed(self, prompts)
 clipeval.score.ClipScorer.embed_texts = embed_texts
 """,
-    # while the second batch's images are embedded
+    # while the fourth batch's images are embedded (the first batch is committed)
     "image-scoring": """
 import clipeval.score
 _images = clipeval.score.ClipScorer.embed_images
 def embed_images(self, images):
     _n[0] += 1
-    if _n[0] == 2: _die()
+    if _n[0] == 4: _die()
     return _images(self, images)
 clipeval.score.ClipScorer.embed_images = embed_images
 """,
     # every batch committed, no table written
     "before-final-tables": """
-def write_csv(path, frame): _die()
-store.write_csv = write_csv
+def write_atomic(path, data):
+    if path.name == "scores.csv": _die()
+    _write_atomic(path, data)
+store.write_atomic = write_atomic
 """,
     # half of summary.json's temp file on disk
     "mid-summary-write": """
@@ -108,12 +111,10 @@ def write_atomic(path, data):
     _write_atomic(path, data)
 store.write_atomic = write_atomic
 """,
-    # everything written but the final manifest
+    # every table and the summary written, not the manifest that commits them
     "final-manifest": """
 def write_atomic(path, data):
-    if path.name == "manifest.json":
-        _n[0] += 1
-        if _n[0] == 2: _die()
+    if path.name == "manifest.json": _die()
     _write_atomic(path, data)
 store.write_atomic = write_atomic
 """,
@@ -124,6 +125,16 @@ def write_atomic(path, data):
     _write_atomic(path, data)
 store.write_atomic = write_atomic
 """,
+}
+
+
+# Images the resumed run must generate after each kill: 12 images in 4 batches of 3; the loop
+# commits batch i once batch i+2 is generated. A resumed run that started over would generate 12.
+STILL_TO_DO = {
+    "after-first-batch": 9, "torn-journal-line": 9, "mid-png-write": 9, "inside-generation": 9,
+    "text-embedding": 9, "image-scoring": 9,
+    "before-final-tables": 0, "mid-summary-write": 0, "final-manifest": 0, "between-final-tables": 0,
+    "before-first-commit": 12, "during-model-load": 12,
 }
 
 
@@ -148,6 +159,9 @@ def test_resume_after_kill_equals_uninterrupted(point, reference, run_tiny, mode
     assert not (out / "summary.json").exists() or point == "final-manifest"
     resumed = run_tiny(out, *ARGS[2:-2])  # the same command
     assert resumed.exit_code == 0, resumed.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["timings"]["images_generated"] == STILL_TO_DO[point]  # only what was not committed
+    assert manifest["resumed"] == (0 if point == "during-model-load" else 1)
     assert files_of(out) == reference
     assert not list(out.rglob(".*.tmp"))
 
