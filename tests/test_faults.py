@@ -100,14 +100,75 @@ def test_disk_full_mid_run_is_one_line_and_the_run_resumes(run_tiny, tmp_path, d
     assert files_of(out) == files_of(reference)
 
 
-def test_disk_full_while_extending_a_run_keeps_the_old_results(run_tiny, tmp_path, disk_full):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def extended_reference(models, tmp_path_factory):
+    """A --limit 2 run extended to --limit 3 without a fault: what a failed extension must end as
+    once rerun (a fresh --limit 3 run cuts other batches, which moves pixels by float rounding)."""
+    from click.testing import CliRunner
+
+    from clipeval.cli import main
+
+    out = tmp_path_factory.mktemp("extended") / "run"
+    args = ["run", "--checkpoint", str(models.sd), "--clip-model", str(models.clip), "--prompt-library", "smoke",
+            "--out", str(out), "--steps", "2", "--quiet", "--limit"]
+    assert CliRunner().invoke(main, [*args, "2"]).exit_code == 0
+    assert CliRunner().invoke(main, [*args, "3"]).exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("how", ["disk full", "cannot be replaced"])
+@pytest.mark.parametrize("name", ["scores.csv", "prompts.csv", "summary.json", "manifest.json"])
+def test_a_failed_final_write_leaves_the_old_set_or_a_folder_every_reader_refuses(
+        name, how, run_tiny, cli, models, tmp_path, disk_full, monkeypatch, extended_reference):
+    """Extending a run, the final write fails at each result file in turn. Afterwards either every
+    result file is the previous complete set, byte for byte, or compare, report, score and the
+    sweep's history all refuse the folder saying to rerun; the rerun completes it."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from conftest import files_of
+
+    from clipeval import sweep
+
+    results = tmp_path / "results"
+    out = results / "run"
     assert run_tiny(out, "--limit", "2").exit_code == 0
-    before = {name: (out / name).read_bytes() for name in ("scores.csv", "prompts.csv", "summary.json")}
-    disk_full.update(pattern="summary.json", budget=0)
-    assert_user_error(run_tiny(out, "--limit", "3"), "summary.json", "disk full")
-    assert (out / "summary.json").read_bytes() == before["summary.json"]  # the old one, whole
+    before = {n: (out / n).read_bytes() for n in ("scores.csv", "prompts.csv", "summary.json", "manifest.json")}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == name and Path(dst).parent == out:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_replace(src, dst)
+
+    if how == "disk full":
+        disk_full.update(pattern=name, budget=0)
+    else:
+        monkeypatch.setattr(os, "replace", replace)
+    assert_user_error(run_tiny(out, "--limit", "3"), "cannot write", name, "rerun the same command")
+    disk_full.update(pattern=None)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert not list(out.glob(".*.tmp"))
+
+    after = {n: (out / n).read_bytes() if (out / n).exists() else None for n in before}
+    sweep.write_history(results, {})
+    history = pd.read_csv(results / "history.csv")
+    if after == before:  # the old set, whole: every reader still reads it
+        assert cli("compare", out, out, "--resamples", "200").exit_code == 0
+        assert history["run"].tolist() == ["run"] and history["images"].tolist() == [2]
+    else:
+        rerun = "rerun the command that made it to complete it"
+        assert_user_error(cli("compare", out, extended_reference, "--resamples", "200"), rerun)
+        assert_user_error(cli("report", out, "--out", tmp_path / "r.html"), rerun)
+        assert_user_error(cli("score", out, "--clip-model", models.clip, "--out", tmp_path / "s", "--quiet"), rerun)
+        assert history.empty  # the sweep evaluates it again instead
+        assert name != "scores.csv"  # the first write: nothing was replaced before it
+    assert run_tiny(out, "--limit", "3").exit_code == 0  # the same command completes it
+    assert files_of(out) == files_of(extended_reference)
+    assert cli("compare", out, extended_reference, "--resamples", "200").exit_code == 0
+    sweep.write_history(results, {})
+    assert pd.read_csv(results / "history.csv")["images"].tolist() == [3]
 
 
 # -- untrusted checkpoints ----------------------------------------------------------------------------
