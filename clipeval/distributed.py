@@ -6,7 +6,11 @@ the folder, and merges all journals at the end. Because a batch is the same whoe
 the result equals a single-process run, and a run resumes with any number of processes.
 
 Every collective step also carries errors: when rank 0 cannot claim the folder, or any rank fails
-in its loop, every rank raises the same ``ClipevalError`` instead of waiting at a barrier forever.
+to load its models or in its loop, with any exception, every rank raises the same
+``ClipevalError`` naming the failing rank, instead of waiting at a collective. A rank that fails
+in the loop also leaves a note in the run folder's state (``failed-<rank>``), which the other
+ranks look for between batches: they stop within one batch, keeping what they committed, and the
+same command resumes.
 """
 
 from __future__ import annotations
@@ -46,8 +50,14 @@ class Ranks:
         if self.main:
             try:
                 outcome = [("ok", fn())]
-            except ClipevalError as err:
-                outcome = [("error", str(err))]
+            except Exception as err:  # noqa: BLE001 - every rank must hear of it
+                if self.state is None:
+                    raise
+                if not isinstance(err, ClipevalError):
+                    import traceback
+
+                    traceback.print_exception(err)
+                outcome = [("error", describe(err))]
         if self.state is not None:
             from accelerate.utils import broadcast_object_list
 
@@ -63,11 +73,26 @@ class Ranks:
         if self.state is not None:
             from accelerate.utils import gather_object
 
-            errors = gather_object([error])
+            try:
+                errors = gather_object([error])
+            except RuntimeError as err:  # a peer died without a word (kill -9, out of host memory)
+                raise ClipevalError(
+                    f"rank {self.rank}: another process of this run died without a word (killed, or out of host "
+                    "memory?); the launcher's log says which; rerun the same command to resume"
+                ) from err
         failed = [(rank, e) for rank, e in enumerate(errors) if e]
         if failed:
             rank, message = failed[0]
             raise ClipevalError(message if self.world == 1 else f"rank {rank}: {message}")
+
+
+def describe(err: BaseException) -> str:
+    """One line for another rank to print: a user error as it is, anything else with its type
+    (its traceback is printed by the rank it happened on)."""
+    if isinstance(err, ClipevalError):
+        return str(err)
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def ranks() -> Ranks:

@@ -123,9 +123,11 @@ class Pending:
 
 
 def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dict, save_images: bool,
-                batch_size: int, bar, log) -> int:
+                batch_size: int, bar, log, stop=None) -> int:
     """Generate, score, write and commit ``batches``; returns the number of images generated.
-    With ``rundir`` None (``evaluate`` without a folder) nothing is written: rows only fill ``done``."""
+    With ``rundir`` None (``evaluate`` without a folder) nothing is written: rows only fill ``done``.
+    ``stop()``, asked before each batch, ends the loop early (another rank failed); what was
+    generated is still committed."""
     from clipeval.store import image_name
 
     overlap = str(getattr(pipe, "device", "cpu")).startswith("cuda")
@@ -172,6 +174,8 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="png") as writers:
             for batch in batches:
+                if stop is not None and stop():
+                    break
                 images, flags = generate_adaptive(pipe, batch, gen, adaptive)
                 generated += len(batch)
                 submitted = Pending(batch, flags, stage.submit(images, [item.prompt for item in batch]))

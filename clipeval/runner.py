@@ -133,30 +133,39 @@ def run(config: RunConfig) -> RunResult | None:
     rundir = store.RunDir(out, rank=ranks.rank)
     _check_seed_scheme(rundir.check({**settings, **explicit}, overwrite=config.overwrite), out)
 
-    # 2. Models, then the settings that depend on them. Nothing is written before they load.
-    pipe = pipelines.load_pipeline(
-        ref, device=device, dtype=dtype, allow_pickle=config.allow_pickle, revision=config.revision,
-        lora_scale=config.lora_scale,
-    )
-    if config.attention:
-        pipelines.set_attention(pipe, config.attention)
-    if config.compile:
-        pipelines.compile_denoiser(pipe)
-    gen = generation_settings(
-        pipelines.call_defaults(pipe), steps=config.steps, guidance_scale=config.guidance_scale,
-        height=config.height, width=config.width, negative_prompt=config.negative_prompt,
-    )
-    settings.update(steps=gen.steps, guidance_scale=gen.guidance_scale, height=gen.height, width=gen.width)
-    from clipeval.score import ClipScorer
+    # 2. Models, then the settings that depend on them. Nothing is written before they load. In a
+    #    multi-process run every rank says whether it loaded, so none waits for a rank that failed.
+    load_error = None
+    try:
+        pipe = pipelines.load_pipeline(
+            ref, device=device, dtype=dtype, allow_pickle=config.allow_pickle, revision=config.revision,
+            lora_scale=config.lora_scale,
+        )
+        if config.attention:
+            pipelines.set_attention(pipe, config.attention)
+        if config.compile:
+            pipelines.compile_denoiser(pipe)
+        gen = generation_settings(
+            pipelines.call_defaults(pipe), steps=config.steps, guidance_scale=config.guidance_scale,
+            height=config.height, width=config.width, negative_prompt=config.negative_prompt,
+        )
+        settings.update(steps=gen.steps, guidance_scale=gen.guidance_scale, height=gen.height, width=gen.width)
+        from clipeval.score import ClipScorer
 
-    scorer = ClipScorer(
-        config.clip_model,
-        device=device,
-        dtype=config.clip_dtype,
-        preprocess=config.preprocess,
-        revision=config.clip_revision,
-        allow_pickle=config.allow_pickle,
-    )
+        scorer = ClipScorer(
+            config.clip_model,
+            device=device,
+            dtype=config.clip_dtype,
+            preprocess=config.preprocess,
+            revision=config.clip_revision,
+            allow_pickle=config.allow_pickle,
+        )
+    except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
+        if ranks.world == 1:
+            raise
+        _print_traceback(err)
+        load_error = distributed.describe(err)
+    ranks.all_ok(load_error)
     clock["loaded"] = time.perf_counter()
     previous = ranks.on_main(lambda: rundir.claim(settings, overwrite=config.overwrite))
     try:
@@ -164,6 +173,15 @@ def run(config: RunConfig) -> RunResult | None:
                                    scorer, device, clock)
     finally:
         rundir.release()
+
+
+def _print_traceback(err: BaseException) -> None:
+    """A bug or a device error on one rank of several: its traceback, on its own stderr, before
+    every rank stops with its one-line message."""
+    import traceback
+
+    if not isinstance(err, ClipevalError):
+        traceback.print_exception(err, file=sys.stderr)
 
 
 def _check_seed_scheme(previous: dict[str, Any] | None, out: Path) -> None:
@@ -189,14 +207,13 @@ def _rank_device(spec: str, ranks) -> str:
 
 
 def _generate_and_write(config, rundir, ranks, previous, settings, ref, library, items, gen, pipe, scorer, device, clock):
-    from clipeval import store
+    from clipeval import distributed
     from clipeval.generate import batches
 
     out = rundir.path
     manifest = _manifest(config, settings, ref, library, gen, device, scorer, previous, ranks)
-    if ranks.main:
-        rundir.start(manifest)
-    ranks.barrier()  # rank 0 has claimed (and, with --overwrite, cleared) the folder
+    # Also the barrier after which rank 0 has claimed (and, with --overwrite, cleared) the folder.
+    ranks.on_main(lambda: rundir.start(manifest))
 
     # 3. Generate and score what the journals do not hold yet. The batches are cut from the full
     #    list, so each is the same whichever rank, or whichever earlier run, computes it.
@@ -208,8 +225,13 @@ def _generate_and_write(config, rundir, ranks, previous, settings, ref, library,
     error = None
     try:
         generated = _generate_and_score(pipe, scorer, gen, items, mine, done, rundir, config, ranks)
-    except ClipevalError as err:
-        error, generated = str(err), 0
+    except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
+        if ranks.world == 1:
+            raise
+        if not isinstance(err, ClipevalError):
+            _print_traceback(err)
+        error, generated = distributed.describe(err), 0
+        rundir.signal_failure(error)
     clock["looped"] = time.perf_counter()
     ranks.all_ok(error)
     if not ranks.main:
@@ -286,6 +308,7 @@ def _generate_and_score(pipe, scorer, gen, items, mine, done, rundir, config: Ru
         return loop.run_batches(
             mine, pipe=pipe, scorer=scorer, gen=gen, rundir=rundir, done=done, save_images=config.save_images,
             batch_size=config.batch_size, bar=bar, log=lambda message: tqdm.write(f"clipeval: {message}", file=sys.stderr),
+            stop=rundir.peer_failed if ranks.world > 1 else None,
         )
 
 

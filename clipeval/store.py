@@ -297,8 +297,11 @@ class RunDir:
             )
 
     def _remove_stale_temp_files(self) -> None:
-        """Temp files of writes a kill interrupted; safe under the lock, no writer is alive."""
-        for folder in (self.path, self.images):
+        """Temp files of writes a kill interrupted, and failure notes of a previous multi-process
+        invocation; safe under the lock, no writer is alive."""
+        for note in self.state.glob("failed-*"):
+            note.unlink(missing_ok=True)
+        for folder in (self.path, self.images, self.state):
             if folder.is_dir():
                 for tmp in folder.glob(".*.tmp"):
                     tmp.unlink(missing_ok=True)
@@ -349,6 +352,18 @@ class RunDir:
             f.write(line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
+
+    # -- a failing rank tells the others ---------------------------------------------------------
+    def signal_failure(self, message: str) -> None:
+        """Best effort: the collective after the loop carries the message anyway, this only lets
+        the other ranks stop at their next batch instead of finishing theirs first."""
+        try:
+            write_atomic(self.state / f"failed-{self.rank}", message.encode("utf-8"))
+        except ClipevalError:
+            pass
+
+    def peer_failed(self) -> bool:
+        return self.state.is_dir() and any(self.state.glob("failed-*"))
 
     def save_image(self, name: str, png: bytes) -> None:
         write_atomic(self.images / name, png)
