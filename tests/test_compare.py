@@ -140,6 +140,25 @@ def test_fail_if_worse_respects_the_margin(cli, tmp_path):
     assert cli("compare", a, b, "--resamples", "500").exit_code == 0  # no gate asked for
 
 
+def test_the_gate_on_noisy_deltas_fails_only_when_the_whole_interval_is_below_the_margin(cli, tmp_path):
+    """Per-prompt deltas of -0.013 ± 0.035: the interval is about ±0.005 wide. With margin 0.01 the
+    point estimate is below -0.01 but the interval reaches above it: not significant, exit 0.
+    With margin 0.004 the whole interval lies below -0.004: exit 1."""
+    scores = base_scores(prompts=200)
+    rng = np.random.default_rng(0)
+    shift = pd.Series(-0.013 + 0.035 * rng.standard_normal(200))
+    a = make_run(tmp_path / "a", scores)
+    b = make_run(tmp_path / "b", scores.assign(clip_score=scores["clip_score"] + scores["prompt_id"].map(shift)))
+    passed, data = compare_json(cli, a, b, "--fail-if-worse", "--margin", "0.01")
+    overall = data["runs"][0]["overall"]
+    assert overall["delta"] < -0.01 < overall["delta_ci"][1]  # below the margin, but not surely
+    assert overall["delta_ci"][0] < -0.01
+    assert passed.exit_code == 0
+    failed, data = compare_json(cli, a, b, "--fail-if-worse", "--margin", "0.004")
+    assert data["runs"][0]["overall"]["delta_ci"][1] < -0.004
+    assert failed.exit_code == 1 and "gate failed" in failed.stderr
+
+
 def test_mismatched_runs_are_refused_then_compared_on_what_they_share(cli, tmp_path):
     scores = base_scores()
     a = make_run(tmp_path / "a", scores)
