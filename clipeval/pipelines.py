@@ -175,6 +175,20 @@ def _read_index(path: Path) -> dict[str, Any]:
 TRUSTED_LIBRARIES = {None, "diffusers", "transformers"}
 
 
+def _diffusers_pipeline_module(name: Any) -> bool:
+    """diffusers resolves a library name that is one of its own pipeline packages (SD 1.x's
+    safety checker is ["stable_diffusion", "StableDiffusionSafetyChecker"]) inside diffusers: its
+    own code, not the checkpoint's."""
+    import importlib.util
+
+    if not isinstance(name, str) or not name.isidentifier():
+        return False
+    try:
+        return importlib.util.find_spec(f"diffusers.pipelines.{name}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _trusted(index: Any, where: str) -> dict[str, Any]:
     """A model_index.json may name modules of its own (custom pipelines and components), which
     diffusers would import and run. clipeval never runs code that comes with a checkpoint."""
@@ -182,7 +196,7 @@ def _trusted(index: Any, where: str) -> dict[str, Any]:
         raise ClipevalError(f"{where}: model_index.json asks for a custom pipeline class; clipeval never runs code from a checkpoint")
     for name, value in index.items():
         if not name.startswith("_") and isinstance(value, (list, tuple)) and len(value) == 2:
-            if value[0] not in TRUSTED_LIBRARIES:
+            if value[0] not in TRUSTED_LIBRARIES and not _diffusers_pipeline_module(value[0]):
                 raise ClipevalError(
                     f"{where}: component {name} comes from {value[0]!r}, and clipeval never runs code from a "
                     "checkpoint (only diffusers and transformers components load)"

@@ -62,6 +62,25 @@ def test_bootstrap_ci_matches_the_normal_approximation_and_is_reproducible():
     assert weighted_mean_ci(np.full(5, 0.2), np.ones(5)) == (0.2, 0.2)
 
 
+def test_the_interval_is_bca_on_a_skewed_sample():
+    """Right-skewed per-prompt means, one image each: our interval of the weighted mean equals
+    scipy's BCa interval of the plain mean (another statistic, the same resamples) and differs from
+    the percentile interval, shifted towards the long tail."""
+    from scipy import stats as sps
+
+    x = 0.25 + np.random.default_rng(3).exponential(0.03, 25)
+    ours = weighted_mean_ci(x, np.ones_like(x))
+
+    def scipy_ci(method):
+        r = sps.bootstrap((x,), np.mean, n_resamples=10_000, confidence_level=0.95, method=method,
+                          rng=np.random.default_rng(0))
+        return r.confidence_interval.low, r.confidence_interval.high
+
+    bca, percentile = scipy_ci("BCa"), scipy_ci("percentile")
+    assert ours == pytest.approx(bca, abs=1e-12)
+    assert ours[0] - percentile[0] > 5e-4 and ours[1] - percentile[1] > 5e-4
+
+
 def test_bootstrap_resamples_prompts_with_their_image_counts():
     # Two prompts of very different sizes: the mean over images weights them by their counts.
     sums, counts = np.array([0.9, 0.1, 0.5]), np.array([3, 1, 1])

@@ -61,6 +61,37 @@ def test_a_run_whose_every_image_is_flagged_fails_but_keeps_its_tables(run_tiny,
     assert not (out / "summary.json").exists()
 
 
+def test_a_safety_checker_that_fires_flags_its_images_nsfw(run_tiny, models, tmp_path):
+    """A real StableDiffusionSafetyChecker (tiny, its concept thresholds set so that it fires on
+    everything) saved in the pipeline folder and loaded by diffusers as users' checkpoints are:
+    the blanked images are flagged nsfw, not scored as black pictures."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    pipe = StableDiffusionPipeline.from_pretrained(models.sd)
+    checker = StableDiffusionSafetyChecker(CLIPConfig.from_pretrained(models.clip))
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0)  # cosine − (−2) > 0: every image is "nsfw"
+    pipe.register_modules(safety_checker=checker, feature_extractor=CLIPImageProcessor.from_pretrained(models.clip))
+    pipe.register_to_config(requires_safety_checker=True)
+    folder = tmp_path / "sd-with-checker"
+    pipe.save_pretrained(folder)
+    assert "StableDiffusionSafetyChecker" in (folder / "model_index.json").read_text()
+
+    out = tmp_path / "run"
+    result = run_tiny(out, "--limit", "3", checkpoint=folder)
+    assert_user_error(result, "no usable image", "nsfw")
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
+    assert scores["flag"].tolist() == ["nsfw"] * 3
+    from PIL import Image
+    import numpy as np
+
+    assert all(np.asarray(Image.open(out / path)).max() == 0 for path in scores["image"])  # blanked
+    assert json.loads((out / "manifest.json").read_text())["status"] == "no usable image"
+
+
 # -- I/O errors -------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -235,12 +266,23 @@ def test_a_folder_with_only_pickle_weights(run_tiny, models, tmp_path):
         torch.save(load_file(weights), weights.with_name(name))
         weights.unlink()
     assert_user_error(run_tiny(tmp_path / "r1", checkpoint=folder), "only pickle weights", "--allow-pickle")
-    assert run_tiny(tmp_path / "r2", "--allow-pickle", "--limit", "1", checkpoint=folder).exit_code == 0
+    assert run_tiny(tmp_path / "r2", "--allow-pickle", "--limit", "2", checkpoint=folder).exit_code == 0
+    assert run_tiny(tmp_path / "r3", "--limit", "2").exit_code == 0  # the same weights as safetensors
+    import numpy as np
+    from PIL import Image
+
+    for name in ("00000_00.png", "00001_00.png"):
+        pickled, safe = (np.asarray(Image.open(tmp_path / r / "images" / name)).astype(int) for r in ("r2", "r3"))
+        assert np.abs(pickled - safe).max() <= 1  # the same model: float rounding at most
+    scores = [pd.read_csv(tmp_path / r / "scores.csv")["clip_score"] for r in ("r2", "r3")]
+    assert (scores[0] - scores[1]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("change", [
     {"_class_name": ["pipeline", "MyPipeline"]},
     {"unet": ["my_unet_module", "MyUNet"]},
+    {"unet": ["os", "system"]},  # not one of diffusers' pipeline packages
+    {"unet": ["stable_diffusion/../../custom", "MyUNet"]},
 ])
 def test_checkpoints_that_ask_for_custom_code_are_refused(run_tiny, models, tmp_path, change):
     import shutil

@@ -174,6 +174,34 @@ def test_conversions_gray_alpha_palette_16bit(tmp_path):
     assert load_rgb(tmp_path / "print.jpg").dtype == torch.uint8
 
 
+@pytest.mark.parametrize("kind", ["palette", "palette-transparent", "cmyk-jpeg", "gray-alpha", "rgba-half"])
+def test_conversions_equal_the_processors_own_pixel_for_pixel(kind, tmp_path):
+    """What CLIP sees of a palette, CMYK, or transparent file is what transformers' own
+    conversion (``convert_to_rgb``, used by its CLIP processor) makes of it, pixel for pixel."""
+    from transformers.image_transforms import convert_to_rgb
+
+    rgb = _random_rgb(11, (24, 20))
+    path = tmp_path / ("image.jpg" if kind == "cmyk-jpeg" else "image.png")
+    if kind == "palette":
+        Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(path)
+    elif kind == "palette-transparent":
+        Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(path, transparency=3)
+    elif kind == "cmyk-jpeg":
+        Image.fromarray(rgb).convert("CMYK").save(path, quality=95)
+    elif kind == "gray-alpha":
+        Image.fromarray(np.dstack([rgb[..., 0], rgb[..., 1]]), "LA").save(path)
+    else:
+        Image.fromarray(np.dstack([rgb, np.full((24, 20), 128, np.uint8)]), "RGBA").save(path)
+    expected = convert_to_rgb(Image.open(path), return_numpy=True)
+    ours = load_rgb(path).permute(1, 2, 0).numpy()
+    assert ours.shape == expected.shape == (24, 20, 3)
+    assert np.array_equal(ours, expected)
+    if kind == "palette-transparent":
+        assert (ours == 255).all(axis=-1).any()  # the transparent index became white
+    if kind == "cmyk-jpeg":
+        assert np.abs(ours.astype(int) - rgb.astype(int)).mean() < 12  # still the picture, not inverted
+
+
 def test_unreadable_images_are_skipped_and_listed(cli, models, tmp_path):
     images = tmp_path / "images"
     _save(images, "00000.png", _random_rgb(0))
