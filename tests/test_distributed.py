@@ -128,3 +128,76 @@ def test_any_error_on_one_rank_stops_every_rank_with_its_message(where, run_tiny
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["timings"]["images_generated"] == 32 - committed
     assert len(list((out / "images").glob("*.png"))) == 32
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(target: list[str], args: list, port: int, logs: Path) -> list[subprocess.Popen]:
+    """Two torchrun launchers, one process each, as node 0 and node 1 of a two-machine job whose
+    main node is 127.0.0.1: what each machine of a cluster runs. Their stderr goes to logs/node<N>."""
+    procs = []
+    logs.mkdir(exist_ok=True)
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), *target]
+        with open(logs / f"node{node}", "w") as err:
+            procs.append(subprocess.Popen([*cmd, *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                          start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    return procs
+
+
+def test_two_nodes_equal_one_process(reference, models, tmp_path):
+    out = tmp_path / "nodes"
+    procs = two_nodes(["-m", "clipeval", "run"],
+                      ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], _free_port(),
+                      tmp_path / "logs")
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], [(tmp_path / "logs" / f"node{n}").read_text()[-2000:] for n in (0, 1)]
+    assert files_of(out) == files_of(reference)
+    assert sorted(p.name for p in (out / ".clipeval").glob("journal-*.jsonl")) == ["journal-0.jsonl", "journal-1.jsonl"]
+
+
+def test_a_killed_node_stops_the_other_and_the_run_resumes(reference, run_tiny, models, tmp_path):
+    import signal
+
+    out = tmp_path / "nodes"
+    slow = "import time, clipeval.store as s\n_c = s.RunDir.commit\ns.RunDir.commit = lambda self, rows: (_c(self, rows), time.sleep(2))[0]\n"
+    script = tmp_path / "slow_clipeval.py"
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    record = f"import os\nopen(os.path.join({str(pids)!r}, os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+    script.write_text(record + slow + "from clipeval.cli import main\nmain()\n")
+    logs = tmp_path / "logs"
+    procs = two_nodes([str(script), "run"],
+                      ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], _free_port(), logs)
+    said = ""
+    try:
+        deadline = time.time() + 120
+        while not (out / ".clipeval" / "journal-1.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        # Node 1 gone mid-run: its worker (torchrun starts workers in sessions of their own) and its launcher.
+        os.kill(int((pids / "1").read_text()), signal.SIGKILL)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        deadline = time.time() + 60  # node 0 has at most three batches of 2 s left, then its collective fails
+        while "clipeval: error:" not in said and time.time() < deadline:
+            time.sleep(0.2)
+            said = (logs / "node0").read_text()
+    finally:
+        for p in procs:  # node 0's launcher may linger in torchrun's own exit barrier: not ours to wait for
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        for pid in pids.iterdir():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+    assert "clipeval: error: rank 0: another process of this run died without a word" in said, said[-2000:]
+    assert not (out / "summary.json").exists()
+    with one_thread():
+        resumed = run_tiny(out, *ARGS[:-3])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert files_of(out) == files_of(reference)
