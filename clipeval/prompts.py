@@ -146,22 +146,26 @@ def _load_builtin(desc: Descriptor) -> PromptLibrary:
             data = path.read_bytes()
         else:
             data = (_library_dir() / spec["name"]).read_bytes()
-        fmt = spec.get("format") or format_of(spec["name"])
-        rows = parse(
-            data,
-            fmt,
-            origin=spec["name"],
-            prompt_column=spec.get("prompt"),
-            category_column=spec.get("category"),
-            challenge_column=spec.get("challenge"),
-        )
-        constant = spec.get("category_value")
-        for prompt, category, challenge in rows:
-            prompts.append(Prompt(len(prompts), prompt, constant or category, challenge))
+        for prompt, category, challenge in parse_as_described(spec, data):
+            prompts.append(Prompt(len(prompts), prompt, category, challenge))
         sources.append(SourceFile(spec["name"], hashlib.sha256(data).hexdigest(), spec.get("url", "")))
     if len(prompts) != desc.count:
         raise ClipevalError(f"library {desc.name}: expected {desc.count} prompts, parsed {len(prompts)}")
     return PromptLibrary(desc.name, desc.description, tuple(prompts), tuple(sources))
+
+
+def parse_as_described(spec: dict[str, Any], data: bytes) -> list["Row"]:
+    """The rows of one file of a descriptor, read with the format and columns it names."""
+    rows = parse(
+        data,
+        spec.get("format") or format_of(spec["name"]),
+        origin=spec["name"],
+        prompt_column=spec.get("prompt"),
+        category_column=spec.get("category"),
+        challenge_column=spec.get("challenge"),
+    )
+    constant = spec.get("category_value")
+    return [(prompt, constant or category, challenge) for prompt, category, challenge in rows]
 
 
 def load_file(path: Path) -> PromptLibrary:

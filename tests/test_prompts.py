@@ -74,6 +74,66 @@ def test_hpsv2_keeps_embedded_newlines_duplicates_and_styles(mirror):
     assert both.prompts[800 + 412].prompt == load_library("hpsv2-concept-art").prompts[412].prompt
 
 
+# -- the same quirks in small files the tests write: these run on a fresh clone, without ../shared/data,
+#    through each built-in descriptor's own format and column settings.
+
+def _as_builtin(name: str, data: bytes, file: int = 0):
+    from clipeval.prompts import builtin_descriptors, parse_as_described
+
+    return parse_as_described(builtin_descriptors()[name].files[file], data)
+
+
+def test_parti_quirks_unquoted_tsv():
+    data = ("Prompt\tCategory\tChallenge\tNote\n"
+            '"G I G G L E" painted in thick lettering\tIllustrations\tWriting & Symbols\t\n'
+            " leading and trailing \tAnimals\tBasic\t\n"
+            "a  double space and ’typographic’ quotes, í and ã\tPeople\tImagination\tsome note\n"
+            "an impressionistic painting\tArts\tStyle & Format\t\n"
+            "an impressionistic painting.\tArts\tStyle & Format\t\n").encode("utf-8")
+    assert _as_builtin("parti", data) == [
+        ('"G I G G L E" painted in thick lettering', "Illustrations", "Writing & Symbols"),
+        (" leading and trailing ", "Animals", "Basic"),
+        ("a  double space and ’typographic’ quotes, í and ã", "People", "Imagination"),
+        ("an impressionistic painting", "Arts", "Style & Format"),
+        ("an impressionistic painting.", "Arts", "Style & Format"),
+    ]
+
+
+def test_drawbench_quirks_crlf_quoted_commas_trailing_space_no_final_newline():
+    data = ('Prompts,Category\r\n"A red colored car, on a road.",Colors\r\n'
+            "A collection of nail is sitting on a table.,Gary Marcus et al. \r\n"
+            "A storefront with 'Schönhausen' written on it.,Text").encode("utf-8")
+    assert _as_builtin("drawbench", data) == [
+        ("A red colored car, on a road.", "Colors", ""),
+        ("A collection of nail is sitting on a table.", "Gary Marcus et al. ", ""),
+        ("A storefront with 'Schönhausen' written on it.", "Text", ""),
+    ]
+
+
+def test_geneval_quirks_jsonl_with_nested_fields():
+    lines = [
+        {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}],
+         "prompt": "a photo of two dogs"},
+        {"tag": "position", "include": [{"class": "cat", "count": 1}, {"class": "bench", "count": 1, "position": ["above", 0]}],
+         "prompt": "a photo of a bench above a cat"},
+    ]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode("ascii")
+    assert _as_builtin("geneval", data) == [("a photo of two dogs", "counting", ""),
+                                            ("a photo of a bench above a cat", "position", "")]
+
+
+def test_hpsv2_quirks_one_line_json_with_escapes_newlines_and_duplicates():
+    prompts = ["A lemon wearing sunglasses on the beach.", ".\n\nA full-body shot of an anime maid",
+               'a "quoted" dragon', "A lemon wearing sunglasses on the beach.", "Beksin\u0301ski style ",
+               "a photo of a bus\n"]
+    data = json.dumps(prompts).encode("ascii")  # \u escapes, one line, no final newline
+    assert b"\n" not in data
+    rows = _as_builtin("hpsv2-anime", data)
+    assert [r[0] for r in rows] == prompts and {r[1] for r in rows} == {""}
+    styles = [_as_builtin("hpsv2", data, file)[0][1] for file in range(4)]
+    assert styles == ["anime", "concept-art", "paintings", "photo"]
+
+
 def test_library_hash_depends_on_rows_not_file_format(tmp_path):
     rows = [("a red cube", "shapes"), ('a "quoted" sphere', "shapes")]
     tsv = tmp_path / "a.tsv"
