@@ -178,7 +178,8 @@ def _headline(run: ReportRun) -> str:
         ("CLIP model", settings.get("clip_model")), ("library", (m.get("library") or {}).get("name") or settings.get("prompts")),
         ("steps", gen.get("steps")), ("guidance", gen.get("guidance_scale")),
         ("size", f"{gen['width']}×{gen['height']}" if gen.get("width") else None), ("seed", gen.get("seed")),
-        ("dtype", settings.get("dtype")), ("device", (m.get("device") or {}).get("hardware") or (m.get("device") or {}).get("name")),
+        ("dtype", settings.get("dtype")), ("device", settings.get("device_type") or str((m.get("device") or {}).get("name") or "").split(":")[0]),
+        ("hardware", (m.get("device") or {}).get("hardware")),
         ("clipeval", (m.get("versions") or {}).get("clipeval")), ("finished", m.get("finished_at")),
     ]
     rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts if v not in (None, ""))

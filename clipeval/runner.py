@@ -338,6 +338,13 @@ def _device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
+    if device.startswith("cpu"):
+        try:  # Linux: the processor's name, not only its architecture
+            for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
     return platform.processor() or platform.machine()
 
 

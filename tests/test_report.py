@@ -114,6 +114,11 @@ def test_single_run_report_structure_and_escaping(cli, hostile_runs, tmp_path):
     assert visible.count("seed ") >= 4  # best/worst cards show each image's seed
     svgs = [a for t, a in page.tags if t == "svg"]
     assert len(svgs) == 2  # histogram and category bars; this library has no challenge column
+    facts = {t.strip() for t in page.text if t.strip()}
+    manifest = json.loads((hostile_runs[0] / "manifest.json").read_text())
+    hardware = manifest["device"]["hardware"]
+    assert {"device", "cpu", "hardware", hardware} <= facts  # the type and the hardware, apart
+    assert hardware not in ("x86_64", "aarch64", "")  # a processor's name, where the OS says it
 
 
 def test_comparison_report(cli, hostile_runs, tmp_path):
