@@ -47,7 +47,8 @@ def _evaluation_options(fn):
     """The options that define an evaluation, shared by run and sweep."""
     options = [
         click.option("--prompt-library", "prompt_library", help="Built-in name (see 'clipeval libraries') or a .tsv/.csv/.jsonl/.json/.txt file.  [required, or from --config]"),
-        click.option("--clip-model", default="openai/clip-vit-large-patch14-336", show_default=True, help="transformers CLIP model id or folder, or 'demo'."),
+        click.option("--clip-model", default="openai/clip-vit-large-patch14-336", show_default=True, help="Scorer: a short name ('clipeval scorers'), a transformers CLIP/SigLIP model id or folder, or 'demo'."),
+        click.option("--clip-processor", help="Take the scorer's tokenizer and image processor from this folder or hub id (for models that ship none, e.g. PickScore)."),
         click.option("--base-model", help="Diffusers folder or hub id the checkpoint builds on: for single files, LoRA weights and fine-tuned unet/transformer folders."),
         click.option("--lora-scale", type=float, help="Strength of LoRA weights (0 = the base model).  [default: 1]"),
         click.option("--images-per-prompt", type=click.IntRange(1, 4096), default=1, show_default=True),
@@ -239,6 +240,7 @@ def _closing_line(s: dict, out: Path, label: str = "clip/mean", scale: str = "co
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for scores.csv, prompts.csv, summary.json, manifest.json.")
 @click.option("--prompts", "prompts_spec", help="For an image folder: a table with image and prompt columns, or a prompt library whose prompt_ids name the images (00012.png, 00012_01.png).")
 @click.option("--clip-model", "clip_models", multiple=True, default=["openai/clip-vit-large-patch14-336"], show_default=True, help="Repeat for several models: one score column each.")
+@click.option("--clip-processor", help="Tokenizer and image processor for the first --clip-model, from this folder or hub id.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--clip-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--preprocess", type=click.Choice(["fast", "exact"]), default="fast", show_default=True)
@@ -246,12 +248,12 @@ def _closing_line(s: dict, out: Path, label: str = "clip/mean", scale: str = "co
 @click.option("--allow-pickle", is_flag=True, help="Also read CLIP models with only .bin weights (torch.load(weights_only=True)).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier score in --out made with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def score(source, out, prompts_spec, clip_models, device, clip_dtype, preprocess, batch_size, allow_pickle, overwrite, quiet) -> None:
+def score(source, out, prompts_spec, clip_models, clip_processor, device, clip_dtype, preprocess, batch_size, allow_pickle, overwrite, quiet) -> None:
     """Score existing images: a run folder (re-score), or an image folder with --prompts."""
     from clipeval.rescore import ScoreConfig, score as score_images
 
     config = ScoreConfig(
-        source=source, out=out, prompts=prompts_spec, clip_models=tuple(clip_models), device=device,
+        source=source, out=out, prompts=prompts_spec, clip_models=tuple(clip_models), clip_processor=clip_processor, device=device,
         clip_dtype=clip_dtype, preprocess=preprocess, batch_size=batch_size, allow_pickle=allow_pickle, overwrite=overwrite,
         progress=not quiet, command=["clipeval", *sys.argv[1:]],
     )
@@ -264,6 +266,16 @@ def score(source, out, prompts_spec, clip_models, device, clip_dtype, preprocess
     models = result.summary.get("models") or {clip_models[0]: result.summary}
     for model, block in models.items():
         click.echo(_closing_line(block, result.out, f"{model}: clip/mean" if len(models) > 1 else "clip/mean"))
+
+
+@main.command()
+def scorers() -> None:
+    """Short names for well-known scorers (--clip-model NAME), their models and what their scale means."""
+    from clipeval.scorers import known
+
+    for entry in known().values():
+        click.echo(f"{entry.name}\t{entry.model}" + (f" (processor: {entry.processor})" if entry.processor else ""))
+        click.echo(f"\t{entry.scale}")
 
 
 @main.command()

@@ -229,3 +229,38 @@ def demo_clip_dir() -> Path:
     from clipeval.fetch import cache_dir
 
     return _build_once(cache_dir() / "demo" / DEMO_VERSION / "clip", build_clip)
+
+
+def build_siglip(path: Path, *, seed: int = 0, image_size: int = 32, text_positions: int = 16) -> Path:
+    """A tiny random SiglipModel with its processor (a word-level fast tokenizer that pads to the
+    text length, as SigLIP's own does), saved as a model folder: the SigLIP family in tests."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel,
+                              SiglipProcessor, SiglipTextConfig, SiglipVisionConfig)
+
+    words = ["<pad>", "</s>", "<unk>", *sorted({w for p in SMOKE_WORDS for w in p.split()})]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=text_positions,
+                                        model_input_names=["input_ids"])  # as SigLIP's own tokenizer: no mask
+    torch.manual_seed(seed)
+    config = SiglipConfig(
+        text_config=SiglipTextConfig(vocab_size=len(words), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=text_positions,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=1).to_dict(),
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=image_size, patch_size=8).to_dict(),
+    )
+    SiglipModel(config).save_pretrained(path)
+    SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": image_size, "width": image_size}),
+                    tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+# Words of everyday prompts, so the tiny word-level tokenizer knows some of them (the rest are <unk>).
+SMOKE_WORDS = [
+    "a photo of a cat sitting on a windowsill", "a red car on a road", "a dog playing in the snow",
+    "a bowl of fruit on a wooden table", "a painting of a mountain lake at sunset", "the city at night",
+]

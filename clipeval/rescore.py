@@ -60,6 +60,7 @@ class ScoreConfig:
     out: Path
     prompts: str | None = None
     clip_models: tuple[str, ...] = (DEFAULT_CLIP_MODEL,)
+    clip_processor: str | None = None  # for the first model
     device: str = "auto"
     clip_dtype: str = "float32"
     preprocess: str = "fast"
@@ -262,7 +263,6 @@ def _decoded(batches: list[list[ImageRow]], workers: int) -> Iterator[tuple[list
 def score(config: ScoreConfig):
     from clipeval import pipelines, stats, store
     from clipeval.runner import RunResult, versions
-    from clipeval.score import ClipScorer
 
     source_dir = Path(config.source).expanduser()
     out = Path(config.out).expanduser()
@@ -282,12 +282,15 @@ def score(config: ScoreConfig):
         source = from_images(source_dir, config.prompts, config.batch_size)
     device = pipelines.resolve_device(config.device)
     settings = {**source.settings, "clip_model": models[0], "clip_models": list(models),
-                "clip_dtype": config.clip_dtype, "preprocess": config.preprocess}
+                "clip_processor": config.clip_processor, "clip_dtype": config.clip_dtype, "preprocess": config.preprocess}
     rundir = store.RunDir(out)
     rundir.check(settings, overwrite=config.overwrite)
+    from clipeval.scorers import make_scorer
+
     scorers = [
-        ClipScorer(m, device=device, dtype=config.clip_dtype, preprocess=config.preprocess, allow_pickle=config.allow_pickle)
-        for m in models
+        make_scorer(m, device=device, dtype=config.clip_dtype, preprocess=config.preprocess, allow_pickle=config.allow_pickle,
+                    processor=config.clip_processor if i == 0 else None, log=_note)
+        for i, m in enumerate(models)
     ]
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     rundir.claim(settings, overwrite=True)  # nothing is resumed: the files are recomputed whole
@@ -312,8 +315,8 @@ def score(config: ScoreConfig):
             "settings": settings,
             "source": {"kind": source.kind, "path": str(source_dir), "prompts": config.prompts,
                        "batches": len(source.batches)},
-            "clip": [{"model": s.name, "dtype": config.clip_dtype, "preprocess": config.preprocess,
-                      "max_text_tokens": s.max_length} for s in scorers],
+            "clip": [{"model": s.name, "class": s.model_class, "processor": s.processor_name, "dtype": config.clip_dtype,
+                      "preprocess": s.preprocess, "max_text_tokens": s.max_length} for s in scorers],
             "skipped": skipped,
             "problems": source.problems,
             "device": {"name": device},
@@ -326,6 +329,12 @@ def score(config: ScoreConfig):
         rundir.release()
     notes = {**source.problems, "unreadable images": [s["image"] for s in skipped]}
     return RunResult(out, summary, manifest, scores, notes)
+
+
+def _note(message: str) -> None:
+    import sys
+
+    print(f"note: {message}", file=sys.stderr)
 
 
 def _col(model: str, index: int, what: str = "clip_score") -> str:

@@ -26,6 +26,7 @@ class RunConfig:
     prompt_library: str
     out: Path
     clip_model: str = DEFAULT_CLIP_MODEL
+    clip_processor: str | None = None  # tokenizer and image processor from elsewhere (PickScore)
     base_model: str | None = None
     images_per_prompt: int = 1
     seed: int = 0
@@ -110,6 +111,7 @@ def run(config: RunConfig) -> RunResult | None:
         "lora_scale": (1.0 if config.lora_scale is None else config.lora_scale) if ref.kind == "lora" else None,
         "pipeline": ref.pipeline_class,
         "clip_model": config.clip_model,
+        "clip_processor": config.clip_processor,
         "clip_revision": config.clip_revision,
         # The whole library's hash (before --limit): runs with other limits may share a folder.
         "library_sha256": full_library.sha256,
@@ -150,15 +152,12 @@ def run(config: RunConfig) -> RunResult | None:
             height=config.height, width=config.width, negative_prompt=config.negative_prompt,
         )
         settings.update(steps=gen.steps, guidance_scale=gen.guidance_scale, height=gen.height, width=gen.width)
-        from clipeval.score import ClipScorer
+        from clipeval.scorers import make_scorer
 
-        scorer = ClipScorer(
-            config.clip_model,
-            device=device,
-            dtype=config.clip_dtype,
-            preprocess=config.preprocess,
-            revision=config.clip_revision,
-            allow_pickle=config.allow_pickle,
+        scorer = make_scorer(
+            config.clip_model, device=device, dtype=config.clip_dtype, preprocess=config.preprocess,
+            revision=config.clip_revision, allow_pickle=config.allow_pickle, processor=config.clip_processor,
+            log=lambda message: print(f"note: {message}", file=sys.stderr),
         )
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
         if ranks.world == 1:
@@ -408,8 +407,10 @@ def _manifest(config, settings, ref, library, gen, device, scorer, previous, ran
         },
         "clip": {
             "model": config.clip_model,
+            "class": scorer.model_class,
+            "processor": config.clip_processor,
             "dtype": config.clip_dtype,
-            "preprocess": config.preprocess,
+            "preprocess": scorer.preprocess,
             "max_text_tokens": scorer.max_length,
         },
         "device": {"name": device, "hardware": _device_name(device)},
@@ -447,6 +448,7 @@ def evaluate(
     width: int | None = None,
     negative_prompt: str | None = None,
     preprocess: str = "fast",
+    clip_processor: str | None = None,
     out: str | Path | None = None,
     progress: bool = False,
 ) -> Evaluation:
@@ -463,7 +465,7 @@ def evaluate(
     from clipeval import loop, pipelines, stats, store
     from clipeval.generate import SEED_FORMULA, SEED_SCHEME, batches, work_items
     from clipeval.prompts import Prompt, PromptLibrary, load_library
-    from clipeval.score import ClipScorer
+    from clipeval.scorers import make_scorer
 
     if isinstance(prompts, PromptLibrary):
         library = prompts
@@ -475,7 +477,8 @@ def evaluate(
             raise ClipevalError("prompts: give a library name or file, or a non-empty list of non-empty strings")
         library = PromptLibrary("in-memory", "prompts given to evaluate()", tuple(Prompt(i, t) for i, t in enumerate(texts)))
     device = str(getattr(pipe, "device", "cpu"))
-    scorer = clip if isinstance(clip, ClipScorer) else ClipScorer(str(clip), device=device, preprocess=preprocess)
+    scorer = clip if not isinstance(clip, (str, Path)) else make_scorer(str(clip), device=device, preprocess=preprocess,
+                                                                         processor=clip_processor)
     gen = generation_settings(pipelines.call_defaults(pipe), steps=steps, guidance_scale=guidance_scale,
                               height=height, width=width, negative_prompt=negative_prompt)
     items = work_items(library, images_per_prompt=images_per_prompt, seed=seed)

@@ -32,8 +32,17 @@ class TextEmbedding:
     truncated: bool
 
 
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+# Families whose text tower pools the last position: the padding to max_length is part of the model.
+PAD_TO_MAX_LENGTH = ("siglip", "siglip2")
+
+
 class ClipScorer:
-    """A loaded CLIP model plus its tokenizer and image preprocessing, ready to score batches."""
+    """A loaded dual encoder (CLIP, SigLIP, ...) plus its tokenizer and image preprocessing, ready
+    to score batches. Any model ``AutoModel`` loads with ``get_image_features`` and
+    ``get_text_features`` works; ``processor`` takes the tokenizer and image processor from another
+    folder or hub id (PickScore ships none: it uses laion's CLIP-H processor)."""
 
     def __init__(
         self,
@@ -44,53 +53,74 @@ class ClipScorer:
         preprocess: str = "fast",
         revision: str | None = None,
         allow_pickle: bool = False,
+        processor: str | None = None,
+        log: Any = None,
     ) -> None:
         from clipeval.pipelines import hub_error, quiet_hf, torch_dtype
+        from clipeval.scorers import resolve
 
         quiet_hf(with_diffusers=False)
         import torch
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         if preprocess not in MODES:
             raise ClipevalError(f"--preprocess {preprocess}: use one of {', '.join(MODES)}")
         self.name = model
-        location = model
-        if model == "demo":
-            from clipeval import demo
-
-            location = str(demo.demo_clip_dir())
-        elif Path(model).expanduser().exists():
-            location = str(Path(model).expanduser())
-            if not Path(location, "config.json").is_file():
-                raise ClipevalError(f"--clip-model {model}: not a transformers model folder (no config.json)")
-            if revision is not None:
-                raise ClipevalError(f"--clip-revision applies to hub ids; {model} is local")
-            if not allow_pickle and not any(Path(location).glob("*.safetensors")) and any(Path(location).glob("*.bin")):
-                from clipeval.pipelines import PICKLE_HINT
-
-                raise ClipevalError(f"--clip-model {model} holds only pickle weights: {PICKLE_HINT}")
+        known = resolve(model)
+        if known is not None:
+            model_location, processor = known.model, processor or known.processor
+        else:
+            model_location = model
+        location = _local(model_location, "--clip-model", revision, allow_pickle)
+        processor_location = _local(processor, "--clip-processor", None, True) if processor else location
+        if processor is None and Path(location).is_dir():
+            missing = [what for what, files in (("image processor", PROCESSOR_FILES), ("tokenizer", TOKENIZER_FILES))
+                       if not any(Path(location, f).is_file() for f in files)]
+            if missing:
+                raise ClipevalError(
+                    f"--clip-model {model} has no {' and no '.join(missing)} files: pass --clip-processor with the "
+                    "folder or hub id of the model it was trained from (PickScore: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"
+                )
         try:
             # SDPA explicitly: whatever attention backend the denoiser is given, CLIP's stays PyTorch's.
-            self.model = CLIPModel.from_pretrained(
+            self.model = AutoModel.from_pretrained(
                 location, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True, revision=revision,
                 attn_implementation="sdpa",
             )
-            self.tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+            processor_revision = revision if processor is None else None
+            self.tokenizer = AutoTokenizer.from_pretrained(processor_location, revision=processor_revision)
             # The PIL processor on every machine (transformers 5 would pick a torchvision one where
             # torchvision is installed): "exact" must mean the same computation everywhere.
             try:
-                self.processor = AutoImageProcessor.from_pretrained(location, backend="pil", revision=revision)
+                self.processor = AutoImageProcessor.from_pretrained(processor_location, backend="pil", revision=processor_revision)
             except (TypeError, ValueError):  # transformers before the backend argument
-                self.processor = AutoImageProcessor.from_pretrained(location, use_fast=False, revision=revision)
+                self.processor = AutoImageProcessor.from_pretrained(processor_location, use_fast=False, revision=processor_revision)
         except Exception as err:
-            raise ClipevalError(f"could not load CLIP model {model}: {hub_error(err)}") from err
+            named = model if model_location == model else f"{model} ({model_location})"
+            raise ClipevalError(f"could not load CLIP model {named}: {hub_error(err)}") from err
+        if not all(callable(getattr(self.model, f, None)) for f in ("get_image_features", "get_text_features")):
+            raise ClipevalError(
+                f"--clip-model {model} is a {type(self.model).__name__}, not a dual encoder with image and text "
+                "features (CLIP, SigLIP, ...)"
+            )
         self.model.eval().to(device)
+        self.model_class = type(self.model).__name__
+        self.processor_name = processor
         self.device = device
         self.dtype = dtype
         self.preprocess = preprocess
-        # The model's own text length (77 for CLIP, 248 for LongCLIP), not the tokenizer's default.
-        self.max_length = int(self.model.config.text_config.max_position_embeddings)
-        self.transform = ImageTransform.from_processor(self.processor) if preprocess == "fast" else None
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        # The model's own text length (77 for CLIP, 248 for LongCLIP, 64 for SigLIP), not the tokenizer's default.
+        self.max_length = int(text_config.max_position_embeddings)
+        self.pad_to_max_length = getattr(self.model.config, "model_type", "") in PAD_TO_MAX_LENGTH
+        self.transform = None
+        if preprocess == "fast":
+            try:
+                self.transform = ImageTransform.from_processor(self.processor)
+            except ValueError as err:
+                self.preprocess = "exact"
+                if log is not None:
+                    log(f"{model}: {err}; using --preprocess exact")
         self._cache: dict[str, TextEmbedding] = {}
         self._torch = torch
 
@@ -98,16 +128,22 @@ class ClipScorer:
     def embed_texts(self, prompts: Sequence[str]) -> list[TextEmbedding]:
         """Embeddings for ``prompts``, computing each distinct text once and caching it.
 
-        Each text is encoded alone and unpadded, so its embedding is a pure function of the text:
+        Each text is encoded alone and unpadded (SigLIP: padded to its fixed length, as it was
+        trained), so its embedding is a pure function of the text:
         the same bits whichever other prompts share its batch, after a resume, or in a re-score.
         (Batched with padding, the tensor shapes, and so the float rounding, would depend on the
         neighbours.) One short forward per prompt costs milliseconds on a GPU."""
         torch = self._torch
+        padding = "max_length" if self.pad_to_max_length else False
         for text in dict.fromkeys(p for p in prompts if p not in self._cache):
             length = len(self.tokenizer(text, truncation=False)["input_ids"])
-            tokens = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
+            tokens = self.tokenizer(text, truncation=True, max_length=self.max_length, padding=padding,
+                                    return_tensors="pt")
+            if self.pad_to_max_length:  # SigLIP was trained without a mask: its padding is part of the input
+                tokens = {"input_ids": tokens["input_ids"]}
             with torch.inference_mode():
-                vector = _features(self.model.get_text_features(**tokens.to(self.device)))[0].float()
+                tokens = {k: v.to(self.device) for k, v in tokens.items()}
+                vector = _features(self.model.get_text_features(**tokens))[0].float()
             self._cache[text] = TextEmbedding(vector / vector.norm(), length > self.max_length)
         return [self._cache[p] for p in prompts]
 
@@ -147,3 +183,23 @@ class ClipScorer:
         text_vectors = torch.stack([t.vector for t in texts]).to(image_vectors.device)
         cosines = (image_vectors * text_vectors).sum(dim=-1).cpu().tolist()
         return cosines, [t.truncated for t in texts]
+
+
+def _local(spec: str, option: str, revision: str | None, allow_pickle: bool) -> str:
+    """A local folder (checked), the demo model, or a hub id as given."""
+    if spec == "demo":
+        from clipeval import demo
+
+        return str(demo.demo_clip_dir())
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return spec
+    if not Path(path, "config.json").is_file() and option == "--clip-model":
+        raise ClipevalError(f"{option} {spec}: not a transformers model folder (no config.json)")
+    if revision is not None:
+        raise ClipevalError(f"--clip-revision applies to hub ids; {spec} is local")
+    if not allow_pickle and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        from clipeval.pipelines import PICKLE_HINT
+
+        raise ClipevalError(f"{option} {spec} holds only pickle weights: {PICKLE_HINT}")
+    return str(path)
