@@ -248,7 +248,8 @@ def _closing_line(s: dict, out: Path, label: str = "clip/mean", scale: str = "co
 @click.option("--allow-pickle", is_flag=True, help="Also read CLIP models with only .bin weights (torch.load(weights_only=True)).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier score in --out made with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def score(source, out, prompts_spec, clip_models, clip_processor, device, clip_dtype, preprocess, batch_size, allow_pickle, overwrite, quiet) -> None:
+def score(*, source, out, prompts_spec, clip_models, clip_processor, device, clip_dtype, preprocess, batch_size, allow_pickle,
+          overwrite, quiet) -> None:
     """Score existing images: a run folder (re-score), or an image folder with --prompts."""
     from clipeval.rescore import ScoreConfig, score as score_images
 
@@ -289,7 +290,7 @@ def scorers() -> None:
 @click.option("--resamples", type=click.IntRange(100), default=10_000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--top", type=click.IntRange(0), default=5, show_default=True, help="Groups listed as moving most (text, markdown).")
-def compare(runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confidence, resamples, seed, top) -> None:
+def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confidence, resamples, seed, top) -> None:
     """Is a run better than the baseline, or is it noise? Paired by prompt and seed.
 
     \b

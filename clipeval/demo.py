@@ -203,7 +203,7 @@ def _build_once(target: Path, builder) -> Path:
     """Build into a temporary sibling and rename, so a killed build never leaves a half model."""
     if target.is_dir():
         return target
-    from clipeval.pipelines import quiet_hf
+    from clipeval.hub import quiet_hf
 
     quiet_hf()
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,7 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
 
     def finish(p: Pending, writers) -> None:
         """Scores → rows and PNG writes (batch i), while the GPU works on batch i+1."""
-        from clipeval.runner import score_value
+        from clipeval.stats import score_value
 
         cosines, truncated, host = p.scored.result()
         for item, pixels, cosine, cut, flag in zip(p.batch, host, cosines, truncated, p.flags):

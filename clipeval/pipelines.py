@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clipeval.errors import ClipevalError
+from clipeval.hub import PICKLE_HINT, hub_error, quiet_hf, torch_dtype  # noqa: F401 - also pipelines' API
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -48,10 +49,6 @@ def resolve_device(spec: str) -> str:
     return spec
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def resolve_dtype(spec: str, device: str, model_index: dict[str, Any] | None) -> str:
@@ -87,8 +84,7 @@ class CheckpointRef:
         return (self.model_index or {}).get("_class_name", "?")
 
 
-PICKLE_HINT = "pickle files can run arbitrary code when loaded; convert to .safetensors, or pass --allow-pickle " \
-    "(then read with torch.load(weights_only=True), which refuses anything but tensors)"
+
 
 
 def resolve_checkpoint(
@@ -223,50 +219,6 @@ def _base_index(base: str) -> dict[str, Any]:
     if HUB_ID.match(base):
         return _hub_index(base)
     raise ClipevalError(f"--base-model {base}: no such folder, and not a hub id")
-
-
-def hub_error(err: BaseException) -> str:
-    """The one line worth showing from a hub or loading error."""
-    name = type(err).__name__
-    text = str(err).strip().splitlines()
-    first = text[0] if text else name
-    if "GatedRepo" in name or "gated" in first.lower():
-        return "the model is gated: accept its license on the Hub and log in (huggingface-cli login)"
-    if "RevisionNotFound" in name:
-        return "that revision does not exist"
-    if "RepositoryNotFound" in name or "404" in first:
-        return "no such model on the Hub (or it is private: log in with huggingface-cli login)"
-    if "LocalEntryNotFound" in name or "offline" in first.lower() or "couldn't connect" in first.lower():
-        return "not in the local Hugging Face cache and the Hub cannot be reached (offline?)"
-    if "does not appear to have a file named" in first and _hub_offline():
-        return "not in the local Hugging Face cache, and HF_HUB_OFFLINE forbids downloading it"
-    return f"{first} ({name})"
-
-
-def _hub_offline() -> bool:
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return False
-
-
-def quiet_hf(*, with_diffusers: bool = True) -> None:
-    """transformers/diffusers INFO chatter and per-component progress bars would drown our one
-    progress bar; their warnings that matter surface as our errors. Scoring alone leaves
-    diffusers unimported (5 s)."""
-    import transformers
-
-    # transformers first: importing diffusers already makes it log (image processor fallbacks).
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    if not with_diffusers:
-        return
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
 
 
 def load_pipeline(

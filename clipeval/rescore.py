@@ -346,7 +346,7 @@ def _score_batches(batches, scorers, progress: bool):
 
     from tqdm.auto import tqdm
 
-    from clipeval.runner import score_value
+    from clipeval.stats import score_value
 
     results: list[tuple[ImageRow, list[tuple[float | None, bool]], str]] = []
     skipped: list[dict[str, str]] = []

@@ -18,6 +18,7 @@ from typing import Any
 
 from clipeval.errors import ClipevalError
 from clipeval.score import DEFAULT_CLIP_MODEL
+from clipeval.stats import score_value  # noqa: F401 - kept where it was importable from
 
 
 @dataclass
@@ -55,6 +56,25 @@ class RunConfig:
 
 
 @dataclass
+class Prepared:
+    """What ``run`` has checked and loaded before it claims the folder: everything the generation
+    loop and the manifest need, in one record instead of a dozen parameters."""
+
+    config: RunConfig
+    rundir: Any  # store.RunDir
+    ranks: Any  # distributed.Ranks
+    settings: dict[str, Any]
+    ref: Any  # pipelines.CheckpointRef
+    library: Any  # prompts.PromptLibrary, after --limit
+    items: list  # generate.WorkItem, every one of the run
+    gen: Any  # generate.GenerationSettings
+    pipe: Any
+    scorer: Any
+    device: str
+    clock: dict[str, float]
+
+
+@dataclass
 class RunResult:
     out: Path
     summary: dict[str, Any]
@@ -65,13 +85,6 @@ class RunResult:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def score_value(x: float) -> float:
-    """Scores are float32: keep the shortest decimal that identifies the float32, everywhere."""
-    import numpy as np
-
-    return float(str(np.float32(x)))
 
 
 def run(config: RunConfig) -> RunResult | None:
@@ -168,8 +181,8 @@ def run(config: RunConfig) -> RunResult | None:
     clock["loaded"] = time.perf_counter()
     previous = ranks.on_main(lambda: rundir.claim(settings, overwrite=config.overwrite))
     try:
-        return _generate_and_write(config, rundir, ranks, previous, settings, ref, library, items, gen, pipe,
-                                   scorer, device, clock)
+        prepared = Prepared(config, rundir, ranks, settings, ref, library, items, gen, pipe, scorer, device, clock)
+        return _generate_and_write(prepared, previous)
     finally:
         rundir.release()
 
@@ -205,12 +218,13 @@ def _rank_device(spec: str, ranks) -> str:
     return spec
 
 
-def _generate_and_write(config, rundir, ranks, previous, settings, ref, library, items, gen, pipe, scorer, device, clock):
+def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
+    config, rundir, ranks, settings, items, gen, clock = run.config, run.rundir, run.ranks, run.settings, run.items, run.gen, run.clock
     from clipeval import distributed
     from clipeval.generate import batches
 
     out = rundir.path
-    manifest = _manifest(config, settings, ref, library, gen, device, scorer, previous, ranks)
+    manifest = _manifest(run, previous)
     # Also the barrier after which rank 0 has claimed (and, with --overwrite, cleared) the folder.
     ranks.on_main(lambda: rundir.start(manifest))
 
@@ -223,7 +237,7 @@ def _generate_and_write(config, rundir, ranks, previous, settings, ref, library,
     clock["loop"] = time.perf_counter()
     error = None
     try:
-        generated = _generate_and_score(pipe, scorer, gen, items, mine, done, rundir, config, ranks)
+        generated = _generate_and_score(run, mine, done)
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
         if ranks.world == 1:
             raise
@@ -288,8 +302,9 @@ def generation_settings(defaults: dict[str, Any], *, steps, guidance_scale, heig
     return gen
 
 
-def _generate_and_score(pipe, scorer, gen, items, mine, done, rundir, config: RunConfig, ranks) -> int:
+def _generate_and_score(run: Prepared, mine: list[list], done: dict) -> int:
     """This rank's batches through the hot loop (``clipeval.loop``), under one progress bar."""
+    pipe, scorer, gen, items, rundir, config, ranks = run.pipe, run.scorer, run.gen, run.items, run.rundir, run.config, run.ranks
     from tqdm.auto import tqdm
 
     from clipeval import loop
@@ -361,7 +376,9 @@ def _fingerprint(ref) -> list[dict[str, Any]]:
     return out
 
 
-def _manifest(config, settings, ref, library, gen, device, scorer, previous, ranks) -> dict[str, Any]:
+def _manifest(run: Prepared, previous: dict[str, Any] | None) -> dict[str, Any]:
+    config, settings, ref, library, gen, device, scorer, ranks = (
+        run.config, run.settings, run.ref, run.library, run.gen, run.device, run.scorer, run.ranks)
     from clipeval.generate import SEED_FORMULA, SEED_SCHEME
 
     return {

@@ -54,10 +54,10 @@ class ClipScorer:
         revision: str | None = None,
         allow_pickle: bool = False,
         processor: str | None = None,
+        name: str | None = None,
         log: Any = None,
     ) -> None:
-        from clipeval.pipelines import hub_error, quiet_hf, torch_dtype
-        from clipeval.scorers import resolve
+        from clipeval.hub import hub_error, quiet_hf, torch_dtype
 
         quiet_hf(with_diffusers=False)
         import torch
@@ -65,20 +65,15 @@ class ClipScorer:
 
         if preprocess not in MODES:
             raise ClipevalError(f"--preprocess {preprocess}: use one of {', '.join(MODES)}")
-        self.name = model
-        known = resolve(model)
-        if known is not None:
-            model_location, processor = known.model, processor or known.processor
-        else:
-            model_location = model
-        location = _local(model_location, "--clip-model", revision, allow_pickle)
+        self.name = name or model  # what the user called it: a short name, an id or a folder
+        location = _local(model, "--clip-model", revision, allow_pickle)
         processor_location = _local(processor, "--clip-processor", None, True) if processor else location
         if processor is None and Path(location).is_dir():
             missing = [what for what, files in (("image processor", PROCESSOR_FILES), ("tokenizer", TOKENIZER_FILES))
                        if not any(Path(location, f).is_file() for f in files)]
             if missing:
                 raise ClipevalError(
-                    f"--clip-model {model} has no {' and no '.join(missing)} files: pass --clip-processor with the "
+                    f"--clip-model {self.name} has no {' and no '.join(missing)} files: pass --clip-processor with the "
                     "folder or hub id of the model it was trained from (PickScore: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"
                 )
         try:
@@ -96,11 +91,11 @@ class ClipScorer:
             except (TypeError, ValueError):  # transformers before the backend argument
                 self.processor = AutoImageProcessor.from_pretrained(processor_location, use_fast=False, revision=processor_revision)
         except Exception as err:
-            named = model if model_location == model else f"{model} ({model_location})"
+            named = self.name if self.name == model else f"{self.name} ({model})"
             raise ClipevalError(f"could not load CLIP model {named}: {hub_error(err)}") from err
         if not all(callable(getattr(self.model, f, None)) for f in ("get_image_features", "get_text_features")):
             raise ClipevalError(
-                f"--clip-model {model} is a {type(self.model).__name__}, not a dual encoder with image and text "
+                f"--clip-model {self.name} is a {type(self.model).__name__}, not a dual encoder with image and text "
                 "features (CLIP, SigLIP, ...)"
             )
         self.model.eval().to(device)
@@ -120,7 +115,7 @@ class ClipScorer:
             except ValueError as err:
                 self.preprocess = "exact"
                 if log is not None:
-                    log(f"{model}: {err}; using --preprocess exact")
+                    log(f"{self.name}: {err}; using --preprocess exact")
         self._cache: dict[str, TextEmbedding] = {}
         self._torch = torch
 
@@ -199,7 +194,7 @@ def _local(spec: str, option: str, revision: str | None, allow_pickle: bool) -> 
     if revision is not None:
         raise ClipevalError(f"--clip-revision applies to hub ids; {spec} is local")
     if not allow_pickle and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
-        from clipeval.pipelines import PICKLE_HINT
+        from clipeval.hub import PICKLE_HINT
 
         raise ClipevalError(f"{option} {spec} holds only pickle weights: {PICKLE_HINT}")
     return str(path)

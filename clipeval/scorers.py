@@ -49,5 +49,7 @@ def make_scorer(spec: str, *, device: str = "cpu", dtype: str = "float32", prepr
     """The one place scorers are built: a model id, folder, short name or 'demo'."""
     from clipeval.score import ClipScorer
 
-    return ClipScorer(spec, device=device, dtype=dtype, preprocess=preprocess, revision=revision,
-                      allow_pickle=allow_pickle, processor=processor, log=log)
+    entry = resolve(spec)
+    model, processor = (entry.model, processor or entry.processor) if entry else (spec, processor)
+    return ClipScorer(model, device=device, dtype=dtype, preprocess=preprocess, revision=revision,
+                      allow_pickle=allow_pickle, processor=processor, name=spec, log=log)

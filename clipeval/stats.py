@@ -42,6 +42,13 @@ def rounded(value: Any) -> float | None:
     return None if math.isnan(value) else float(f"{value:.10g}")
 
 
+def score_value(x: float) -> float:
+    """Scores are float32: keep the shortest decimal that identifies the float32, everywhere."""
+    import numpy as np
+
+    return float(str(np.float32(x)))
+
+
 def scores_table(rows: list[dict[str, Any]]):
     import pandas as pd
 
