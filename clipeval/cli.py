@@ -174,13 +174,16 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="RESULTS_DIR: one run folder per checkpoint, and history.csv.")
 @_evaluation_options
 @click.option("--settle", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds a checkpoint must be left untouched before it counts as saved.")
+@click.option("--alert-if-worse", "alert_margin", type=float, help="Exit 1 (after writing every file), with an 'alert:' line, when the newest checkpoint is worse than the best earlier one by more than this: the whole CI of the paired delta below -MARGIN.")
 @click.pass_context
-def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: float, **options) -> None:
+def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: float, alert_margin: float | None,
+          **options) -> None:
     """Evaluate every checkpoint of TRAINING_DIR not evaluated yet, oldest step first (for cron).
 
     \b
     Exit codes: 0 when nothing failed (also when another sweep is busy with --out),
-    2 when a checkpoint could not be evaluated (the others still are).
+    1 when --alert-if-worse is given and the newest checkpoint is significantly worse than the best
+    earlier one, 2 when a checkpoint could not be evaluated (the others still are; 2 wins over 1).
     """
     from clipeval import sweep as sweeping
 
@@ -195,7 +198,8 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
         click.echo(f"note: {note}", err=True)
     trackers, _ = _tracking(options, out / "logs", None)
     base = _run_config(options, checkpoint="", out=out, trackers=trackers)
-    result = sweeping.sweep(folder, out, base, settle_s=settle, log=lambda m: click.echo(m, err=True))
+    result = sweeping.sweep(folder, out, base, settle_s=settle, margin=alert_margin or 0.0,
+                            log=lambda m: click.echo(m, err=True))
     if result.busy:
         click.echo(result.busy)
         return
@@ -203,8 +207,17 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
         f"{len(result.evaluated)} evaluated, {len(result.up_to_date)} up to date, {len(result.skipped)} still being "
         f"written, {len(result.failed)} failed → {result.history}"
     )
+    newest = result.newest
+    alert = newest is not None and newest["alert"] == "true"
+    if alert:
+        click.echo(
+            f"alert: step {newest['step']} is worse than the best earlier checkpoint (step {newest['best_step']}): delta "
+            f"{newest['delta_best']:+.4f} [{newest['delta_best_ci_low']:+.4f}, {newest['delta_best_ci_high']:+.4f}], "
+            f"p {newest['p_best']:.3g}, margin {alert_margin or 0:g}", err=True)
     if result.failed:
         sys.exit(EXIT_ERROR)
+    if alert and alert_margin is not None:
+        sys.exit(EXIT_GATE_FAILED)
 
 
 def _fmt(value: float | None) -> str:

@@ -27,7 +27,8 @@ from typing import Any
 from clipeval.errors import ClipevalError
 
 HISTORY_COLUMNS = ["step", "checkpoint", "clip_mean", "clip_mean_ci_low", "clip_mean_ci_high", "clip_std", "clip_median",
-                   "clip_min", "clip_max", "images", "prompts", "flagged_images", "finished_at", "run"]
+                   "clip_min", "clip_max", "images", "prompts", "flagged_images", "finished_at", "run",
+                   "best_step", "delta_best", "delta_best_ci_low", "delta_best_ci_high", "p_best", "alert"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class SweepResult:
     failed: dict[str, str] = field(default_factory=dict)  # name: error
     busy: str | None = None  # another sweep holds the results folder
     history: Path | None = None
+    newest: dict[str, Any] | None = None  # history.csv's last row (the newest checkpoint), with its alert
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -104,8 +106,10 @@ def _safetensors_complete(path: Path) -> bool:
     return 8 + length + max(ends, default=0) <= size
 
 
-def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float = 60.0, log=print) -> SweepResult:
-    """``base`` is a ``RunConfig`` carrying the settings; its checkpoint and out are replaced."""
+def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float = 60.0, margin: float = 0.0,
+          log=print) -> SweepResult:
+    """``base`` is a ``RunConfig`` carrying the settings; its checkpoint and out are replaced.
+    ``margin``: the alert rule's, as ``compare --fail-if-worse --margin``."""
     from clipeval import runner, store
 
     training_dir, results_dir = Path(training_dir).expanduser(), Path(results_dir).expanduser()
@@ -145,8 +149,9 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
                 log(f"{name} failed: {err}")
                 continue
             result.evaluated.append(name)
-            write_history(results_dir, {c.path.name: c.step for c in checkpoints})
-        write_history(results_dir, {c.path.name: c.step for c in checkpoints})
+            write_history(results_dir, {c.path.name: c.step for c in checkpoints}, margin=margin)
+        history = write_history(results_dir, {c.path.name: c.step for c in checkpoints}, margin=margin)
+        result.newest = history.iloc[-1].to_dict() if len(history) else None
         return result
     finally:
         os.close(lock)
@@ -166,19 +171,23 @@ def _record(out: Path):
         return None
 
 
-def write_history(results_dir: Path, steps: dict[str, int | None]) -> Path:
-    """history.csv from every finished run in ``results_dir``: derived, so never a duplicate row."""
+def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: float = 0.0):
+    """history.csv from every finished run in ``results_dir``: derived, so never a duplicate row.
+    Each checkpoint is compared with the best earlier one (the highest clip_mean at a smaller step)
+    exactly as ``clipeval compare BEST THIS`` does; ``alert`` is the ``--fail-if-worse --margin``
+    rule. Returns the table as written."""
     import pandas as pd
 
     from clipeval.store import write_csv
     from clipeval.trackers import training_step
 
-    rows = []
+    rows, records = [], {}
     for out in sorted(p for p in results_dir.iterdir() if p.is_dir()):
         record = _record(out)
         if record is None or record.summary is None:
             continue
         summary, manifest = record.summary, record.manifest
+        records[out.name] = record
         ci = summary.get("clip/mean_ci") or [None, None]
         step = steps.get(out.name, training_step(manifest.get("settings", {}).get("checkpoint", out.name)))
         rows.append({
@@ -191,7 +200,38 @@ def write_history(results_dir: Path, steps: dict[str, int | None]) -> Path:
         })
     frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
     frame["step"] = frame["step"].astype("Int64")
-    frame = frame.sort_values(["step", "run"], na_position="last", kind="stable")
-    path = results_dir / "history.csv"
-    write_csv(path, frame)
-    return path
+    frame = frame.sort_values(["step", "run"], na_position="last", kind="stable").reset_index(drop=True)
+    _against_best(frame, records, results_dir, margin)
+    write_csv(results_dir / "history.csv", frame)
+    return frame
+
+
+def _against_best(frame, records: dict, results_dir: Path, margin: float) -> None:
+    """Fill the best_step ... alert columns in place (empty for the first checkpoint)."""
+    import pandas as pd
+
+    from clipeval.compare import RunScores, compare
+    from clipeval.stats import usable
+
+    frame["alert"] = frame["alert"].astype(object)
+    for i in range(len(frame)):
+        step = frame.at[i, "step"]
+        earlier = frame.iloc[:i]  # rows are in step order; a checkpoint without a step comes last
+        if not pd.isna(step):
+            earlier = earlier[earlier["step"].notna() & (earlier["step"] < step)]
+        if earlier.empty:
+            frame.at[i, "alert"] = ""
+            continue
+        best = earlier.loc[earlier["clip_mean"].idxmax()]
+        names = (best["run"], frame.at[i, "run"])
+        runs = [RunScores(str(results_dir / n), records[n].path, records[n].settings, usable(records[n].scores))
+                for n in names]
+        try:
+            result = compare(runs, margin=margin).runs[0]
+        except ClipevalError as err:
+            raise ClipevalError(f"{runs[0].path} and {runs[1].path} cannot be paired: {err}") from err
+        ci = result.overall.delta_ci or (None, None)
+        frame.loc[i, ["best_step", "delta_best", "delta_best_ci_low", "delta_best_ci_high", "p_best"]] = [
+            best["step"], result.overall.delta, ci[0], ci[1], result.overall.p_value]
+        frame.at[i, "alert"] = "true" if result.worse else "false"
+    frame["best_step"] = frame["best_step"].astype("Int64")

@@ -1,0 +1,87 @@
+"""Training health: the sweep compares every checkpoint with the best earlier one, as `compare`
+does, and alerts (exit 1) when the newest is significantly worse by more than the margin."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import assert_user_error
+from test_compare import SETTINGS, base_scores
+
+
+def make_run(path, scores: pd.DataFrame, **settings):
+    """A finished run folder with these scores and their summary, as clipeval writes one."""
+    from clipeval import stats, store
+
+    path.mkdir(parents=True)
+    scores = scores.assign(flag="")
+    store.write_results(path, scores=scores, prompts=stats.prompts_table(scores), summary=stats.summarize(scores),
+                        manifest={"status": "complete", "settings": {**SETTINGS, **settings}})
+    return path
+
+
+def _training(tmp_path, shifts: dict[int, float], noise: float = 0.004, settings: dict | None = None):
+    """checkpoint-<step> folders (already evaluated into results/) whose scores are the base
+    scores shifted by ``shifts[step]`` on every image, plus a little noise."""
+    training, results = tmp_path / "out", tmp_path / "results"
+    scores = base_scores(prompts=60)
+    rng = np.random.default_rng(1)
+    for step, shift in shifts.items():
+        (training / f"checkpoint-{step}").mkdir(parents=True)
+        (training / f"checkpoint-{step}" / "model_index.json").write_text("{}")
+        jitter = noise * rng.standard_normal(len(scores))
+        make_run(results / f"checkpoint-{step}", scores.assign(clip_score=(scores["clip_score"] + shift + jitter).round(8)),
+                 **(settings or {}).get(step, {}))
+    return training, results
+
+
+def sweep(cli, training, results, *extra):
+    return cli("sweep", training, "--out", results, "--prompt-library", "smoke", "--quiet", *extra)
+
+
+def test_a_clearly_worse_newest_checkpoint_raises_the_alert(cli, tmp_path):
+    training, results = _training(tmp_path, {100: 0.0, 200: 0.02, 300: -0.03})
+    result = sweep(cli, training, results, "--alert-if-worse", "0.01")
+    assert result.exit_code == 1, result.stderr
+    alert = [line for line in result.stderr.splitlines() if line.startswith("alert:")]
+    assert len(alert) == 1 and "step 300" in alert[0] and "(step 200)" in alert[0]
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    assert history["step"].tolist() == [100, 200, 300]
+    assert history["best_step"].tolist() == ["", "100", "200"]  # the best *earlier* checkpoint
+    assert history["alert"].tolist() == ["", "false", "true"]
+    # delta_best is exactly compare's delta for the same pair
+    compared = cli("compare", results / "checkpoint-200", results / "checkpoint-300", "--format", "json")
+    data = json.loads(compared.stdout)["runs"][0]["overall"]
+    row = history.iloc[2]
+    assert float(row["delta_best"]) == pytest.approx(data["delta"], abs=1e-12)
+    assert [float(row["delta_best_ci_low"]), float(row["delta_best_ci_high"])] == pytest.approx(data["delta_ci"], abs=1e-12)
+    assert float(row["delta_best"]) == pytest.approx(-0.05, abs=0.002)
+
+
+def test_a_better_checkpoint_or_a_margin_larger_than_the_drop_does_not(cli, tmp_path):
+    training, results = _training(tmp_path, {100: 0.0, 200: 0.02, 300: 0.03})
+    assert sweep(cli, training, results, "--alert-if-worse", "0.0").exit_code == 0
+    assert pd.read_csv(results / "history.csv", keep_default_na=False)["alert"].tolist() == ["", "false", "false"]
+    training, results = _training(tmp_path / "b", {100: 0.0, 200: -0.03})
+    result = sweep(cli, training, results, "--alert-if-worse", "0.1")  # a drop of 0.03 < 0.1
+    assert result.exit_code == 0 and "alert:" not in result.stderr
+    # The same folder, nothing new to evaluate, another margin: the rule is applied again at once.
+    result = sweep(cli, training, results, "--alert-if-worse", "0.01")
+    assert result.exit_code == 1 and "alert: step 200" in result.stderr
+
+
+def test_without_the_flag_the_columns_are_written_and_the_exit_code_is_unchanged(cli, tmp_path):
+    training, results = _training(tmp_path, {100: 0.0, 200: -0.03})
+    result = sweep(cli, training, results)
+    assert result.exit_code == 0
+    assert "alert: step 200" in result.stderr  # said, at margin 0
+    assert pd.read_csv(results / "history.csv", keep_default_na=False)["alert"].tolist() == ["", "true"]
+
+
+def test_runs_that_cannot_be_paired_are_one_line_naming_both(cli, tmp_path):
+    training, results = _training(tmp_path, {100: 0.0, 200: 0.0}, settings={200: {"seed": 5}})
+    result = sweep(cli, training, results)
+    assert_user_error(result, "checkpoint-100", "checkpoint-200", "cannot be paired")
