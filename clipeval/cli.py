@@ -131,8 +131,10 @@ def _run_config(options: dict, **extra):
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out made with other settings.")
 @click.option("--fail-below", type=float, help="Exit 1 (after writing every file) when clip/mean is below this.")
 @click.option("--report", "with_report", is_flag=True, help="Also write OUT/report.html.")
+@click.option("--junit-xml", "junit_xml", type=click.Path(path_type=Path), help="Also write the gate's result as JUnit XML (one test case per gate), for CI systems.")
 @click.pass_context
-def run(ctx: click.Context, step: int | None, fail_below: float | None, with_report: bool, **options) -> None:
+def run(ctx: click.Context, step: int | None, fail_below: float | None, with_report: bool, junit_xml: Path | None,
+        **options) -> None:
     """Generate images for every prompt, score them with CLIP, write tables and a summary."""
     from clipeval.runner import run as run_evaluation
 
@@ -164,7 +166,21 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
         click.echo(f"report → {reporting.write([result.out], result.out / 'report.html')}")
     if demo:
         click.secho(DEMO_WARNING, fg="yellow", err=True)
-    if fail_below is not None and s["clip/mean"] < fail_below:
+    from clipeval import gates
+
+    ci = s["clip/mean_ci"]
+    measured = f"clip/mean {s['clip/mean']:.4f}" + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+    checks = [] if fail_below is None else [gates.Gate(
+        f"clip/mean >= {fail_below:g}", s["clip/mean"] >= fail_below,
+        measured + (" is below " if s["clip/mean"] < fail_below else " is at least ") + f"{fail_below:g}",
+        f"{measured} over {s['images']} images of {s['prompts']} prompts; run folder {result.out}")]
+    if junit_xml is not None:
+        gates.write_junit(junit_xml, "run", checks)
+    gates.step_summary(
+        "| run | clip/mean | 95% CI | images | prompts | gate |\n|---|---|---|---|---|---|\n"
+        f"| {gates.cell(result.out)} | {s['clip/mean']:.4f} | " + (f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "") +
+        f" | {s['images']} | {s['prompts']} | " + ("" if not checks else "passed" if checks[0].passed else "**failed**") + " |")
+    if checks and not checks[0].passed:
         click.echo(f"clipeval: gate failed: clip/mean {s['clip/mean']:.4f} < --fail-below {fail_below:g}", err=True)
         sys.exit(EXIT_GATE_FAILED)
 
@@ -174,10 +190,11 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="RESULTS_DIR: one run folder per checkpoint, and history.csv.")
 @_evaluation_options
 @click.option("--settle", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds a checkpoint must be left untouched before it counts as saved.")
+@click.option("--junit-xml", "junit_xml", type=click.Path(path_type=Path), help="Also write the gate's result as JUnit XML (one test case per gate), for CI systems.")
 @click.option("--alert-if-worse", "alert_margin", type=float, help="Exit 1 (after writing every file), with an 'alert:' line, when the newest checkpoint is worse than the best earlier one by more than this: the whole CI of the paired delta below -MARGIN.")
 @click.pass_context
 def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: float, alert_margin: float | None,
-          **options) -> None:
+          junit_xml: Path | None, **options) -> None:
     """Evaluate every checkpoint of TRAINING_DIR not evaluated yet, oldest step first (for cron).
 
     \b
@@ -214,10 +231,32 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
             f"alert: step {newest['step']} is worse than the best earlier checkpoint (step {newest['best_step']}): delta "
             f"{newest['delta_best']:+.4f} [{newest['delta_best_ci_low']:+.4f}, {newest['delta_best_ci_high']:+.4f}], "
             f"p {newest['p_best']:.3g}, margin {alert_margin or 0:g}", err=True)
+    _sweep_gates(result, alert_margin, junit_xml)
     if result.failed:
         sys.exit(EXIT_ERROR)
     if alert and alert_margin is not None:
         sys.exit(EXIT_GATE_FAILED)
+
+
+def _sweep_gates(result, margin: float | None, junit_xml: Path | None) -> None:
+    from clipeval import gates
+
+    newest, checks = result.newest, []
+    if margin is not None and newest is not None and newest["alert"] != "":
+        measured = (f"step {newest['step']}: delta {newest['delta_best']:+.4f} [{newest['delta_best_ci_low']:+.4f}, "
+                    f"{newest['delta_best_ci_high']:+.4f}] against step {newest['best_step']}")
+        checks.append(gates.Gate(f"newest checkpoint not worse than the best earlier one by more than {margin:g}",
+                                 newest["alert"] != "true", measured, f"{measured}, p {newest['p_best']:.3g}"))
+    if junit_xml is not None:
+        gates.write_junit(junit_xml, "sweep", checks)
+    if result.history is not None and result.history.is_file():
+        import pandas as pd
+
+        rows = pd.read_csv(result.history, keep_default_na=False).tail(10)
+        columns = ["step", "clip_mean", "clip_mean_ci_low", "clip_mean_ci_high", "best_step", "delta_best", "alert"]
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(gates.cell(row[c]) for c in columns) + " |" for _, row in rows.iterrows()]
+        gates.step_summary("\n".join(lines))
 
 
 def _fmt(value: float | None) -> str:
@@ -303,7 +342,9 @@ def scorers() -> None:
 @click.option("--resamples", type=click.IntRange(100), default=10_000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--top", type=click.IntRange(0), default=5, show_default=True, help="Groups listed as moving most (text, markdown).")
-def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confidence, resamples, seed, top) -> None:
+@click.option("--junit-xml", "junit_xml", type=click.Path(path_type=Path), help="Also write the gate's result as JUnit XML (one test case per gate), for CI systems.")
+def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confidence, resamples, seed, top,
+            junit_xml) -> None:
     """Is a run better than the baseline, or is it noise? Paired by prompt and seed.
 
     \b
@@ -327,6 +368,20 @@ def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confi
         boot=Bootstrap(confidence=confidence, resamples=resamples, seed=seed),
     )
     click.echo(comparing.render(result, fmt, top=top), nl=False)
+    from clipeval import gates
+
+    checks = []
+    for run in result.runs if fail_if_worse else []:
+        o = run.overall
+        interval = f"[{o.delta_ci[0]:+.4f}, {o.delta_ci[1]:+.4f}]" if o.delta_ci else "(no interval)"
+        checks.append(gates.Gate(
+            f"{run.name} not worse than {result.baseline} by more than {margin:g}", not run.worse,
+            f"delta {o.delta:+.4f} {interval}" + (f" lies wholly below -{margin:g}" if run.worse else ""),
+            f"{run.name} against {result.baseline}: delta {o.delta:+.4f} {interval}, p {comparing.format_p(o.p_value)}, "
+            f"{run.paired_images} paired images"))
+    if junit_xml is not None:
+        gates.write_junit(junit_xml, "compare", checks)
+    gates.step_summary(comparing.render(result, "markdown", top=top))
     if fail_if_worse and result.failed:
         for run in result.failed:
             o = run.overall

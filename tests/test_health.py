@@ -85,3 +85,53 @@ def test_runs_that_cannot_be_paired_are_one_line_naming_both(cli, tmp_path):
     training, results = _training(tmp_path, {100: 0.0, 200: 0.0}, settings={200: {"seed": 5}})
     result = sweep(cli, training, results)
     assert_user_error(result, "checkpoint-100", "checkpoint-200", "cannot be paired")
+
+
+def _junit(path):
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    suite = root.find("testsuite")
+    cases = suite.findall("testcase")
+    return root, suite, cases
+
+
+def test_gates_write_junit_and_the_github_step_summary(cli, run_tiny, tmp_path, monkeypatch):
+    summary = tmp_path / "step-summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+
+    # run --fail-below: a failing gate is a <failure> with the measured mean, after every file is written
+    out = tmp_path / "run"
+    failed = run_tiny(out, "--limit", "2", "--fail-below", "0.99", "--junit-xml", tmp_path / "run.xml")
+    assert failed.exit_code == 1 and (out / "summary.json").is_file()
+    root, suite, cases = _junit(tmp_path / "run.xml")
+    mean = json.loads((out / "summary.json").read_text())["clip/mean"]
+    assert (root.get("tests"), root.get("failures"), suite.get("failures")) == ("1", "1", "1")
+    assert cases[0].get("name") == "clip/mean >= 0.99" and cases[0].get("classname") == "clipeval.run"
+    assert cases[0].find("failure").get("message").startswith(f"clip/mean {mean:.4f}")
+    assert run_tiny(out, "--limit", "2", "--fail-below", "-1", "--junit-xml", tmp_path / "ok.xml").exit_code == 0
+    _, suite, cases = _junit(tmp_path / "ok.xml")
+    assert suite.get("failures") == "0" and cases[0].find("failure") is None
+
+    # compare --fail-if-worse: one case per compared run
+    training, results = _training(tmp_path / "c", {100: 0.0, 200: -0.03, 300: 0.01})
+    a, b, c = (results / f"checkpoint-{s}" for s in (100, 200, 300))
+    compared = cli("compare", a, b, c, "--fail-if-worse", "--margin", "0.01", "--resamples", "500",
+                   "--junit-xml", tmp_path / "compare.xml")
+    assert compared.exit_code == 1
+    _, suite, cases = _junit(tmp_path / "compare.xml")
+    assert [case.find("failure") is not None for case in cases] == [True, False]
+    assert "lies wholly below -0.01" in cases[0].find("failure").get("message")
+
+    # sweep --alert-if-worse
+    training, results = _training(tmp_path / "s", {100: 0.0, 200: -0.03})
+    assert sweep(cli, training, results, "--alert-if-worse", "0.01", "--junit-xml", tmp_path / "sweep.xml").exit_code == 1
+    _, suite, cases = _junit(tmp_path / "sweep.xml")
+    assert len(cases) == 1 and "step 200: delta -0.03" in cases[0].find("failure").get("message")
+
+    text = summary.read_text()
+    assert text.startswith("earlier step\n")  # appended, never replaced
+    assert "| run | clip/mean |" in text and "**failed**" in text and "passed" in text
+    assert "| run | images | mean [95% CI] | delta [95% CI] |" in text  # compare's markdown table
+    assert "| step | clip_mean |" in text and "| true |" in text
