@@ -61,6 +61,7 @@ class GroupDelta:
     win_rate: float
     tie_rate: float
     few_prompts: bool
+    power: dict[str, Any] | None = None  # minimum detectable difference, prompts needed (overall only)
 
 
 @dataclass
@@ -138,7 +139,7 @@ def _compare_one(base: RunScores, run: RunScores, margin: float, boot: Bootstrap
     )
     if paired.empty:
         raise ClipevalError(f"{run.name} and {base.name} share no image (same prompt_id, sample and prompt)")
-    overall = _delta(paired, "overall", "all", margin, boot)
+    overall = _delta(paired, "overall", "all", margin, boot, with_power=True)
     groups = []
     for kind in ("category", "challenge"):
         labelled = paired[paired[kind] != ""]
@@ -156,11 +157,11 @@ def _compare_one(base: RunScores, run: RunScores, margin: float, boot: Bootstrap
     )
 
 
-def _delta(paired, kind: str, label: str, margin: float, boot: Bootstrap) -> GroupDelta:
+def _delta(paired, kind: str, label: str, margin: float, boot: Bootstrap, with_power: bool = False) -> GroupDelta:
     import numpy as np
     from scipy import stats as sps
 
-    from clipeval.stats import FEW_PROMPTS
+    from clipeval.stats import FEW_PROMPTS, power_analysis
 
     per_prompt = paired.groupby("prompt_id", sort=True).agg(
         a=("clip_score_a", "sum"), b=("clip_score_b", "sum"), n=("clip_score_a", "size")
@@ -188,6 +189,7 @@ def _delta(paired, kind: str, label: str, margin: float, boot: Bootstrap) -> Gro
         win_rate=float(np.mean(deltas > 0)),
         tie_rate=float(np.mean(deltas == 0)),
         few_prompts=len(per_prompt) < FEW_PROMPTS,
+        power=power_analysis(deltas) if with_power else None,
     )
 
 
@@ -246,6 +248,10 @@ def render(result: Comparison, fmt: str, *, top: int = 5) -> str:
     for message in result.mismatches:
         out.append(f"{'> ' if markdown else ''}mismatch (allowed): {message}")
     for run in result.runs:
+        line = power_line(run)
+        if line:
+            out.append(f"{'> ' if markdown else ''}{line}")
+    for run in result.runs:
         if run.paired_images < max(run.run_images, run.baseline_images):
             out.append(f"{'> ' if markdown else ''}{run.name}: {run.paired_images} images paired "
                        f"of {run.run_images} (run) and {run.baseline_images} (baseline)")
@@ -257,6 +263,17 @@ def render(result: Comparison, fmt: str, *, top: int = 5) -> str:
                            f"{_f(g.delta, True)} {_ci(g.delta_ci, True)}", format_p(g.p_value)] for g in moved]
             out.append(_table(["group", "name", "prompts", f"delta [{level}% CI]", "p"], group_rows, markdown))
     return "\n".join(out) + "\n"
+
+
+def power_line(run: RunComparison) -> str | None:
+    """How big a difference these prompts can see, and how many prompts smaller ones need."""
+    power = run.overall.power
+    if power is None:
+        return None
+    needed = ", ".join(f"{d} needs {n} prompts" for d, n in power["prompts_needed"].items())
+    return (f"{run.name}: with {power['prompts']} prompts the smallest detectable difference is "
+            f"±{power['mde']:.4f} (two-sided α {power['alpha']:g}, power {power['power']:g}, per-prompt delta sd "
+            f"{power['prompt_delta_sd']:.4f}); {needed}")
 
 
 def verdict(run: RunComparison, margin: float) -> str:
@@ -283,7 +300,7 @@ def _csv(result: Comparison) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["run", "baseline", "kind", "group", "prompts", "images", "baseline_mean", "mean",
                      "mean_ci_low", "mean_ci_high", "delta", "delta_ci_low", "delta_ci_high", "p_value",
-                     "win_rate", "tie_rate", "few_prompts", "worse"])
+                     "win_rate", "tie_rate", "few_prompts", "worse", "mde", "prompts_for_0.005", "prompts_for_0.01"])
     for run in result.runs:
         for g in [run.overall, *run.groups]:
             writer.writerow([
@@ -291,5 +308,7 @@ def _csv(result: Comparison) -> str:
                 *(g.mean_ci or ("", "")), g.delta, *(g.delta_ci or ("", "")),
                 "" if g.p_value is None else g.p_value, g.win_rate, g.tie_rate, g.few_prompts,
                 run.worse if g.kind == "overall" else "",
+                *((g.power["mde"], g.power["prompts_needed"]["0.005"], g.power["prompts_needed"]["0.01"])
+                  if g.power else ("", "", "")),
             ])
     return buffer.getvalue()

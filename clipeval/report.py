@@ -225,7 +225,7 @@ def _comparison_table(comparison) -> str:
     level = int(round(comparison.bootstrap["level"] * 100))
     rows = [f"<tr><td>{e(comparison.baseline)} (baseline)</td><td>{comparison.baseline_images}</td>"
             f"<td>{_f(comparison.baseline_mean)} {_ci(comparison.baseline_ci)}</td><td></td><td></td><td></td><td></td></tr>"]
-    from clipeval.compare import format_p, verdict
+    from clipeval.compare import format_p, power_line, verdict
 
     for run in comparison.runs:
         o = run.overall
@@ -235,6 +235,7 @@ def _comparison_table(comparison) -> str:
     head = ("<tr><th>run</th><th>paired images</th><th>mean [" + str(level) + "% CI]</th><th>delta [" + str(level)
             + "% CI]</th><th>p (Wilcoxon)</th><th>win rate</th><th>verdict</th></tr>")
     notes = "".join(f"<p class='warn'>mismatch (allowed): {e(m)}</p>" for m in comparison.mismatches)
+    notes += "".join(f"<p class='meta power'>{e(line)}</p>" for line in map(power_line, comparison.runs) if line)
     return f"<section><h2>Comparison</h2><table class='compare'>{head}{''.join(rows)}</table>{notes}</section>"
 
 

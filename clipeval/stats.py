@@ -198,3 +198,31 @@ def summarize(scores, boot: Bootstrap = Bootstrap()) -> dict[str, Any]:
 
 def _counts(flags) -> dict[str, int]:
     return {str(k): int(v) for k, v in flags.fillna("unscored").replace("", "unscored").value_counts().sort_index().items()}
+
+
+# -- how many prompts a difference needs ------------------------------------------------------------
+ALPHA = 0.05  # two-sided
+POWER = 0.8
+DIFFERENCES = (0.005, 0.01)
+
+
+def power_analysis(prompt_deltas) -> dict[str, Any] | None:
+    """The smallest paired difference detectable with these prompts, and the prompts needed for
+    DIFFERENCES, from the spread of the per-prompt paired deltas (normal approximation of a paired
+    test: n = ((z₁₋α/₂ + z_power) · sd / d)²). None below two prompts."""
+    import numpy as np
+    from scipy.stats import norm
+
+    deltas = np.asarray(prompt_deltas, float)
+    if len(deltas) < 2:
+        return None
+    sd = float(deltas.std(ddof=1))
+    z = float(norm.ppf(1 - ALPHA / 2) + norm.ppf(POWER))
+    return {
+        "alpha": ALPHA,
+        "power": POWER,
+        "prompts": len(deltas),
+        "prompt_delta_sd": rounded(sd),
+        "mde": rounded(z * sd / math.sqrt(len(deltas))),
+        "prompts_needed": {f"{d:g}": max(2, math.ceil((z * sd / d) ** 2)) for d in DIFFERENCES},
+    }

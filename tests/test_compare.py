@@ -245,3 +245,34 @@ def test_run_summary_carries_the_interval_and_the_gate(run_tiny, tmp_path):
     assert (out / "scores.csv").is_file() and json.loads((out / "manifest.json").read_text())["status"] == "complete"
     passed = run_tiny(out, "--images-per-prompt", "2", "--fail-below", "-1")
     assert passed.exit_code == 0
+
+
+def test_how_many_prompts_a_difference_needs(cli, tmp_path):
+    """Per-prompt paired deltas of ±0.02 around -0.001 (sd known in closed form): the minimum detectable
+    difference is (z₀.₉₇₅ + z₀.₈) · sd / √n and the prompts needed for d are ⌈((z₀.₉₇₅ + z₀.₈) · sd / d)²⌉,
+    in every format; a simulated paired t-test at that difference detects it about 80% of the time."""
+    from scipy import stats as sps
+
+    prompts = 100
+    scores = base_scores(prompts=prompts, samples=1)
+    deltas = np.where(np.arange(prompts) % 2 == 0, 0.02, -0.02) - 0.001
+    a = make_run(tmp_path / "a", scores)
+    b = make_run(tmp_path / "b", scores.assign(clip_score=(scores["clip_score"] + deltas).round(8)))
+    data = json.loads(cli("compare", a, b, "--format", "json", "--resamples", "200").stdout)
+    power = data["runs"][0]["overall"]["power"]
+    realised = (pd.read_csv(b / "scores.csv")["clip_score"] - pd.read_csv(a / "scores.csv")["clip_score"]).to_numpy()
+    sd = realised.std(ddof=1)
+    z = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
+    assert z == pytest.approx(2.8016, abs=1e-4)
+    assert power["prompt_delta_sd"] == pytest.approx(sd, rel=1e-6)
+    assert power["mde"] == pytest.approx(z * sd / math.sqrt(prompts), rel=1e-6)
+    assert power["prompts_needed"] == {"0.005": math.ceil((z * sd / 0.005) ** 2), "0.01": math.ceil((z * sd / 0.01) ** 2)}
+    assert power["prompts_needed"]["0.005"] == 127 and power["prompts_needed"]["0.01"] == 32  # 2.8016² · 16 · 100/99, then ÷ 4
+    rng = np.random.default_rng(0)
+    detected = np.mean([sps.ttest_1samp(rng.normal(power["mde"], sd, prompts), 0).pvalue < 0.05 for _ in range(2000)])
+    assert 0.76 < detected < 0.84
+    text = cli("compare", a, b, "--resamples", "200").stdout
+    assert f"smallest detectable difference is ±{power['mde']:.4f}" in text and "0.005 needs 127 prompts" in text
+    assert "> b: with 100 prompts" in cli("compare", a, b, "--format", "markdown", "--resamples", "200").stdout.replace(str(tmp_path) + "/", "")
+    rows = list(csv.DictReader(io.StringIO(cli("compare", a, b, "--format", "csv", "--resamples", "200").stdout)))
+    assert rows[0]["prompts_for_0.005"] == "127" and rows[0]["prompts_for_0.01"] == "32"

@@ -131,6 +131,7 @@ def test_comparison_report(cli, hostile_runs, tmp_path):
     visible = "".join(page.text)
     assert "Comparison" in visible and "p (Wilcoxon)" in visible and "Biggest changes" in visible
     assert "same prompt, same seeds" in visible
+    assert "smallest detectable difference" in visible and "0.005 needs" in visible
 
 
 def test_a_comparison_shows_each_runs_own_seeds_under_its_images(cli, hostile_runs, tmp_path, models):
