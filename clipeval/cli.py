@@ -93,11 +93,8 @@ def _from_config(ctx: click.Context, options: dict) -> tuple[dict, list[str]]:
     from clipeval import simpletuner
 
     values, notes = simpletuner.load(path)
-    if values.pop("simpletuner_library", False) and not options.get("prompt_library") and "prompt_library" not in values:
-        raise ClipevalError(
-            f"--config {path}: validation_prompt_library asks for SimpleTuner's own prompts, which clipeval does not "
-            "ship; pass --prompt-library (e.g. parti) or set user_prompt_library"
-        )
+    if values.pop("simpletuner_library", False) and "prompt_library" not in values:
+        values["prompt_library"] = "simpletuner"  # SimpleTuner's own prompts, fetched like Parti
     for key, value in values.items():
         if key in options and ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
             options[key] = value
@@ -410,16 +407,17 @@ def report(runs, out, baseline, allow_mismatch, top) -> None:
 @main.command()
 @click.argument("library")
 def prompts(library: str) -> None:
-    """Print a prompt library as CSV: prompt_id, prompt, category, challenge."""
+    """Print a prompt library as CSV: prompt_id, [name,] prompt, category, challenge."""
     import csv
 
     from clipeval.prompts import load_library
 
     lib = load_library(library)
     writer = csv.writer(sys.stdout, lineterminator="\n")
-    writer.writerow(["prompt_id", "prompt", "category", "challenge"])
+    named = lib.named
+    writer.writerow(["prompt_id", *(["name"] if named else []), "prompt", "category", "challenge"])
     for p in lib.prompts:
-        writer.writerow([p.prompt_id, p.prompt, p.category, p.challenge])
+        writer.writerow([p.prompt_id, *([p.name] if named else []), p.prompt, p.category, p.challenge])
 
 
 @main.command()

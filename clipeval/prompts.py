@@ -25,10 +25,14 @@ from typing import Any, Iterable
 from clipeval.errors import ClipevalError
 
 FORMATS = ("tsv", "csv", "jsonl", "json", "txt")
+# Descriptor-only: a dict literal in Python source (SimpleTuner's prompt library), read with ast.
+PYTHON_DICT = "python-dict"
+MAX_PYTHON_BYTES = 4 << 20
 # Column names accepted for each field, compared case-insensitively, best first.
 PROMPT_COLUMNS = ("prompt", "prompts", "caption", "text")
 CATEGORY_COLUMNS = ("category", "categories")
 CHALLENGE_COLUMNS = ("challenge",)
+NAME_COLUMNS = ("name",)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Prompt:
     prompt: str
     category: str = ""
     challenge: str = ""
+    name: str = ""  # a {name: prompt} library's key (SimpleTuner's); a label, not part of the library hash
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,10 @@ class PromptLibrary:
             separators=(",", ":"),
         )
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def named(self) -> bool:
+        return any(p.name for p in self.prompts)
 
     def head(self, limit: int | None) -> "PromptLibrary":
         if limit is None or limit >= len(self.prompts):
@@ -146,26 +155,27 @@ def _load_builtin(desc: Descriptor) -> PromptLibrary:
             data = path.read_bytes()
         else:
             data = (_library_dir() / spec["name"]).read_bytes()
-        for prompt, category, challenge in parse_as_described(spec, data):
-            prompts.append(Prompt(len(prompts), prompt, category, challenge))
+        for prompt, category, challenge, name in parse_as_described(spec, data):
+            prompts.append(Prompt(len(prompts), prompt, category, challenge, name))
         sources.append(SourceFile(spec["name"], hashlib.sha256(data).hexdigest(), spec.get("url", "")))
     if len(prompts) != desc.count:
         raise ClipevalError(f"library {desc.name}: expected {desc.count} prompts, parsed {len(prompts)}")
     return PromptLibrary(desc.name, desc.description, tuple(prompts), tuple(sources))
 
 
-def parse_as_described(spec: dict[str, Any], data: bytes) -> list["Row"]:
+def parse_as_described(spec: dict[str, Any], data: bytes) -> list["NamedRow"]:
     """The rows of one file of a descriptor, read with the format and columns it names."""
-    rows = parse(
+    rows = parse_named(
         data,
         spec.get("format") or format_of(spec["name"]),
         origin=spec["name"],
         prompt_column=spec.get("prompt"),
         category_column=spec.get("category"),
         challenge_column=spec.get("challenge"),
+        variable=spec.get("variable", "prompts"),
     )
     constant = spec.get("category_value")
-    return [(prompt, constant or category, challenge) for prompt, category, challenge in rows]
+    return [(prompt, constant or category, challenge, name) for prompt, category, challenge, name in rows]
 
 
 def load_file(path: Path) -> PromptLibrary:
@@ -173,8 +183,8 @@ def load_file(path: Path) -> PromptLibrary:
         data = path.read_bytes()
     except OSError as err:
         raise ClipevalError(f"cannot read prompt library {path}: {err.strerror}") from err
-    rows = parse(data, format_of(path.name), origin=str(path))
-    prompts = tuple(Prompt(i, p, c, ch) for i, (p, c, ch) in enumerate(rows))
+    rows = parse_named(data, format_of(path.name), origin=str(path))
+    prompts = tuple(Prompt(i, p, c, ch, n) for i, (p, c, ch, n) in enumerate(rows))
     digest = hashlib.sha256(data).hexdigest()
     return PromptLibrary(str(path), f"prompts from {path.name}", prompts, (SourceFile(path.name, digest),))
 
@@ -193,6 +203,9 @@ Row = tuple[str, str, str]  # prompt, category, challenge
 Record = tuple[str, dict[str, Any]]  # (where, fields): "line 12", {"prompt": ..., ...}
 
 
+NamedRow = tuple[str, str, str, str]  # prompt, category, challenge, name
+
+
 def parse(
     data: bytes,
     fmt: str,
@@ -203,7 +216,22 @@ def parse(
     challenge_column: str | None = None,
 ) -> list[Row]:
     """Parse a prompt file's bytes; every problem is a ``ClipevalError`` that names ``origin``."""
-    records = read_records(data, fmt, origin=origin)
+    return [row[:3] for row in parse_named(data, fmt, origin=origin, prompt_column=prompt_column,
+                                           category_column=category_column, challenge_column=challenge_column)]
+
+
+def parse_named(
+    data: bytes,
+    fmt: str,
+    *,
+    origin: str,
+    prompt_column: str | None = None,
+    category_column: str | None = None,
+    challenge_column: str | None = None,
+    variable: str = "prompts",
+) -> list[NamedRow]:
+    """``parse``, with each prompt's name (a {name: prompt} map's key, or a ``name`` column)."""
+    records = python_dict_records(data, variable, origin) if fmt == PYTHON_DICT else read_records(data, fmt, origin=origin)
     rows = []
     for where, fields in records:
         keys = list(fields)
@@ -211,12 +239,49 @@ def parse(
             pick_column(keys, prompt_column, PROMPT_COLUMNS, f"{origin}: {where}", "prompt"),
             pick_column(keys, category_column, CATEGORY_COLUMNS, origin, "category"),
             pick_column(keys, challenge_column, CHALLENGE_COLUMNS, origin, "challenge"),
+            pick_column(keys, None, NAME_COLUMNS, origin, "name"),
         )
         values = [text_field(fields, keys[i], origin, where) if i is not None else "" for i in picked]
         if not values[0].strip():
             raise ClipevalError(f"{origin}: {where}: empty prompt")
-        rows.append((values[0], values[1], values[2]))
+        rows.append((values[0], values[1], values[2], values[3]))
     return rows
+
+
+def python_dict_records(data: bytes, variable: str, origin: str) -> list[Record]:
+    """The ``{name: prompt}`` dict literal assigned to ``variable`` at the top level of Python
+    source, read with ``ast`` and never executed or imported: only string keys and values are
+    accepted, anything else (a call, a name, an f-string, ``__import__``) is refused."""
+    import ast
+
+    if len(data) > MAX_PYTHON_BYTES:
+        raise ClipevalError(f"{origin}: {len(data)} bytes is too large for a prompt library (at most {MAX_PYTHON_BYTES})")
+    text = decode(data, origin)
+    try:
+        tree = ast.parse(text, filename=origin)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
+        raise ClipevalError(f"{origin}: not valid Python source ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    found = None
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == variable for t in targets):
+            found = node.value
+    if found is None:
+        raise ClipevalError(f"{origin}: no top-level assignment to {variable!r}")
+    if not isinstance(found, ast.Dict):
+        raise ClipevalError(f"{origin}: line {found.lineno}: {variable} is not a dict literal")
+    records = []
+    for key, value in zip(found.keys, found.values):
+        line = (key or value).lineno
+        if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+            raise ClipevalError(f"{origin}: line {line}: {variable} has a key that is not a plain string")
+        if not (isinstance(value, ast.Constant) and isinstance(value.value, str)):
+            raise ClipevalError(f"{origin}: line {value.lineno}: {variable}[{key.value!r}] is not a plain string "
+                                f"(a {type(value).__name__}); only literal text is read, nothing is run")
+        records.append((f"line {line} ({key.value!r})", {"prompt": value.value, "name": key.value}))
+    if not records:
+        raise ClipevalError(f"{origin}: {variable} is empty")
+    return records
 
 
 def text_field(fields: dict[str, Any], key: str, origin: str, where: str) -> str:
@@ -353,7 +418,7 @@ def _json_records(text: str, origin: str) -> list[Record]:
         for key, value in obj.items():
             if not isinstance(value, str):
                 raise ClipevalError(f"{origin}: entry {key!r}: a {{name: prompt}} map needs text values")
-        return [(f"entry {key!r}", {"prompt": value}) for key, value in obj.items()]
+        return [(f"entry {key!r}", {"prompt": value, "name": key}) for key, value in obj.items()]
     if isinstance(obj, list):
         return [(f"item {i}", _as_record(o, origin, f"item {i}")) for i, o in enumerate(obj)]
     raise ClipevalError(f"{origin}: expected a JSON list or object, got {type(obj).__name__}")

@@ -256,7 +256,7 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
     done = rundir.done()
 
     scores = stats.scores_table([done[item.key] for item in items])
-    per_prompt = stats.prompts_table(scores)
+    per_prompt = stats.prompts_table(scores, {p.prompt_id: p.name for p in run.library.prompts})
     try:
         summary = stats.summarize(scores)
     except ClipevalError:  # every image flagged: the tables say which and why
@@ -521,7 +521,7 @@ def evaluate(
             module.train(was_training)
         pipe.set_progress_bar_config(**bar_config)
     scores = stats.scores_table([done[item.key] for item in items])
-    per_prompt = stats.prompts_table(scores)
+    per_prompt = stats.prompts_table(scores, {p.prompt_id: p.name for p in library.prompts})
     summary = stats.summarize(scores)
     if rundir is not None:  # a folder compare, report and score read like a run's
         manifest = {

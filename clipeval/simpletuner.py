@@ -18,8 +18,8 @@ validation_num_inference_steps                    --steps
 validation_guidance                               --guidance-scale
 validation_negative_prompt                        --negative-prompt
 user_prompt_library (a {name: prompt} JSON)       --prompt-library
-validation_prompt_library                         SimpleTuner's own prompts are not shipped:
-                                                  an error unless another library is given
+validation_prompt_library                         true/default/image: the built-in library
+                                                  ``simpletuner`` (SimpleTuner's own prompts)
 ================================================  ========================================
 """
 
@@ -77,7 +77,7 @@ def load(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     library = config.get("user_prompt_library")
     if library not in (None, ""):
         options["prompt_library"] = _beside(_text(library, "user_prompt_library", where), source)
-    elif config.get("validation_prompt_library") in (True, "true", "True"):
+    elif config.get("validation_prompt_library") in (True, "true", "True", "default", "image"):
         options["simpletuner_library"] = True
     return options, notes
 

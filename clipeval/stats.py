@@ -65,8 +65,9 @@ def usable(scores):
     return scores[keep]
 
 
-def prompts_table(scores):
-    """One row per prompt, over its usable images (n = 0 and empty means when none is usable)."""
+def prompts_table(scores, names: dict[int, str] | None = None):
+    """One row per prompt, over its usable images (n = 0 and empty means when none is usable).
+    ``names`` (a {name: prompt} library's keys) adds a ``name`` column after prompt_id."""
     good = usable(scores)
     first = scores.groupby("prompt_id", sort=True)[["prompt", "category", "challenge"]].first()
     stats = good.groupby("prompt_id", sort=True)["clip_score"].agg(["size", "mean", "min", "max"])
@@ -74,6 +75,9 @@ def prompts_table(scores):
     frame["n"] = frame["size"].fillna(0).astype(int)
     for column in ("mean", "min", "max"):
         frame[f"clip_{column}"] = frame[column].map(lambda v: None if v != v else rounded(v))
+    if names and any(names.values()):
+        frame["name"] = frame["prompt_id"].map(names).fillna("")
+        return frame[[PROMPT_COLUMNS[0], "name", *PROMPT_COLUMNS[1:]]]
     return frame[PROMPT_COLUMNS]
 
 

@@ -80,7 +80,9 @@ def test_hpsv2_keeps_embedded_newlines_duplicates_and_styles(mirror):
 def _as_builtin(name: str, data: bytes, file: int = 0):
     from clipeval.prompts import builtin_descriptors, parse_as_described
 
-    return parse_as_described(builtin_descriptors()[name].files[file], data)
+    rows = parse_as_described(builtin_descriptors()[name].files[file], data)
+    assert all(row[3] == "" for row in rows)  # these libraries have no names
+    return [row[:3] for row in rows]
 
 
 def test_parti_quirks_unquoted_tsv():
@@ -132,6 +134,58 @@ def test_hpsv2_quirks_one_line_json_with_escapes_newlines_and_duplicates():
     assert [r[0] for r in rows] == prompts and {r[1] for r in rows} == {""}
     styles = [_as_builtin("hpsv2", data, file)[0][1] for file in range(4)]
     assert styles == ["anime", "concept-art", "paintings", "photo"]
+
+
+def test_simpletuner_library_is_read_without_running_it(mirror, cli):
+    lib = load_library("simpletuner")
+    assert len(lib.prompts) == 53 and lib.named
+    assert (lib.prompts[0].name, lib.prompts[3].name) == ("alien_landscape", "comic_strip")
+    assert lib.prompts[3].prompt == "a 4-panel comic strip showing an orange cat saying the words 'HELP' and 'LASAGNA'"
+    assert len({p.name for p in lib.prompts}) == 53
+    out = cli("prompts", "simpletuner").stdout.splitlines()
+    assert out[0] == "prompt_id,name,prompt,category,challenge" and out[1].startswith("0,alien_landscape,")
+
+
+def _python_library(source: str):
+    from clipeval.prompts import parse_as_described
+
+    spec = {"name": "prompts.py", "format": "python-dict", "variable": "prompts"}
+    return parse_as_described(spec, source.encode("utf-8"))
+
+
+def test_simpletuner_shaped_files_small_and_hostile(tmp_path):
+    from clipeval.errors import ClipevalError
+
+    good = 'import os\nfrom x import y\nprompts = {\n  "cat": "a cat",\n  "diner": \'Joe\\\'s "Diner"\',\n}\nother = {"a": f(1)}\n'
+    assert _python_library(good) == [("a cat", "", "", "cat"), ('Joe\'s "Diner"', "", "", "diner")]
+    marker = tmp_path / "ran"
+    hostile = {
+        f'prompts = {{"a": __import__("os").system("touch {marker}")}}': "prompts['a'] is not a plain string (a Call)",
+        'prompts = {"a": PromptLibraryEntry(prompt="x")}': "(a Call)",
+        'prompts = {"a": f"{1+1}"}': "(a JoinedStr)",
+        'prompts = {"a": "x" + "y"}': "(a BinOp)",
+        'prompts = {1: "x"}': "a key that is not a plain string",
+        'prompts = {**base}': "a key that is not a plain string",
+        'prompts = dict(a="x")': "prompts is not a dict literal",
+        'library = {"a": "x"}': "no top-level assignment to 'prompts'",
+        "prompts = {": "not valid Python source",
+        "prompts = " + "(" * 100_000 + "1" + ")" * 100_000: "not valid Python source",
+        'prompts = {"a": "' + "x" * (5 << 20) + '"}': "too large for a prompt library",
+    }
+    for source, needle in hostile.items():
+        with pytest.raises(ClipevalError) as err:
+            _python_library(source)
+        assert needle in str(err.value) and len(str(err.value).splitlines()) == 1, (source[:60], str(err.value))
+    assert not marker.exists()  # nothing was ever run
+
+
+def test_name_prompt_maps_keep_their_names(cli, tmp_path):
+    path = tmp_path / "user.json"
+    path.write_text(json.dumps({"cat": "a cat", "dog": "a dog"}))
+    assert cli("prompts", path).stdout.splitlines() == ["prompt_id,name,prompt,category,challenge", "0,cat,a cat,,", "1,dog,a dog,,"]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(["a cat", "a dog"]))
+    assert load_library(str(path)).sha256 == load_library(str(plain)).sha256  # names label, they do not define
 
 
 def test_library_hash_depends_on_rows_not_file_format(tmp_path):

@@ -327,6 +327,9 @@ def test_run_from_a_simpletuner_config(cli, simpletuner_config, tmp_path):
     assert (s["seed"], g["steps"], g["guidance_scale"], g["negative_prompt"]) == (7, 2, 4.5, "blurry")
     assert (g["width"], g["height"]) == (64, 32)
     assert pd.read_csv(out / "scores.csv")["prompt"].tolist() == ["a cat on a sofa", "a dog in the snow", "a red car"]
+    prompts = pd.read_csv(out / "prompts.csv")
+    assert list(prompts.columns[:3]) == ["prompt_id", "name", "prompt"]  # the {name: prompt} keys are kept
+    assert prompts["name"].tolist() == ["cat", "dog", "car"]
     override = cli("run", "--config", simpletuner_config, "--out", tmp_path / "other", "--seed", "9", "--steps", "3", "--quiet")
     assert override.exit_code == 0, override.stderr
     assert json.loads((tmp_path / "other" / "manifest.json").read_text())["settings"]["seed"] == 9
@@ -337,13 +340,26 @@ def test_run_from_a_simpletuner_config(cli, simpletuner_config, tmp_path):
     ({"--validation_num_inference_steps": "many"}, "validation_num_inference_steps must be an integer"),
     ({"--validation_resolution": "big"}, "validation_resolution 'big'"),
     ({"--report_to": "comet_ml"}, "report_to 'comet_ml'"),
-    ({"--user_prompt_library": None, "--validation_prompt_library": True}, "SimpleTuner's own prompts"),
 ])
 def test_wrong_simpletuner_values_are_one_line(cli, simpletuner_config, tmp_path, change, needle):
     config = json.loads(simpletuner_config.read_text())
     config.update(change)
     simpletuner_config.write_text(json.dumps(config))
     assert_user_error(cli("run", "--config", simpletuner_config, "--out", tmp_path / "run"), needle)
+
+
+@pytest.mark.parametrize("value", [True, "default", "image"])
+def test_validation_prompt_library_uses_simpletuners_own_prompts(cli, simpletuner_config, mirror, tmp_path, value):
+    config = json.loads(simpletuner_config.read_text())
+    config.update({"--user_prompt_library": None, "--validation_prompt_library": value})
+    simpletuner_config.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    result = cli("run", "--config", simpletuner_config, "--out", out, "--limit", "2", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "manifest.json").read_text())["library"]["name"] == "simpletuner"
+    prompts = pd.read_csv(out / "prompts.csv")
+    assert prompts["name"].tolist() == ["alien_landscape", "alien_market"]
+    assert prompts["prompt"][0].startswith("Alien planet, strange rock formations")
 
 
 # -- attention backends --------------------------------------------------------------------------------
