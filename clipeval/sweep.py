@@ -143,13 +143,20 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
             if trackers is not None:
                 trackers = replace(trackers, step=checkpoint.step)
             try:
-                runner.run(replace(base, checkpoint=str(checkpoint.path), out=out, trackers=trackers))
+                if trackers is not None:
+                    trackers.check(str(checkpoint.path))  # before the GPU work, as run does
+                # Logged here, once its history row (and so clip/delta_best) exists, not by run.
+                evaluated = runner.run(replace(base, checkpoint=str(checkpoint.path), out=out, trackers=None))
+                history = write_history(results_dir, {c.path.name: c.step for c in checkpoints}, margin=margin)
+                if trackers is not None and evaluated is not None:
+                    row = history[history["run"] == name]
+                    delta = None if row.empty or row.iloc[0]["alert"] == "" else float(row.iloc[0]["delta_best"])
+                    log(trackers.log(evaluated, checkpoint=str(checkpoint.path), extra={"clip/delta_best": delta}))
             except ClipevalError as err:
                 result.failed[name] = str(err)
                 log(f"{name} failed: {err}")
                 continue
             result.evaluated.append(name)
-            write_history(results_dir, {c.path.name: c.step for c in checkpoints}, margin=margin)
         history = write_history(results_dir, {c.path.name: c.step for c in checkpoints}, margin=margin)
         result.newest = history.iloc[-1].to_dict() if len(history) else None
         return result

@@ -75,11 +75,14 @@ class Tracking:
             scalars[f"clip/category/{name}"] = group["mean"] * factor
         return scalars
 
-    def log(self, result, *, checkpoint: str) -> str:
+    def log(self, result, *, checkpoint: str, extra: dict[str, float] | None = None) -> str:
+        """``extra``: more scalars in cosine (the sweep's clip/delta_best), scaled like the others."""
         if self.report_to == "none":
             return "not logged (--report-to none)"
         self.check(checkpoint)
         scalars = self.values(result.summary)
+        factor = 100.0 if self.scale == "percent" else 1.0
+        scalars.update({k: v * factor for k, v in (extra or {}).items() if v is not None and v == v})
         usable = result.scores[(result.scores["flag"] == "") & result.scores["clip_score"].notna()]
         scores = usable["clip_score"].to_numpy() * (100.0 if self.scale == "percent" else 1.0)
         grid = best_and_worst(usable, result.out)

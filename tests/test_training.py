@@ -255,6 +255,10 @@ def test_sweep_evaluates_new_checkpoints_oldest_first_once(cli, models, training
         assert run.clip_mean == json.loads((results / run.run / "summary.json").read_text())["clip/mean"]
         assert run.clip_mean_ci_low <= run.clip_mean <= run.clip_mean_ci_high
     assert [e.step for e in _tensorboard(results / "logs" / "clipeval").Scalars("clip/mean")] == [2, 5, 10]
+    # clip/delta_best from the second checkpoint on, equal to history.csv's (the first has no earlier one)
+    deltas = _tensorboard(results / "logs" / "clipeval").Scalars("clip/delta_best")
+    assert [e.step for e in deltas] == [5, 10]
+    assert [e.value for e in deltas] == pytest.approx(history["delta_best"].tolist()[1:], abs=1e-6)
     second = sweep_cli(cli, models, training_dir, results)
     assert "0 evaluated, 3 up to date" in second.stdout
     shutil.copytree(models.sd, training_dir / "checkpoint-15")
