@@ -305,6 +305,8 @@ def build(paths: list[str | Path], *, baseline: str | Path | None = None, allow_
 
     if not paths:
         raise ClipevalError("report needs at least one run")
+    if len(paths) == 1 and (Path(paths[0]).expanduser() / "history.csv").is_file():
+        return build_training(paths[0], top=top)
     order = list(paths)
     if baseline is not None:
         order = [baseline] + [p for p in order if p != baseline]
@@ -342,6 +344,119 @@ def build(paths: list[str | Path], *, baseline: str | Path | None = None, allow_
         script=SCRIPT,
         style=STYLE,
     )
+
+
+# -- a sweep folder: the whole training curve -------------------------------------------------------
+
+def build_training(results_dir: str | Path, *, top: int = 12) -> str:
+    """The report of a sweep's RESULTS_DIR: clip/mean with its CI band against step, the best
+    checkpoint and the alerts marked, per-category curves, the history table, and the best and
+    the newest checkpoint side by side for the prompts that moved most."""
+    import pandas as pd
+
+    from clipeval import compare as comparing
+    from clipeval import stats
+
+    folder = Path(results_dir).expanduser()
+    try:
+        history = pd.read_csv(folder / "history.csv", keep_default_na=False)
+    except (OSError, ValueError) as err:
+        raise ClipevalError(f"{results_dir}/history.csv is unreadable ({err})") from err
+    history = history[history["clip_mean"] != ""]
+    if history.empty:
+        raise ClipevalError(f"{results_dir}: history.csv lists no finished checkpoint yet")
+    runs = {name: load(folder / name) for name in history["run"]}
+    best_name = history.loc[pd.to_numeric(history["clip_mean"]).idxmax(), "run"]
+    newest_name = history["run"].iloc[-1]
+    sections = [f"<section><h2>Training curve</h2><div class='figure'>{_curve(history, best_name)}</div>"
+                f"<p class='meta'>best: {e(best_name)} · newest: {e(newest_name)}"
+                + (" · <span class='warn'>alert on the newest checkpoint</span>" if history["alert"].iloc[-1] == "true" else "")
+                + "</p></section>"]
+    small = _category_curves(history, runs)
+    if small:
+        sections.append(f"<section><h2>Per-category curves</h2><div class='figure'>{small}</div></section>")
+    sections.append(_history_table(history))
+    shown = [runs[best_name]] + ([runs[newest_name]] if newest_name != best_name else [])
+    if len(shown) == 2:
+        comparison = comparing.compare([comparing.load_run(folder / best_name), comparing.load_run(folder / newest_name)],
+                                       boot=stats.Bootstrap())
+        sections.append(_comparison_table(comparison))
+        sections.append(_side_by_side(shown, comparison, top))
+    data = _table_data(shown)
+    title = f"clipeval training report: {folder.name or folder}"
+    run_headers = "".join(f"<th>mean: {e(name)}</th>" for name in data["runs"]) + ("<th>delta</th>" if len(shown) > 1 else "")
+    return PAGE.format(run_headers=run_headers, title=e(title), heading=e(title),
+                       generated=e(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")),
+                       sections="\n".join(sections), data=_json_for_script(data), script=SCRIPT, style=STYLE)
+
+
+def _numbers(column) -> list[float]:
+    import pandas as pd
+
+    return pd.to_numeric(column, errors="coerce").tolist()
+
+
+def _curve(history, best_name: str) -> str:
+    steps = list(range(len(history))) if (history["step"] == "").any() else _numbers(history["step"])
+    means, lows, highs = (_numbers(history[c]) for c in ("clip_mean", "clip_mean_ci_low", "clip_mean_ci_high"))
+    best = history["run"].tolist().index(best_name)
+    alerts = [i for i, a in enumerate(history["alert"]) if a == "true"]
+
+    def draw(fig):
+        ax = fig.subplots()
+        ax.fill_between(steps, lows, highs, color="#4c72b0", alpha=0.2, linewidth=0, label="95% CI")
+        ax.plot(steps, means, marker="o", color="#4c72b0", label="clip/mean")
+        ax.plot([steps[best]], [means[best]], marker="*", markersize=16, color="#d4a017", linestyle="none", label="best")
+        if alerts:
+            ax.plot([steps[i] for i in alerts], [means[i] for i in alerts], marker="X", markersize=11, color="#c0392b",
+                    linestyle="none", label="alert: worse than the best earlier")
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean CLIP score")
+        ax.legend(loc="best")
+
+    return figure_svg(draw, width=7.2, height=3.2)
+
+
+def _category_curves(history, runs: dict) -> str | None:
+    categories = sorted({c for r in runs.values() for c in (r.summary.get("by_category") or {})})
+    if not categories:
+        return None
+    steps = list(range(len(history))) if (history["step"] == "").any() else _numbers(history["step"])
+    columns = min(4, len(categories))
+    rows = -(-len(categories) // columns)
+
+    def draw(fig):
+        axes = fig.subplots(rows, columns, squeeze=False, sharex=True)
+        for ax, category in zip(axes.flat, categories):
+            groups = [runs[name].summary.get("by_category", {}).get(category) for name in history["run"]]
+            means = [g["mean"] if g else float("nan") for g in groups]
+            lows = [(g.get("ci") or [g["mean"]] * 2)[0] if g else float("nan") for g in groups]
+            highs = [(g.get("ci") or [g["mean"]] * 2)[1] if g else float("nan") for g in groups]
+            ax.fill_between(steps, lows, highs, color="#4c72b0", alpha=0.2, linewidth=0)
+            ax.plot(steps, means, marker=".", color="#4c72b0")
+            ax.set_title(category, fontsize=8)
+        for ax in list(axes.flat)[len(categories):]:
+            ax.set_visible(False)
+
+    return figure_svg(draw, width=7.2, height=1.6 * rows + 0.4)
+
+
+def _history_table(history) -> str:
+    columns = ["step", "run", "clip_mean", "clip_mean_ci_low", "clip_mean_ci_high", "best_step", "delta_best",
+               "delta_best_ci_low", "delta_best_ci_high", "p_best", "alert"]
+    head = "".join(f"<th>{e(c)}</th>" for c in columns if c in history.columns)
+    from clipeval.compare import format_p
+
+    def shown(column: str, value: Any) -> str:
+        if value == "" or column in ("step", "run", "best_step", "alert"):
+            return str(value)
+        if column == "p_best":
+            return format_p(float(value))
+        return _f(float(value), signed=column.startswith("delta"))
+
+    body = "".join("<tr>" + "".join(f"<td>{e(shown(c, row[c]))}</td>" for c in columns if c in history.columns) + "</tr>"
+                   for _, row in history.iterrows())
+    return f"<section><h2>History</h2><table class='compare' id='history'><tr>{head}</tr>{body}</table></section>"
 
 
 def write(paths: list[str | Path], out: str | Path, **kwargs) -> Path:

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import REPO, assert_user_error
 
@@ -313,3 +314,52 @@ def test_a_parti_sized_report_stays_fast(browser, mirror, tmp_path, cli):
     }""")
     assert sort_ms < 1000
     _artifact(page, "report-parti.png")
+
+
+@pytest.fixture
+def sweep_results(cli, tmp_path):
+    """A sweep's RESULTS_DIR with three checkpoints, the newest clearly worse (an alert), and a
+    hostile category name."""
+    from test_health import _training
+
+    training, results = _training(tmp_path, {100: 0.0, 200: 0.02, 300: -0.03})
+    for run in results.iterdir():  # a category name that is markup
+        scores = pd.read_csv(run / "scores.csv", keep_default_na=False)
+        scores.loc[scores["category"] == "Food", "category"] = HOSTILE_CATEGORY
+        from clipeval import stats, store
+
+        manifest = json.loads((run / "manifest.json").read_text())
+        scores["clip_score"] = pd.to_numeric(scores["clip_score"])
+        store.write_results(run, scores=scores, prompts=stats.prompts_table(scores), summary=stats.summarize(scores),
+                            manifest=manifest)
+    assert cli("sweep", training, "--out", results, "--prompt-library", "smoke", "--quiet").exit_code == 0
+    return results
+
+
+def test_a_sweep_folder_gets_a_training_report(cli, sweep_results, tmp_path):
+    out = tmp_path / "training.html"
+    result = cli("report", sweep_results, "--out", out)
+    assert result.exit_code == 0, result.stderr
+    page = _check_page(out, hostile=False)
+    visible = "".join(page.text)
+    assert "Training curve" in visible and "Per-category curves" in visible and "History" in visible
+    assert "best: checkpoint-200" in visible and "newest: checkpoint-300" in visible
+    assert "alert on the newest checkpoint" in visible
+    assert "Biggest changes, checkpoint-300 vs checkpoint-200" in visible  # best and newest side by side
+    data = json.loads(page.scripts[0])
+    assert HOSTILE_CATEGORY in {r["category"] for r in data["rows"]}  # carried as data, never as markup
+    assert len([a for t, a in page.tags if t == "svg"]) >= 2  # the curve and the small multiples
+    history = pd.read_csv(sweep_results / "history.csv", keep_default_na=False)
+    assert visible.count("checkpoint-") >= len(history)
+
+
+@pytest.mark.slow
+def test_the_training_report_in_chromium(cli, sweep_results, tmp_path, browser):
+    out = tmp_path / "training.html"
+    assert cli("report", sweep_results, "--out", out).exit_code == 0
+    page, problems = _open(browser, out)
+    page.wait_for_timeout(300)
+    assert problems == []
+    assert page.locator("#history tr").count() == 4  # header and three checkpoints
+    assert page.inner_text("#count") == "60 of 60 prompts"
+    _artifact(page, "training-report.png")
