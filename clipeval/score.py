@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from clipeval.errors import ClipevalError
+from clipeval.hub import torch_dtype
 from clipeval.preprocess import MODES, ImageTransform, exact
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14-336"
@@ -57,7 +58,7 @@ class ClipScorer:
         name: str | None = None,
         log: Any = None,
     ) -> None:
-        from clipeval.hub import hub_error, quiet_hf, torch_dtype
+        from clipeval.hub import hub_error, quiet_hf
 
         quiet_hf(with_diffusers=False)
         import torch
@@ -79,7 +80,9 @@ class ClipScorer:
         try:
             # SDPA explicitly: whatever attention backend the denoiser is given, CLIP's stays PyTorch's.
             self.model = AutoModel.from_pretrained(
-                location, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True, revision=revision,
+                # float32 weights always: half precision is autocast (float32 norms, softmax and
+                # accumulation), which keeps scores within 1e-3 of float32 where half weights do not.
+                location, dtype=torch.float32, use_safetensors=None if allow_pickle else True, revision=revision,
                 attn_implementation="sdpa",
             )
             processor_revision = revision if processor is None else None
@@ -119,6 +122,12 @@ class ClipScorer:
         self._cache: dict[str, TextEmbedding] = {}
         self._torch = torch
 
+    def _autocast(self):
+        """Mixed precision for --clip-dtype bfloat16/float16: matmuls in half, the rest in float32."""
+        torch = self._torch
+        half = None if self.dtype == "float32" else torch_dtype(self.dtype)
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=half or torch.float32, enabled=half is not None)
+
     # -- text ------------------------------------------------------------------------------
     def embed_texts(self, prompts: Sequence[str]) -> list[TextEmbedding]:
         """Embeddings for ``prompts``, computing each distinct text once and caching it.
@@ -136,7 +145,7 @@ class ClipScorer:
                                     return_tensors="pt")
             if self.pad_to_max_length:  # SigLIP was trained without a mask: its padding is part of the input
                 tokens = {"input_ids": tokens["input_ids"]}
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast():
                 tokens = {k: v.to(self.device) for k, v in tokens.items()}
                 vector = _features(self.model.get_text_features(**tokens))[0].float()
             self._cache[text] = TextEmbedding(vector / vector.norm(), length > self.max_length)
@@ -163,8 +172,8 @@ class ClipScorer:
     def embed_images(self, images):
         """uint8 images (see ``pixel_values``) → unit-norm float32 embeddings on our device."""
         torch = self._torch
-        with torch.inference_mode():
-            pixels = self.pixel_values(images).to(self.device, self.model.dtype)
+        with torch.inference_mode(), self._autocast():
+            pixels = self.pixel_values(images).to(self.device, torch.float32)
             vectors = _features(self.model.get_image_features(pixel_values=pixels)).float()
         return vectors / vectors.norm(dim=-1, keepdim=True)
 
