@@ -18,7 +18,6 @@ from typing import Any
 
 from clipeval.errors import ClipevalError
 from clipeval.score import DEFAULT_CLIP_MODEL
-from clipeval.stats import score_value  # noqa: F401 - kept where it was importable from
 
 
 @dataclass

@@ -168,7 +168,7 @@ def load_run(path: str | Path) -> RunRecord:
                     f"{path}: {name} does not belong with manifest.json (a final write was interrupted or failed); {rerun}"
                 )
         scores = pd.read_csv(io.BytesIO(raw["scores.csv"]), keep_default_na=False, na_values={"clip_score": [""]},
-                             dtype={k: v for k, v in SCORES_DTYPES.items()})
+                             dtype=SCORES_DTYPES)
         summary = json.loads(raw["summary.json"]) if "summary.json" in raw else None
     except FileNotFoundError as err:
         unfinished = (folder / STATE / PENDING).exists()

@@ -127,6 +127,7 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
             return result
         os.ftruncate(lock, 0)
         os.pwrite(lock, str(os.getpid()).encode(), 0)
+        history = None  # written after each evaluated checkpoint; skipped and failed ones change nothing
         for checkpoint in checkpoints:
             name = checkpoint.path.name
             out = results_dir / name
@@ -157,7 +158,8 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
                 log(f"{name} failed: {err}")
                 continue
             result.evaluated.append(name)
-        history = write_history(results_dir, {c.path.name: c.step for c in checkpoints}, margin=margin)
+        if history is None:  # nothing evaluated: still apply the rule (perhaps with another margin)
+            history = write_history(results_dir, {c.path.name: c.step for c in checkpoints}, margin=margin)
         result.newest = history.iloc[-1].to_dict() if len(history) else None
         return result
     finally:
