@@ -3,6 +3,7 @@ of well-known ones (``scorers.toml``, data beside this module)."""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -49,7 +50,15 @@ def make_scorer(spec: str, *, device: str = "cpu", dtype: str = "float32", prepr
     """The one place scorers are built: a model id, folder, short name or 'demo'."""
     from clipeval.score import ClipScorer
 
+    from clipeval.errors import ClipevalError
+
     entry = resolve(spec)
     model, processor = (entry.model, processor or entry.processor) if entry else (spec, processor)
-    return ClipScorer(model, device=device, dtype=dtype, preprocess=preprocess, revision=revision,
-                      allow_pickle=allow_pickle, processor=processor, name=spec, log=log)
+    try:
+        return ClipScorer(model, device=device, dtype=dtype, preprocess=preprocess, revision=revision,
+                          allow_pickle=allow_pickle, processor=processor, name=spec, log=log)
+    except ClipevalError as err:
+        close = [] if entry or "/" in spec else difflib.get_close_matches(spec, known(), n=3)
+        if not close:
+            raise
+        raise ClipevalError(f"{err}; did you mean {' or '.join(close)}? ('clipeval scorers' lists them)") from err

@@ -114,6 +114,8 @@ def test_scorers_lists_short_names_and_they_resolve(cli, run_tiny, tmp_path):
     # Offline here, so the name resolves to its hub id and fails to download it, saying which.
     result = run_tiny(tmp_path / "r", "--limit", "1", "--clip-model", "pickscore")
     assert_user_error(result, "yuvalkirstain/PickScore_v1")
+    typo = run_tiny(tmp_path / "t", "--limit", "1", "--clip-model", "pickscor")
+    assert_user_error(typo, "did you mean pickscore?")
 
 
 def test_a_model_that_is_not_a_dual_encoder_is_one_line(run_tiny, models, tmp_path):
