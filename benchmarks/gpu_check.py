@@ -1,14 +1,23 @@
 """The checks and figures that need a GPU, in one process, each section guarded so one failure
-does not lose the others. Run by benchmarks/gpu_check.sh on a lent H100/H200; ``--tiny`` runs the
-same code on tiny models on the CPU to check the script itself.
+does not lose the others, and each skipped when the time left (``--budget``) cannot hold it.
+Run by benchmarks/gpu_check.sh on a lent H100/H200; ``--tiny`` runs the same code on tiny
+models on the CPU to check the script itself.
 
-1. correctness on CUDA: ``clipeval run`` on the demo (auto dtype → float16), re-scored bit for bit;
-2. real-size random SD 1.5 (fp16, 512 px, 20 steps, batch 8): ``clipeval run`` against a plain
-   loop (same pipeline, prompts, seeds, batch size, CLIP model; PNGs saved; scored as a user would),
-   images/s of each, the ratio, and the GPU busy fraction sampled through NVML;
-3. CLIP ViT-L/14-336 scoring: clipeval fp32 and fp16 against torchmetrics, images/s and the
-   largest fp16-fp32 score difference on the same images;
-4. ``--compile`` on the run of section 2: the cost of compiling, and images/s once compiled.
+0. the card: name, versions, a measured fp16 matrix-product rate, the datasheet dense peak;
+1. SD 1.5 size (512², 20 steps, CFG 7.5, random fp16 weights):
+   - FLOPs per image counted by torch's FlopCounterMode (UNet x steps x 2 for CFG, text, VAE);
+   - the UNet and VAE alone (CUDA events), with and without clipeval's speed-ups;
+   - ``--batch-size auto``: the size it settles on;
+   - >= 3 alternating repeats of: a plain diffusers loop as its users write it, ``clipeval run``
+     at batch 8 without and with the speed-ups, and at the size auto found; images/s, MFU
+     (achieved FLOP/s over the card's dense peak), GPU busy (NVML), largest pixel difference;
+2. CLIP ViT-L/14-336 scoring from 512² PNGs: clipeval fp16 and fp32 against torchmetrics'
+   CLIPScore with its defaults (fp32, its default processor), each timed with its model load,
+   warmed up, >= 3 alternating repeats; fp16 - fp32 score difference on L/14-336 and B/32;
+3. SDXL size (1024², 20 steps, CFG) and 4. a Flux-size transformer (1024², 28 steps): FLOPs,
+   the denoiser and VAE alone, MFU and the images/s they bound;
+5. ``--compile`` against the uncompiled runs of section 1 (same invocation, same batch);
+6. host memory of ``clipeval run`` at 100 and 1632 prompts on the SD 1.5-size pipeline.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,25 +39,34 @@ import bench_score  # noqa: E402
 
 RESULTS: dict = {}
 OUT_DIR: Path | None = None
-BASELINE_IMG_S: float | None = None
+DEADLINE = float("inf")
+DENSE_PEAK = {"H100": 989.4e12, "H200": 989.4e12}  # fp16/bf16 dense, SXM datasheets
 
 
-def section(name):
+def section(name, cost_s: float):
+    """Run the section if ``cost_s`` (its expected seconds) fits before the deadline."""
     def wrap(fn):
         def run(*args, **kwargs):
             start = time.perf_counter()
             print(f"\n=== {name}", flush=True)
-            try:
-                RESULTS[name] = fn(*args, **kwargs)
-            except Exception as err:  # keep going: the other sections still tell something
-                traceback.print_exc()
-                RESULTS[name] = {"error": f"{type(err).__name__}: {err}"}
+            if time.monotonic() + cost_s > DEADLINE:
+                RESULTS[name] = {"skipped": f"needs ~{cost_s:.0f} s, {DEADLINE - time.monotonic():.0f} s left"}
+            else:
+                try:
+                    RESULTS[name] = fn(*args, **kwargs)
+                except Exception as err:  # keep going: the other sections still tell something
+                    traceback.print_exc()
+                    RESULTS[name] = {"error": f"{type(err).__name__}: {err}"}
             RESULTS[name]["seconds"] = round(time.perf_counter() - start, 1)
-            print(json.dumps(RESULTS[name], indent=1), flush=True)
-            if OUT_DIR is not None:  # after every section: a timeout later loses nothing
-                (OUT_DIR / "gpu_results.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
+            print(json.dumps(RESULTS[name], indent=1, default=str), flush=True)
+            save()
         return run
     return wrap
+
+
+def save() -> None:
+    if OUT_DIR is not None:  # after every section: a timeout later loses nothing
+        (OUT_DIR / "gpu_results.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
 
 
 class BusySampler:
@@ -84,38 +104,86 @@ class BusySampler:
         return round(sum(self.samples) / len(self.samples) / 100, 3) if self.samples else None
 
 
-@section("1 correctness on the device")
-def correctness(work: Path, device: str) -> dict:
-    from clipeval.rescore import ScoreConfig, score
-    from clipeval.runner import RunConfig, run
+def sync(device):
+    import torch
 
-    out = work / "demo"
-    result = run(RunConfig(checkpoint="demo", clip_model="demo", prompt_library="smoke", out=out, device=device,
-                           images_per_prompt=2, batch_size=4, progress=False))
-    again = score(ScoreConfig(source=out, out=work / "demo-rescored", clip_models=("demo",), device=device, progress=False))
-    other = run(RunConfig(checkpoint="demo", clip_model="demo", prompt_library="smoke", out=work / "demo-b1",
-                          device=device, images_per_prompt=2, batch_size=1, progress=False))
-    diff = (result.scores.clip_score - other.scores.clip_score).abs()
-    from PIL import Image
-    import numpy as np
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
-    black = sum(int(np.asarray(Image.open(out / p)).max() == 0) for p in result.scores.image)
-    return {
-        "black_images": black,
-        "dtype": result.manifest["settings"]["dtype"],
-        "hardware": result.manifest["device"]["hardware"],
-        "clip/mean": result.summary["clip/mean"],
-        "rescore_identical": bool((again.scores.clip_score == result.scores.clip_score).all()),
-        "batch1_vs_batch4_max_abs_score_diff": float(diff.max()),
-        "processor": type(__import__("clipeval.score", fromlist=["x"]).ClipScorer("demo", device=device).processor).__name__,
-    }
+
+def timed(fn, device, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` (CUDA events on the GPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if str(device).startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3),
+            "all": [round(v, 3) for v in values]}
+
+
+def peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in DENSE_PEAK.items() if k in name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+@section("0 the card", 20)
+def card(device: str) -> dict:
+    import torch
+
+    out = {"name": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           "transformers": __import__("transformers").__version__, "diffusers": __import__("diffusers").__version__,
+           "cpu_count": os.cpu_count(), "datasheet_dense_fp16_tflops": (peak_flops() or 0) / 1e12}
+    if device == "cuda":
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=torch.float16)
+        b = torch.randn(n, n, device=device, dtype=torch.float16)
+        seconds = timed(lambda: a @ b, device, repeats=10, warmup=3)
+        out["measured_fp16_matmul_tflops"] = round(2 * n**3 / seconds / 1e12, 1)
+        out["memory_gb"] = round(torch.cuda.mem_get_info()[1] / 2**30, 1)
+    return out
 
 
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
                  attention_head_dim=8, sample_size=64, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
 
 
 def build_sd15(path: Path, tiny: bool) -> Path:
@@ -133,7 +201,7 @@ def build_sd15(path: Path, tiny: bool) -> Path:
     with torch.device("cuda"):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**SD15_UNET).half()
-        vae = AutoencoderKL(**SD15_VAE).half()
+        vae = AutoencoderKL(**VAE).half()
         text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                             num_attention_heads=12, max_position_embeddings=77,
                                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -147,9 +215,45 @@ def build_sd15(path: Path, tiny: bool) -> Path:
     return path
 
 
+def unet_inputs(unet, batch: int, latent: int, context: int, device, dtype, xl: bool = False):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    inputs = dict(sample=torch.randn(batch, unet.config.in_channels, latent, latent, generator=g).to(device, dtype),
+                  timestep=torch.tensor(500, device=device),
+                  encoder_hidden_states=torch.randn(batch, 77, context, generator=g).to(device, dtype))
+    if xl:
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=g).to(device, dtype),
+                                       "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch).to(device, dtype)}
+    return inputs
+
+
+def denoiser_figures(unet, vae, *, batch: int, latent: int, context: int, steps: int, device, dtype, xl=False) -> dict:
+    """FLOPs per image (CFG doubles the UNet batch) and the UNet/VAE times at ``batch`` images."""
+    import torch
+
+    with torch.inference_mode():
+        one = unet_inputs(unet, 2, latent, context, device, dtype, xl)
+        unet_flops = flops(lambda: unet(**one))
+        z1 = torch.randn(1, vae.config.latent_channels, latent, latent, device=device, dtype=dtype)
+        vae_flops = flops(lambda: vae.decode(z1))
+        many = unet_inputs(unet, 2 * batch, latent, context, device, dtype, xl)
+        unet_s = timed(lambda: unet(**many), device)
+        z = torch.randn(batch, vae.config.latent_channels, latent, latent, device=device, dtype=dtype)
+        vae_s = timed(lambda: vae.decode(z), device, repeats=3, warmup=1)
+    per_image = steps * unet_flops + vae_flops
+    seconds_per_image = (steps * unet_s + vae_s) / batch
+    peak = peak_flops()
+    return {"batch": batch, "unet_tflop_per_cfg_step": round(unet_flops / 1e12, 3), "vae_decode_tflop": round(vae_flops / 1e12, 3),
+            "tflop_per_image": round(per_image / 1e12, 2), "unet_ms": round(unet_s * 1e3, 2), "vae_ms": round(vae_s * 1e3, 2),
+            "vae_share": round(vae_s / (steps * unet_s + vae_s), 3),
+            "bound_img_s": round(1 / seconds_per_image, 2),
+            "mfu": round(per_image / seconds_per_image / peak, 3) if peak else None}
+
+
 def bare_loop(pipe_dir: Path, clip_dir: Path, prompts: list[str], seeds: list[int], *, batch: int, steps: int,
               size: int, device: str, dtype, out: Path) -> tuple[float, list[float]]:
-    """What a user would write: the pipeline, PIL images saved as PNG, CLIP scores via the processor."""
+    """What a user would write: the pipeline, PIL images saved as PNG, CLIP scores via the default processor."""
     import torch
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel, CLIPProcessor
@@ -172,150 +276,413 @@ def bare_loop(pipe_dir: Path, clip_dir: Path, prompts: list[str], seeds: list[in
         return (logits.diagonal() / clip.logit_scale.exp()).tolist()
 
     one_batch(0)  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     scores = []
     for i in range(0, len(prompts), batch):
         scores += one_batch(i)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, scores
 
 
-def _sync(device):
+def pixels(folder: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(f)) for f in sorted(folder.glob("*.png"))]).astype(np.int16)
+
+
+@section("1 SD 1.5 size: MFU, speed-ups, batch growth, clipeval vs a plain loop", 240)
+def sd15(work: Path, device: str, tiny: bool, images: int, repeats: int) -> dict:
     import torch
 
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@section("2 clipeval run vs a plain loop, SD 1.5 size")
-def run_vs_bare(work: Path, device: str, tiny: bool, images: int) -> dict:
-    import torch
-
+    from clipeval import pipelines
     from clipeval.generate import image_seed
     from clipeval.runner import RunConfig, run
 
-    steps, size, batch = (2, 64, 8) if tiny else (20, 512, 8)
+    steps, size = (2, 64) if tiny else (20, 512)
+    dtype = torch.float32 if device == "cpu" else torch.float16
     pipe_dir = build_sd15(work / "sd15", tiny)
     clip_dir = bench_score.build_clip("tiny" if tiny else "l14-336", work / "clip-l")
+    out: dict = {"steps": steps, "size": size, "images_per_run": images, "dtype": str(dtype)}
+
+    # Components alone: FLOPs, and the UNet/VAE time with and without the speed-ups.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, torch_dtype=dtype).to(device)
+    latent, context = size // 8, pipe.unet.config.cross_attention_dim
+    for batch in (8, 32):
+        out[f"components_b{batch}"] = denoiser_figures(pipe.unet, pipe.vae, batch=batch, latent=latent, context=context,
+                                                       steps=steps, device=device, dtype=dtype)
+    out["speed_ups_applied"] = pipelines.speed_up(pipe, device_types=("cuda", "cpu"))
+    for batch in (8, 32):
+        out[f"components_b{batch}_sped_up"] = denoiser_figures(pipe.unet, pipe.vae, batch=batch, latent=latent,
+                                                               context=context, steps=steps, device=device, dtype=dtype)
+    per_image = out["components_b8"]["tflop_per_image"] * 1e12
+    del pipe
+    torch.cuda.empty_cache() if device == "cuda" else None
+
     library = work / "prompts.txt"
-    texts = bench_score.prompts(images)
+    texts = bench_score.prompts(max(images, 160))
     library.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n", encoding="utf-8")
-    seeds = [image_seed(0, i, 0) for i in range(len(texts))]
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    with BusySampler() as bare_busy:
-        bare_s, bare_scores = bare_loop(pipe_dir, clip_dir, texts, seeds, batch=batch, steps=steps, size=size,
-                                        device=device, dtype=dtype, out=work / "bare")
     common = dict(checkpoint=str(pipe_dir), clip_model=str(clip_dir), prompt_library=str(library), device=device,
-                  batch_size=batch, steps=steps, height=size, width=size, guidance_scale=7.5, progress=False)
-    run(RunConfig(out=work / "warm", limit=batch, **common))  # warm-up, like the plain loop's first batch
-    with BusySampler() as ours_busy:
-        result = run(RunConfig(out=work / "clipeval", **common))
-    loop_s = result.manifest["timings"]["generate_and_score_s"]
-    n = len(texts)
-    return {
-        "images": n, "steps": steps, "size": size, "batch": batch, "dtype": str(dtype),
-        "bare_img_s": round(n / bare_s, 3),
-        "clipeval_img_s": round(n / loop_s, 3),
-        "clipeval_over_bare_time": round(loop_s / bare_s, 3),
-        "clipeval_load_s": result.manifest["timings"]["load_s"],
-        "clipeval_write_s": result.manifest["timings"]["write_s"],
-        "gpu_busy_bare": bare_busy.busy,
-        "gpu_busy_clipeval": ours_busy.busy,
-        "max_abs_score_diff_vs_bare": max(abs(a - b) for a, b in zip(result.scores.clip_score, bare_scores)),
-        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+                  steps=steps, height=size, width=size, guidance_scale=7.5, progress=False)
+
+    # --batch-size auto, on enough images to grow: what does it settle on?
+    result = run(RunConfig(out=work / "auto", limit=160, batch_size="auto", **common))
+    chosen = result.manifest["timings"]["images_per_generation_call"]
+    out["auto"] = {"settled_on": chosen, "img_s_160_including_growth": round(160 / result.manifest["timings"]["generate_and_score_s"], 3)}
+
+    seeds = [image_seed(0, i, 0) for i in range(images)]
+    variants = {
+        "plain_loop_b8": None,
+        "clipeval_b8_no_speedups": dict(batch_size=8, speed_up=False),
+        "clipeval_b8": dict(batch_size=8, speed_up=True),
+        f"clipeval_b{chosen}_auto": dict(batch_size=chosen, speed_up=True),
     }
-
-
-@section("3 CLIP ViT-L/14-336 scoring")
-def scoring(work: Path, device: str, tiny: bool, prompts: int) -> dict:
-    model = work / "clip-l"  # built by section 2; built here if that section failed early
-    if not (model / "config.json").is_file():
-        bench_score.build_clip("tiny" if tiny else "l14-336", model)
-    texts = bench_score.prompts(prompts)
-    library = bench_score.write_images(work / "score-images", texts, 4, 512)
-    n = len(texts) * 4
-    out = {"images": n}
-    scores = {}
-    for dtype in ("float32", "float16") if device != "cpu" else ("float32", "bfloat16"):
-        bench_score.run_clipeval(work / "score-images", library, model, work / f"warm-{dtype}", device=device,
-                                 dtype=dtype, preprocess="fast", batch=64)
-        seconds, frame = bench_score.run_clipeval(work / "score-images", library, model, work / f"s-{dtype}",
-                                                  device=device, dtype=dtype, preprocess="fast", batch=64)
-        out[f"clipeval_{dtype}_img_s"] = round(n / seconds, 2)
-        scores[dtype] = frame.clip_score
-        tm_s, _, per_image = bench_score.run_torchmetrics(work / "score-images", library, model, device=device,
-                                                          dtype=dtype, batch=64)
-        out[f"torchmetrics_{dtype}_img_s"] = round(n / tm_s, 2)
-        out[f"ratio_{dtype}"] = round(tm_s / seconds, 2)
-    half = "float16" if device != "cpu" else "bfloat16"
-    out["max_abs_half_minus_fp32"] = float((scores[half] - scores["float32"]).abs().max())
-    out["mean_abs_half_minus_fp32"] = float((scores[half] - scores["float32"]).abs().mean())
+    # (The auto run above was the warm-up, like the plain loop's first batch.)
+    img_s: dict[str, list[float]] = {k: [] for k in variants}
+    busy: dict[str, list[float]] = {k: [] for k in variants}
+    folders: dict[str, Path] = {}
+    for r in range(repeats):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            spec = variants[name]
+            folder = work / f"{name}-{r}"
+            folders[name] = folder
+            with BusySampler() as sampler:
+                if spec is None:
+                    seconds, _ = bare_loop(pipe_dir, clip_dir, texts[:images], seeds, batch=8, steps=steps, size=size,
+                                           device=device, dtype=dtype, out=folder / "images")
+                else:
+                    pipelines.SPEED_UP = spec["speed_up"]
+                    try:
+                        res = run(RunConfig(out=folder, limit=images, batch_size=spec["batch_size"], **common))
+                    finally:
+                        pipelines.SPEED_UP = True
+                    seconds = res.manifest["timings"]["generate_and_score_s"]
+            img_s[name].append(images / seconds)
+            if sampler.busy is not None:
+                busy[name].append(sampler.busy)
+            print(f"  {name}: {images / seconds:.2f} img/s, busy {sampler.busy}", flush=True)
+    peak = peak_flops()
+    out["runs"] = {name: {"img_s": spread(v), "gpu_busy": spread(busy[name]) if busy[name] else None,
+                          "mfu": round(statistics.median(v) * per_image / peak, 3) if peak else None}
+                   for name, v in img_s.items()}
+    base = statistics.median(img_s["plain_loop_b8"])
+    out["ratio_to_plain_loop"] = {name: round(statistics.median(v) / base, 3) for name, v in img_s.items()}
+    reference = pixels(folders["clipeval_b8_no_speedups"] / "images")
+    out["max_pixel_diff_vs_b8_no_speedups"] = {
+        name: int(abs(pixels(folders[name] / "images") - reference).max()) for name in variants if name != "clipeval_b8_no_speedups"}
+    out["mean_pixel_diff_vs_b8_no_speedups"] = {
+        name: round(float(abs(pixels(folders[name] / "images") - reference).mean()), 4)
+        for name in variants if name != "clipeval_b8_no_speedups"}
+    RESULTS["_sd15"] = {"img_s_b8": statistics.median(img_s["clipeval_b8"]), "tflop_per_image": per_image / 1e12}
     return out
 
 
-@section("4 --compile on SD 1.5 size")
+def write_pngs(folder: Path, texts: list[str], k: int, size: int) -> Path:
+    """bench_score.write_images' images, encoded on every core."""
+    import concurrent.futures
+    import json as _json
+
+    import torch
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    jobs = []
+    for p in range(len(texts)):
+        coarse = torch.rand(k, 3, size // 16, size // 16, generator=g)
+        imgs = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear") + 0.1 * torch.rand(k, 3, size, size, generator=g)
+        for s, img in enumerate((imgs.clamp(0, 1) * 255).round().to(torch.uint8)):
+            jobs.append((img.permute(1, 2, 0).numpy(), folder / f"{p:05d}_{s:02d}.png"))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(lambda job: Image.fromarray(job[0]).save(job[1]), jobs))
+    library = folder.parent / "prompts.jsonl"
+    library.write_text("".join(_json.dumps({"prompt": t}) + "\n" for t in texts), encoding="utf-8")
+    return library
+
+
+TORCHMETRICS = r"""
+import json, sys, time
+import numpy as np, torch
+from PIL import Image
+from torchmetrics.multimodal.clip_score import CLIPScore
+from transformers import CLIPModel, CLIPProcessor
+from pathlib import Path
+
+images, library, model_path, batch, device = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+texts = [json.loads(line)["prompt"] for line in Path(library).read_text(encoding="utf-8").splitlines()]
+files = sorted(Path(images).glob("*.png"))
+pairs = [(f, texts[int(f.stem.split("_")[0])]) for f in files]
+
+class Pooled(torch.nn.Module):  # transformers 5 returns outputs; torchmetrics wants tensors
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+    def get_image_features(self, pixel_values):
+        return self.inner.get_image_features(pixel_values=pixel_values).pooler_output
+    def get_text_features(self, input_ids, attention_mask=None):
+        return self.inner.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+def once():
+    model = CLIPModel.from_pretrained(model_path).eval()  # its defaults: float32, its default processor
+    processor = CLIPProcessor.from_pretrained(model_path)
+    metric = CLIPScore(model_name_or_path=lambda: (Pooled(model), processor)).to(device)
+    with torch.inference_mode():
+        for i in range(0, len(pairs), batch):
+            chunk = pairs[i:i + batch]
+            imgs = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1).to(device) for f, _ in chunk]
+            metric.update(imgs, [t for _, t in chunk])
+        value = float(metric.compute())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return value
+
+once()  # warm-up, like clipeval's
+for line in sys.stdin:  # one timed call per line: the ratio's repeats alternate with clipeval's
+    start = time.perf_counter()
+    once()
+    print(time.perf_counter() - start, flush=True)
+"""
+
+
+@section("2 CLIP ViT-L/14-336 scoring from PNGs", 80)
+def scoring(work: Path, device: str, tiny: bool, prompts: int, repeats: int) -> dict:
+    import torch
+
+    from clipeval.rescore import ScoreConfig, score
+
+    model = work / "clip-l"
+    if not (model / "config.json").is_file():
+        bench_score.build_clip("tiny" if tiny else "l14-336", model)
+    texts = bench_score.prompts(prompts)
+    library = write_pngs(work / "score-images", texts, 4, 512)
+    n = len(texts) * 4
+    half = "float16" if device != "cpu" else "bfloat16"
+
+    def clipeval(dtype, name, model=model):
+        start = time.perf_counter()
+        result = score(ScoreConfig(source=work / "score-images", out=work / name, prompts=str(library),
+                                   clip_models=(str(model),), device=device, clip_dtype=dtype, batch_size=64,
+                                   progress=False, overwrite=True))
+        sync(device)
+        return time.perf_counter() - start, result.scores.clip_score
+
+    script = work / "tm.py"
+    script.write_text(TORCHMETRICS)
+    tm = subprocess.Popen([sys.executable, str(script), str(work / "score-images"), str(library), str(model), "64", device],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    clipeval(half, "warm")
+    times: dict[str, list[float]] = {"torchmetrics_defaults": [], f"clipeval_{half}": [], "clipeval_float32": []}
+    scores = {}
+    for r in range(repeats):
+        for name in (list(times) if r % 2 == 0 else list(reversed(times))):
+            if name == "torchmetrics_defaults":  # its process is warm; it times one call per request
+                tm.stdin.write("go\n")
+                tm.stdin.flush()
+                times[name].append(float(tm.stdout.readline()))
+            else:
+                dtype = name.split("_")[1]
+                seconds, scores[dtype] = clipeval(dtype, name)
+                times[name].append(seconds)
+    tm.stdin.close()
+    tm.wait()
+    out = {"images": n, "prompts": len(texts), "timed_with_model_load": True,
+           "img_s": {k: spread([n / t for t in v]) for k, v in times.items()},
+           "ratio_to_torchmetrics": {k: round(statistics.median(times["torchmetrics_defaults"]) / statistics.median(v), 2)
+                                     for k, v in times.items() if k != "torchmetrics_defaults"}}
+    # The scorer alone, model loaded: what the loop does per image.
+    from clipeval.score import ClipScorer
+    import numpy as np
+    from PIL import Image
+
+    scorer = ClipScorer(str(model), device=device, dtype=half)
+    files = sorted((work / "score-images").glob("*.png"))
+    imgs = torch.stack([torch.from_numpy(np.asarray(Image.open(f))).permute(2, 0, 1) for f in files[:64]]).to(device)
+    out["model_only_img_s_b64"] = round(64 / timed(lambda: scorer.embed_images(imgs), device), 1)
+    t0 = time.perf_counter()
+    scorer.forget()
+    scorer.embed_texts(texts)
+    sync(device)
+    out["text_prompts_per_s"] = round(len(texts) / (time.perf_counter() - t0), 1)
+    t0 = time.perf_counter()
+    from clipeval.rescore import load_rgb
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        list(pool.map(load_rgb, files))
+    out["png_decode_img_s_all_threads"] = round(len(files) / (time.perf_counter() - t0), 1)
+    out[f"max_abs_{half}_minus_fp32_l14"] = float((scores[half] - scores["float32"]).abs().max())
+    b32 = bench_score.build_clip("tiny" if tiny else "b32", work / "clip-b32")
+    _, b32_half = clipeval(half, "b32-half", model=b32)
+    _, b32_full = clipeval("float32", "b32-full", model=b32)
+    out[f"max_abs_{half}_minus_fp32_b32"] = float((b32_half - b32_full).abs().max())
+    return out
+
+
+@section("3 SDXL size: MFU of the UNet and VAE", 40)
+def sdxl(device: str, tiny: bool) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    dtype = torch.float32 if tiny else torch.float16
+    unet_config, vae_config, latent = SDXL_UNET, {**VAE, "sample_size": 1024}, 128
+    if tiny:  # the same code on a small model
+        unet_config = {**SDXL_UNET, "block_out_channels": (32, 64, 64), "transformer_layers_per_block": (1, 1, 2),
+                       "attention_head_dim": (2, 4, 4), "norm_num_groups": 16}
+        vae_config, latent = {**VAE, "block_out_channels": (16, 16, 32, 32), "norm_num_groups": 8}, 16
+    with torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**unet_config).to(dtype).eval()
+        vae = AutoencoderKL(**vae_config).to(dtype).eval()
+    out = {"params_unet_b": round(sum(p.numel() for p in unet.parameters()) / 1e9, 2), "steps": 20, "size": latent * 8}
+    out["b4"] = denoiser_figures(unet, vae, batch=4, latent=latent, context=2048, steps=20, device=device, dtype=dtype, xl=True)
+    from clipeval import pipelines
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.unet, holder.vae, holder.device = unet, vae, torch.device(device)
+    out["speed_ups_applied"] = pipelines.speed_up(holder)
+    out["b4_sped_up"] = denoiser_figures(unet, vae, batch=4, latent=latent, context=2048, steps=20, device=device, dtype=dtype,
+                                         xl=True)
+    del unet, vae
+    torch.cuda.empty_cache() if device == "cuda" else None
+    return out
+
+
+@section("4 Flux-size transformer: MFU", 40)
+def flux(device: str, tiny: bool) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    dtype = torch.bfloat16
+    config, vae_config, side, text, width = {}, {**VAE, "latent_channels": 16, "sample_size": 1024}, 128, 512, 4096
+    if tiny:  # the same code on a small model
+        config = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                      pooled_projection_dim=768, axes_dims_rope=(4, 6, 6))
+        vae_config, side, text, width = {**vae_config, "block_out_channels": (16, 16, 32, 32), "norm_num_groups": 8}, 16, 16, 32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in bf16: 12B parameters, 24 GB
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = FluxTransformer2DModel(guidance_embeds=True, **config).eval()
+            vae = AutoencoderKL(**vae_config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    steps, tokens = 28, (side // 2) ** 2
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, tokens, 64, generator=g).to(device, dtype),
+                  encoder_hidden_states=torch.randn(1, text, width, generator=g).to(device, dtype),
+                  pooled_projections=torch.randn(1, 768, generator=g).to(device, dtype),
+                  timestep=torch.tensor([0.5], device=device, dtype=dtype),
+                  img_ids=torch.zeros(tokens, 3, device=device, dtype=dtype),
+                  txt_ids=torch.zeros(text, 3, device=device, dtype=dtype),
+                  guidance=torch.tensor([3.5], device=device, dtype=dtype), return_dict=False)
+    out = {"params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 2), "steps": steps, "size": side * 8, "batch": 1}
+    with torch.inference_mode():
+        step_flops = flops(lambda: model(**inputs))
+        step_s = timed(lambda: model(**inputs), device, repeats=3, warmup=1)
+        z = torch.randn(1, 16, side, side, device=device, dtype=dtype)
+        vae_flops = flops(lambda: vae.decode(z))
+        vae_s = timed(lambda: vae.decode(z), device, repeats=3, warmup=1)
+    peak = peak_flops()
+    per_image, seconds = steps * step_flops + vae_flops, steps * step_s + vae_s
+    out.update(tflop_per_step=round(step_flops / 1e12, 2), step_ms=round(step_s * 1e3, 1), vae_ms=round(vae_s * 1e3, 1),
+               transformer_mfu=round(step_flops / step_s / peak, 3) if peak else None,
+               mfu=round(per_image / seconds / peak, 3) if peak else None, bound_img_s=round(1 / seconds, 3))
+    del model, vae
+    torch.cuda.empty_cache() if device == "cuda" else None
+    return out
+
+
+@section("5 --compile against uncompiled, same invocation", 100)
 def compiled(work: Path, device: str, tiny: bool, images: int) -> dict:
-    """The same run as section 2 with --compile: the first run pays the compilation, the timed
-    one reuses inductor's cache; compare its loop with section 2's."""
     from clipeval.runner import RunConfig, run
 
-    steps, size, batch = (2, 64, 8) if tiny else (20, 512, 8)
+    steps, size = (2, 64) if tiny else (20, 512)
     common = dict(checkpoint=str(work / "sd15"), clip_model=str(work / "clip-l"), prompt_library=str(work / "prompts.txt"),
-                  device=device, batch_size=batch, steps=steps, height=size, width=size, guidance_scale=7.5,
+                  device=device, batch_size=8, steps=steps, height=size, width=size, guidance_scale=7.5,
                   progress=False, compile=True)
     start = time.perf_counter()
-    run(RunConfig(out=work / "compile-warm", limit=batch, **common))
+    run(RunConfig(out=work / "compile-warm", limit=8, **common))
     first = time.perf_counter() - start
-    result = run(RunConfig(out=work / "compiled", **common))
+    result = run(RunConfig(out=work / "compiled", limit=images, **common))
     loop_s = result.manifest["timings"]["generate_and_score_s"]
-    n = len(result.scores)
-    baseline = RESULTS.get("2 clipeval run vs a plain loop, SD 1.5 size", {}).get("clipeval_img_s") or BASELINE_IMG_S
-    return {"first_run_with_compilation_s": round(first, 1), "compiled_img_s": round(n / loop_s, 3),
-            "uncompiled_img_s_section_2": baseline,
-            "speedup": round(n / loop_s / baseline, 3) if baseline else None,
-            "load_s_second_run": result.manifest["timings"]["load_s"]}
+    baseline = RESULTS.get("_sd15", {}).get("img_s_b8")
+    return {"first_run_with_compilation_s": round(first, 1), "compiled_img_s": round(images / loop_s, 3),
+            "uncompiled_img_s_same_invocation": round(baseline, 3) if baseline else None,
+            "speedup": round(images / loop_s / baseline, 3) if baseline else None,
+            "mfu": round(images / loop_s * RESULTS["_sd15"]["tflop_per_image"] * 1e12 / peak_flops(), 3)
+            if baseline and peak_flops() else None}
+
+
+@section("6 host memory at 100 and 1632 prompts, SD 1.5-size pipeline", 80)
+def memory(work: Path, device: str, tiny: bool) -> dict:
+    import psutil
+
+    library = work / "many.txt"
+    library.write_text("".join(f"a photo of object number {i} on a table, studio lighting\n" for i in range(1632)))
+    out = {"steps": 1, "size": 256, "batch": 16}
+    for count in (100, 1632):
+        cmd = [sys.executable, "-m", "clipeval", "run", "--checkpoint", str(work / "sd15"), "--clip-model", str(work / "clip-l"),
+               "--prompt-library", str(library), "--limit", str(count), "--steps", "1", "--height", "256", "--width", "256",
+               "--batch-size", "16", "--device", device, "--out", str(work / f"mem-{count}"), "--quiet"]
+        start = time.perf_counter()
+        child = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        peak = 0
+        while child.poll() is None:
+            try:
+                peak = max(peak, child.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        if child.returncode != 0:
+            raise RuntimeError(child.stderr.read().decode()[-1500:])
+        out[f"peak_rss_mb_{count}"] = round(peak / 2**20, 1)
+        out[f"seconds_{count}"] = round(time.perf_counter() - start, 1)
+    out["ratio"] = round(out["peak_rss_mb_1632"] / out["peak_rss_mb_100"], 3)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the script")
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--score-prompts", type=int, default=64)
-    parser.add_argument("--no-compile", action="store_true", help="skip section 4 (compilation takes minutes)")
-    parser.add_argument("--only-compile", type=float, metavar="IMG_S",
-                        help="run section 4 alone, against this uncompiled images/s from an earlier section 2")
+    parser.add_argument("--images", type=int, default=64, help="images per timed generation run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--score-prompts", type=int, default=96)
+    parser.add_argument("--budget", type=float, default=540, help="seconds; sections that would not fit are skipped")
+    parser.add_argument("--sections", default="0123456", help="which sections to run, e.g. 034")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
-    global OUT_DIR
+    global OUT_DIR, DEADLINE
+    DEADLINE = time.monotonic() + args.budget
     OUT_DIR = args.out
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from clipeval.pipelines import quiet_hf
+    from clipeval.hub import quiet_hf
 
     quiet_hf()
     device = "cpu" if args.tiny else "cuda"
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    RESULTS["device"] = {"name": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-                         "transformers": __import__("transformers").__version__,
-                         "diffusers": __import__("diffusers").__version__}
-    print(RESULTS["device"], flush=True)
-    if args.only_compile:
-        global BASELINE_IMG_S
-        BASELINE_IMG_S = args.only_compile
-        build_sd15(work / "sd15", args.tiny)
-        bench_score.build_clip("tiny" if args.tiny else "l14-336", work / "clip-l")
-        (work / "prompts.txt").write_text("\n".join(t.replace("\n", " ") for t in bench_score.prompts(args.images)) + "\n")
-        compiled(work, device, args.tiny, args.images)
-    else:
-        correctness(work, device)
-        run_vs_bare(work, device, args.tiny, args.images)
-        scoring(work, device, args.tiny, args.score_prompts)
-        if not args.no_compile:
-            compiled(work, device, args.tiny, args.images)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_results.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
+    steps = {
+        "0": lambda: card(device),
+        "1": lambda: sd15(work, device, args.tiny, args.images, args.repeats),
+        "2": lambda: scoring(work, device, args.tiny, args.score_prompts, args.repeats),
+        "5": lambda: compiled(work, device, args.tiny, args.images),
+        "3": lambda: sdxl(device, args.tiny),
+        "4": lambda: flux(device, args.tiny),
+        "6": lambda: memory(work, device, args.tiny),
+    }
+    for key, step in steps.items():  # in this order: the most wanted first
+        if key in args.sections:
+            step()
+    RESULTS.pop("_sd15", None)
+    save()
     print("\n" + json.dumps(RESULTS, indent=1, default=str))
 
 

@@ -43,6 +43,23 @@ def main() -> None:
     """
 
 
+class BatchSize(click.ParamType):
+    """A positive integer or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is neither a positive integer nor 'auto'", param, ctx)
+        return number
+
+
 def _evaluation_options(fn):
     """The options that define an evaluation, shared by run and sweep."""
     options = [
@@ -53,7 +70,7 @@ def _evaluation_options(fn):
         click.option("--lora-scale", type=float, help="Strength of LoRA weights (0 = the base model).  [default: 1]"),
         click.option("--images-per-prompt", type=click.IntRange(1, 4096), default=1, show_default=True),
         click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Base seed; each image's seed derives from it, its prompt_id and sample."),
-        click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True),
+        click.option("--batch-size", type=BatchSize(), default="4", show_default=True, help="Images per generation call, or 'auto': on CUDA, double it while images/s rises and memory allows."),
         click.option("--steps", type=click.IntRange(1), help="Denoising steps [default: the pipeline's]."),
         click.option("--guidance-scale", type=float, help="Classifier-free guidance [default: the pipeline's]."),
         click.option("--height", type=click.IntRange(8), help="[default: the pipeline's]"),

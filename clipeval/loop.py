@@ -7,7 +7,10 @@ GPU waits for neither CLIP, nor PNG encoding, nor the journal. On the CPU the sc
 (threads would only fight over the same cores).
 
 A CUDA out-of-memory error halves the number of images generated at once (said once), down to
-one; the batch stays the unit of the journal.
+one; the batch stays the unit of the journal. With ``--batch-size auto`` on CUDA, consecutive
+journal batches are generated together and their number doubles while images/s still rises by
+5% and the measured peak memory says the doubled batch fits: the largest batch worth having,
+found on the run's own work, without a separate probe.
 """
 
 from __future__ import annotations
@@ -16,18 +19,56 @@ import concurrent.futures
 import io
 import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from clipeval.errors import ClipevalError
 
 
+AUTO_UNIT = 4  # the journal batch under --batch-size auto: resume granularity, not speed
+AUTO_CAP = 256  # images per generation call, at most
+GAIN = 1.05  # a doubling must raise images/s by this much to be kept growing
+
+
 @dataclass
 class Adaptive:
-    """How many images are generated at once; shrinks on out-of-memory."""
+    """How many images are generated at once; shrinks on out-of-memory, grows under ``auto``."""
 
     limit: int
     said: bool = False
     log: Any = None  # callable(str) for the one message
+    auto: bool = False  # journal batches may share a generation call
+    grow: bool = False
+    rate: float | None = None  # images/s at limit // 2, the last size measured
+
+    @classmethod
+    def for_run(cls, batch_size: int | str, device: str, log: Any = None) -> "Adaptive":
+        if batch_size != "auto":
+            return cls(int(batch_size), log=log)
+        # Growth needs memory figures and a device whose throughput rises with the batch: CUDA.
+        cuda = str(device).startswith("cuda")
+        return cls(2 * AUTO_UNIT if cuda else AUTO_UNIT, log=log, auto=True, grow=cuda)
+
+    def observe(self, size: int, seconds: float, peak: int, base: int, total: int) -> None:
+        """After ``size`` images took ``seconds`` with ``peak`` bytes at most (``base`` before):
+        double the limit, or stop growing (and say at which size)."""
+        if not self.grow or size < self.limit:
+            return
+        rate = size / max(seconds, 1e-9)
+        if self.rate is not None and rate < self.rate * GAIN:
+            if rate < self.rate:  # the doubling lost: step back
+                self.limit = size // 2
+            return self._settle("images/s stopped rising")
+        self.rate = rate
+        if 2 * size > AUTO_CAP:
+            return self._settle(f"the cap of {AUTO_CAP}")
+        if total and base + 2 * (peak - base) > 0.9 * total:
+            return self._settle("the next doubling would not fit in GPU memory")
+        self.limit = 2 * size
+
+    def _settle(self, why: str) -> None:
+        self.grow = False
+        if self.log is not None:
+            self.log(f"--batch-size auto: generating {self.limit} images at once ({why})")
 
     def shrink(self, size: int) -> None:
         if size <= 1:
@@ -36,6 +77,7 @@ class Adaptive:
                 "or bfloat16, or a GPU with more memory"
             )
         self.limit = max(1, size // 2)
+        self.grow = False
         if not self.said and self.log is not None:
             self.log(f"out of GPU memory at {size} images at once; continuing with {self.limit}")
             self.said = True
@@ -115,24 +157,43 @@ class ScoreStage:
 
 @dataclass
 class Pending:
-    batch: list
+    batches: list[list]  # journal batches generated together: one commit each
     flags: list[str]
     scored: concurrent.futures.Future
     writes: list[concurrent.futures.Future] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def items(self) -> list:
+        return [item for batch in self.batches for item in batch]
+
+
+def groups(batches: Sequence[list], adaptive: Adaptive) -> Iterator[list[list]]:
+    """Consecutive journal batches to generate in one call: one at a time, unless ``auto`` lets
+    several share a call (read lazily: the limit moves as the run measures itself)."""
+    group: list[list] = []
+    for batch in batches:
+        if group and (not adaptive.auto or sum(map(len, group)) + len(batch) > adaptive.limit):
+            yield group
+            group = []
+        group.append(batch)
+    if group:
+        yield group
+
 
 def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dict, save_images: bool,
-                batch_size: int, bar, log, stop=None) -> int:
+                batch_size: int | str, bar, log, stop=None, adaptive: Adaptive | None = None) -> int:
     """Generate, score, write and commit ``batches``; returns the number of images generated.
     With ``rundir`` None (``evaluate`` without a folder) nothing is written: rows only fill ``done``.
     ``stop()``, asked before each batch, ends the loop early (another rank failed); what was
-    generated is still committed."""
+    generated is still committed. ``adaptive`` (else made from ``batch_size``) ends holding the
+    number of images generated at once."""
     from clipeval.store import image_name
 
-    overlap = str(getattr(pipe, "device", "cpu")).startswith("cuda")
+    device = str(getattr(pipe, "device", "cpu"))
+    overlap = device.startswith("cuda")
     stage = ScoreStage(scorer, overlap)
-    adaptive = Adaptive(batch_size, log=log)
+    adaptive = adaptive or Adaptive.for_run(batch_size, device, log=log)
     if save_images and rundir is not None:
         rundir.images.mkdir(parents=True, exist_ok=True)
     generated = 0
@@ -142,7 +203,7 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
         from clipeval.stats import score_value
 
         cosines, truncated, host = p.scored.result()
-        for item, pixels, cosine, cut, flag in zip(p.batch, host, cosines, truncated, p.flags):
+        for item, pixels, cosine, cut, flag in zip(p.items, host, cosines, truncated, p.flags):
             name = image_name(item.prompt_id, item.sample) if save_images and rundir is not None else ""
             if name:
                 p.writes.append(writers.submit(write_png, rundir, name, pixels, item))
@@ -163,22 +224,36 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
     def commit(p: Pending) -> None:
         for write in p.writes:
             write.result()  # re-raises a failed write (disk full, ...)
-        if rundir is not None:
-            rundir.commit(p.rows)
-        for row in p.rows:
-            done[(row["prompt_id"], row["sample"])] = row
-        bar.update(len(p.batch))
+        start = 0
+        for batch in p.batches:  # one journal line per batch, as cut: resume sees the same units
+            rows = p.rows[start : start + len(batch)]
+            start += len(batch)
+            if rundir is not None:
+                rundir.commit(rows)
+            for row in rows:
+                done[(row["prompt_id"], row["sample"])] = row
+            bar.update(len(batch))
 
     scoring: Pending | None = None  # generated, being scored
     writing: Pending | None = None  # scored, PNGs being written
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="png") as writers:
-            for batch in batches:
+            for group in groups(batches, adaptive):
                 if stop is not None and stop():
                     break
-                images, flags = generate_adaptive(pipe, batch, gen, adaptive)
-                generated += len(batch)
-                submitted = Pending(batch, flags, stage.submit(images, [item.prompt for item in batch]))
+                items = [item for batch in group for item in batch]
+                watch = _Watch(device, adaptive.grow)
+                try:
+                    images, flags = generate_adaptive(pipe, items, gen, adaptive)
+                except BaseException:
+                    # Ctrl-C or a failure while generating: keep what is already generated (up to
+                    # two calls' worth, which under --batch-size auto can be hundreds of images).
+                    _salvage(lambda: writing is not None and commit(writing),
+                             lambda: scoring is not None and (finish(scoring, writers), commit(scoring)))
+                    raise
+                watch.report(adaptive, len(items))
+                generated += len(items)
+                submitted = Pending(group, flags, stage.submit(images, [item.prompt for item in items]))
                 if writing is not None:
                     commit(writing)
                     writing = None
@@ -194,6 +269,44 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
     finally:
         stage.close()
     return generated
+
+
+def _salvage(*steps) -> None:
+    """Run ``steps`` in order until one fails; the error being handled is the one to report."""
+    for step in steps:
+        try:
+            step()
+        except BaseException:  # noqa: BLE001 - a second failure must not hide the first
+            return
+
+
+class _Watch:
+    """Time and peak memory of one generation call, for ``Adaptive.observe`` (only while growing)."""
+
+    def __init__(self, device: str, active: bool):
+        import time
+
+        self.active = active
+        self.cuda = device.startswith("cuda")
+        if active and self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        self.start = time.perf_counter()
+
+    def report(self, adaptive: Adaptive, size: int) -> None:
+        import time
+
+        if not self.active:
+            return
+        seconds = time.perf_counter() - self.start  # generate() synchronised: it read the flags
+        peak = base = total = 0
+        if self.cuda:
+            import torch
+
+            peak, base, total = torch.cuda.max_memory_allocated(), self.base, torch.cuda.mem_get_info()[1]
+        adaptive.observe(size, seconds, peak, base, total)
 
 
 def write_png(rundir, name: str, pixels, item) -> None:

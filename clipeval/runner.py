@@ -30,7 +30,7 @@ class RunConfig:
     base_model: str | None = None
     images_per_prompt: int = 1
     seed: int = 0
-    batch_size: int = 4
+    batch_size: int | str = 4  # or "auto": grow on CUDA while images/s rises (clipeval.loop)
     steps: int | None = None  # None: the pipeline's own default
     guidance_scale: float | None = None
     height: int | None = None
@@ -71,6 +71,7 @@ class Prepared:
     scorer: Any
     device: str
     clock: dict[str, float]
+    adaptive: Any = None  # loop.Adaptive: images per generation call, as the run found it
 
 
 @dataclass
@@ -89,7 +90,7 @@ def _now() -> str:
 def run(config: RunConfig) -> RunResult | None:
     """Run the evaluation; returns the result on rank 0 (None on the other ranks of a
     multi-process launch, whose work rank 0 merges)."""
-    from clipeval import distributed, pipelines, prompts, store
+    from clipeval import distributed, loop, pipelines, prompts, store
     from clipeval.generate import MAX_SAMPLES, MAX_SEED, work_items
 
     clock = {"start": time.perf_counter()}
@@ -100,7 +101,7 @@ def run(config: RunConfig) -> RunResult | None:
         raise ClipevalError(f"--images-per-prompt must be in [1, {MAX_SAMPLES}]")
     if not 0 <= config.seed <= MAX_SEED:
         raise ClipevalError(f"--seed must be in [0, {MAX_SEED}]")
-    if config.batch_size < 1 or (config.limit is not None and config.limit < 1):
+    if journal_batch(config.batch_size) < 1 or (config.limit is not None and config.limit < 1):
         raise ClipevalError("--batch-size and --limit must be at least 1")
     out = Path(config.out).expanduser()
     store.check_parent(out)
@@ -157,6 +158,8 @@ def run(config: RunConfig) -> RunResult | None:
         )
         if config.attention:
             pipelines.set_attention(pipe, config.attention)
+        else:
+            pipelines.speed_up(pipe)
         if config.compile:
             pipelines.compile_denoiser(pipe)
         gen = generation_settings(
@@ -180,10 +183,18 @@ def run(config: RunConfig) -> RunResult | None:
     clock["loaded"] = time.perf_counter()
     previous = ranks.on_main(lambda: rundir.claim(settings, overwrite=config.overwrite))
     try:
-        prepared = Prepared(config, rundir, ranks, settings, ref, library, items, gen, pipe, scorer, device, clock)
+        prepared = Prepared(config, rundir, ranks, settings, ref, library, items, gen, pipe, scorer, device, clock,
+                            adaptive=loop.Adaptive.for_run(config.batch_size, device, log=_say))
         return _generate_and_write(prepared, previous)
     finally:
         rundir.release()
+
+
+def _say(message: str) -> None:
+    """A note under the progress bar, on stderr."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"clipeval: {message}", file=sys.stderr)
 
 
 def _print_traceback(err: BaseException) -> None:
@@ -230,7 +241,7 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
     # 3. Generate and score what the journals do not hold yet. The batches are cut from the full
     #    list, so each is the same whichever rank, or whichever earlier run, computes it.
     done = rundir.done()
-    todo = [[i for i in b if i.key not in done] for b in batches(items, config.batch_size)]
+    todo = [[i for i in b if i.key not in done] for b in batches(items, journal_batch(config.batch_size))]
     todo = [b for b in todo if b]
     mine = todo[ranks.rank :: ranks.world]
     clock["loop"] = time.perf_counter()
@@ -269,6 +280,7 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
             "load_s": round(clock["loaded"] - clock["start"], 3),
             "generate_and_score_s": round(clock["looped"] - clock["loop"], 3),
             "images_generated": generated,
+            "images_per_generation_call": run.adaptive.limit,
             "write_s": round(time.perf_counter() - clock["looped"], 3),
         },
     )
@@ -277,6 +289,13 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
     if config.trackers is not None:  # after every file is written: a tracker problem loses nothing
         result.notes["tracking"] = [config.trackers.log(result, checkpoint=config.checkpoint)]
     return result
+
+
+def journal_batch(batch_size: int | str) -> int:
+    """The images per journal line (the unit a resume keeps): ``auto`` generates several at once."""
+    from clipeval.loop import AUTO_UNIT
+
+    return AUTO_UNIT if batch_size == "auto" else int(batch_size)
 
 
 def generation_settings(defaults: dict[str, Any], *, steps, guidance_scale, height, width, negative_prompt):
@@ -318,11 +337,12 @@ def _generate_and_score(run: Prepared, mine: list[list], done: dict) -> int:
         dynamic_ncols=True,
     )
     with bar:
-        return loop.run_batches(
+        generated = loop.run_batches(
             mine, pipe=pipe, scorer=scorer, gen=gen, rundir=rundir, done=done, save_images=config.save_images,
-            batch_size=config.batch_size, bar=bar, log=lambda message: tqdm.write(f"clipeval: {message}", file=sys.stderr),
-            stop=rundir.peer_failed if ranks.world > 1 else None,
+            batch_size=config.batch_size, bar=bar, log=_say, stop=rundir.peer_failed if ranks.world > 1 else None,
+            adaptive=run.adaptive,
         )
+    return generated
 
 
 def versions() -> dict[str, str]:
@@ -457,7 +477,7 @@ def evaluate(
     clip: Any = DEFAULT_CLIP_MODEL,
     images_per_prompt: int = 1,
     seed: int = 0,
-    batch_size: int = 4,
+    batch_size: int | str = 4,
     steps: int | None = None,
     guidance_scale: float | None = None,
     height: int | None = None,
@@ -512,8 +532,8 @@ def evaluate(
         for module in modules:
             module.eval()
         with tqdm(total=len(items), unit="img", desc="evaluating", disable=not progress) as bar:
-            loop.run_batches(list(batches(items, batch_size)), pipe=pipe, scorer=scorer, gen=gen, rundir=rundir,
-                             done=done, save_images=rundir is not None, batch_size=batch_size, bar=bar,
+            loop.run_batches(list(batches(items, journal_batch(batch_size))), pipe=pipe, scorer=scorer, gen=gen,
+                             rundir=rundir, done=done, save_images=rundir is not None, batch_size=batch_size, bar=bar,
                              log=lambda message: tqdm.write(f"clipeval: {message}", file=sys.stderr))
     finally:
         for module, was_training in zip(modules, training):

@@ -81,3 +81,140 @@ def test_the_cli_starts_without_torch_or_diffusers(args):
             "print('HEAVY', heavy, file=sys.stderr)" % (args,))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in result.stderr, result.stderr[-500:]
+
+
+def test_adaptive_doubles_while_images_per_second_rise_then_settles():
+    from clipeval.loop import Adaptive
+
+    said = []
+    a = Adaptive(8, auto=True, grow=True, log=said.append)
+    gib = 2**30
+    a.observe(8, 8 / 10, peak=5 * gib, base=4 * gib, total=80 * gib)  # 10 img/s
+    assert a.limit == 16
+    a.observe(16, 16 / 15, peak=6 * gib, base=4 * gib, total=80 * gib)  # 15: +50%, keep growing
+    assert a.limit == 32
+    a.observe(32, 32 / 15.3, peak=8 * gib, base=4 * gib, total=80 * gib)  # +2%: not worth more, but no loss
+    assert (a.limit, a.grow) == (32, False)
+    assert said == ["--batch-size auto: generating 32 images at once (images/s stopped rising)"]
+    a.observe(32, 1.0, peak=0, base=0, total=0)  # settled: nothing moves any more
+    assert a.limit == 32
+
+    b = Adaptive(8, auto=True, grow=True)
+    b.observe(8, 8 / 10, peak=5 * gib, base=4 * gib, total=80 * gib)
+    b.observe(16, 16 / 9, peak=6 * gib, base=4 * gib, total=80 * gib)  # slower: step back
+    assert (b.limit, b.grow) == (8, False)
+
+    c = Adaptive(8, auto=True, grow=True)
+    c.observe(8, 8 / 10, peak=40 * gib, base=4 * gib, total=80 * gib)  # 4 + 2·36 GiB would not fit in 90%
+    assert (c.limit, c.grow) == (8, False)
+
+    d = Adaptive(8, auto=True, grow=True)
+    d.shrink(8)  # out of memory: halve and never grow again
+    assert (d.limit, d.grow) == (4, False)
+
+
+def test_batch_size_auto_generates_several_journal_batches_at_once(run_tiny, tmp_path, monkeypatch):
+    """The real loop with growth forced on (the CPU never grows) and measured throughput faked:
+    the generation calls double, each journal line stays one batch of 4, and the images are
+    those of a fixed batch size, to the uint8 rounding that batch composition may move."""
+    import numpy as np
+    import pandas as pd
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from clipeval import loop
+
+    calls = []
+    original = StableDiffusionPipeline.__call__
+
+    import functools
+
+    @functools.wraps(original)
+    def call(self, prompt=None, **kwargs):
+        calls.append(len(prompt))
+        return original(self, prompt=prompt, **kwargs)
+
+    rates = {8: 10.0, 16: 15.0, 32: 15.3}
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", call)
+    monkeypatch.setattr(loop.Adaptive, "for_run", classmethod(lambda cls, size, device, log=None: cls(8, log=log, auto=True, grow=True)))
+    monkeypatch.setattr(loop._Watch, "report", lambda self, adaptive, size: adaptive.observe(size, size / rates.get(size, 1.0), 0, 0, 0))
+    out = tmp_path / "auto"
+    result = run_tiny(out, "--limit", "9", "--images-per-prompt", "8", "--batch-size", "auto")
+    assert result.exit_code == 0, result.stderr
+    assert calls == [8, 16, 32, 16]  # 72 images: 8, 16, 32, then the 16 left
+    assert "--batch-size auto: generating 32 images at once (images/s stopped rising)" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["generation"]["batch_size"] == "auto"
+    assert manifest["timings"]["images_per_generation_call"] == 32
+    fixed = tmp_path / "fixed"
+    assert run_tiny(fixed, "--limit", "9", "--images-per-prompt", "8", "--batch-size", "4").exit_code == 0
+    a, b = pd.read_csv(out / "scores.csv"), pd.read_csv(fixed / "scores.csv")
+    assert a.drop(columns="clip_score").equals(b.drop(columns="clip_score"))
+    for name in a["image"]:
+        pa, pb = np.asarray(Image.open(out / name), int), np.asarray(Image.open(fixed / name), int)
+        assert np.abs(pa - pb).max() <= 1
+
+
+def test_batch_size_auto_resumes_in_journal_batches(run_tiny, tmp_path, monkeypatch):
+    """Killed after its first generation call of 8 images, an auto run kept two journal lines of 4:
+    the resume generates exactly the rest."""
+    from diffusers import StableDiffusionPipeline
+
+    import functools
+
+    from clipeval import loop
+
+    original = StableDiffusionPipeline.__call__
+    state = {"calls": [], "fail_after": 1}
+
+    @functools.wraps(original)
+    def call(self, prompt=None, **kwargs):
+        if len(state["calls"]) == state["fail_after"]:
+            raise KeyboardInterrupt
+        state["calls"].append(len(prompt))
+        return original(self, prompt=prompt, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", call)
+    monkeypatch.setattr(loop.Adaptive, "for_run", classmethod(lambda cls, size, device, log=None: cls(8, log=log, auto=True, grow=True)))
+    monkeypatch.setattr(loop._Watch, "report", lambda self, adaptive, size: adaptive.observe(size, size / 10.0, 0, 0, 0))
+    out = tmp_path / "auto"
+    first = run_tiny(out, "--limit", "6", "--images-per-prompt", "4", "--batch-size", "auto")
+    assert first.exit_code == 130
+    journal = [json.loads(line) for line in (out / ".clipeval" / "journal-0.jsonl").read_text().splitlines()]
+    assert [len(line["rows"]) for line in journal] == [4, 4]
+    state.update(calls=[], fail_after=99)
+    second = run_tiny(out, "--limit", "6", "--images-per-prompt", "4", "--batch-size", "auto")
+    assert second.exit_code == 0, second.stderr
+    assert sum(state["calls"]) == 16  # 24 images, 8 kept
+
+
+def test_a_batch_size_that_is_neither_a_number_nor_auto_is_one_line(run_tiny, tmp_path):
+    result = run_tiny(tmp_path / "run", "--batch-size", "big")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "'big' is neither a positive integer nor 'auto'" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_speed_ups_fuse_qkv_and_change_pixels_by_rounding_only(models):
+    """What ``speed_up`` does on CUDA, applied on the CPU: fused projections give the same images
+    to within one uint8 level; clipeval's runs on a CPU do not apply it."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from clipeval import pipelines
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(models.sd))
+    pipe.set_progress_bar_config(disable=True)
+
+    def images():
+        return pipe(["a red cube", "two cats on a sofa"], num_inference_steps=3, height=64, width=64, output_type="np",
+                    generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+
+    before = images()
+    assert pipelines.speed_up(pipe) == []  # a CPU pipeline: untouched by default
+    applied = pipelines.speed_up(pipe, device_types=("cpu",))
+    assert applied == ["unet: fused qkv", "vae: fused qkv", "unet: channels-last", "vae: channels-last"]
+    after = images()
+    assert type(next(iter(pipe.unet.attn_processors.values()))).__name__ == "FusedAttnProcessor2_0"
+    assert np.abs(np.round(before * 255) - np.round(after * 255)).max() <= 1
