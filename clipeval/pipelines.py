@@ -331,35 +331,6 @@ def _from_single_file(diffusers, ref: CheckpointRef, kwargs: dict[str, Any]):
     )
 
 
-SPEED_UP = True  # benchmarks switch it off to measure what it gives
-
-
-def speed_up(pipe, *, device_types: tuple[str, ...] = ("cuda",)) -> list[str]:
-    """On CUDA: fused QKV projections where diffusers offers them (one matmul instead of three),
-    and channels-last UNet and VAE convolutions. Outputs change only by float rounding (the same
-    sums, another kernel). Returns what was applied, for the benchmark and the tests."""
-    import torch
-
-    applied: list[str] = []
-    if not SPEED_UP or str(pipe.device).split(":")[0] not in device_types:
-        return applied
-    for name in ("unet", "transformer", "vae"):
-        module = getattr(pipe, name, None)
-        if module is None or not callable(getattr(module, "fuse_qkv_projections", None)):
-            continue
-        try:
-            module.fuse_qkv_projections()
-            applied.append(f"{name}: fused qkv")
-        except (ValueError, NotImplementedError, AttributeError):  # added KV projections, custom processors
-            pass
-    for name in ("unet", "vae"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module) and any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
-            module.to(memory_format=torch.channels_last)
-            applied.append(f"{name}: channels-last")
-    return applied
-
-
 def compile_denoiser(pipe) -> None:
     """torch.compile the UNet or transformer (the part that runs every step), channels-last for a
     UNet on CUDA. Off by default: compiling costs minutes up front, pays on long runs, and moves

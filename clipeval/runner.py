@@ -158,8 +158,6 @@ def run(config: RunConfig) -> RunResult | None:
         )
         if config.attention:
             pipelines.set_attention(pipe, config.attention)
-        else:
-            pipelines.speed_up(pipe)
         if config.compile:
             pipelines.compile_denoiser(pipe)
         gen = generation_settings(
@@ -229,7 +227,7 @@ def _rank_device(spec: str, ranks) -> str:
 
 
 def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
-    config, rundir, ranks, settings, items, gen, clock = run.config, run.rundir, run.ranks, run.settings, run.items, run.gen, run.clock
+    config, rundir, ranks, items, clock = run.config, run.rundir, run.ranks, run.items, run.clock
     from clipeval import distributed
     from clipeval.generate import batches
 
