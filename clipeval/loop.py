@@ -45,8 +45,10 @@ class Adaptive:
         if batch_size != "auto":
             return cls(int(batch_size), log=log)
         # Growth needs memory figures and a device whose throughput rises with the batch: CUDA.
-        cuda = str(device).startswith("cuda")
-        return cls(2 * AUTO_UNIT if cuda else AUTO_UNIT, log=log, auto=True, grow=cuda)
+        # Elsewhere auto is exactly --batch-size 4 (the journal unit, one batch per call).
+        if not str(device).startswith("cuda"):
+            return cls(AUTO_UNIT, log=log)
+        return cls(2 * AUTO_UNIT, log=log, auto=True, grow=True)
 
     def observe(self, size: int, seconds: float, peak: int, base: int, total: int) -> None:
         """After ``size`` images took ``seconds`` with ``peak`` bytes at most (``base`` before):

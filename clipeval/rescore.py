@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clipeval.errors import ClipevalError
+from clipeval.loop import AUTO_UNIT
 from clipeval.score import DEFAULT_CLIP_MODEL
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -102,7 +103,8 @@ def from_run(folder: Path, batch_size: int | None) -> Source:
         batches = [b for b in batches if b]
         covered = {(r.prompt_id, r.sample) for b in batches for r in b}
         leftover = [row for key, row in sorted(rows.items()) if key not in covered]
-        size = int(manifest.get("generation", {}).get("batch_size") or DEFAULT_BATCH)
+        size = manifest.get("generation", {}).get("batch_size") or DEFAULT_BATCH
+        size = AUTO_UNIT if size == "auto" else int(size)  # auto: the journal unit
         batches += _chunks(leftover, size)
     else:
         batches = _chunks([rows[k] for k in sorted(rows)], batch_size)

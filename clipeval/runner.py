@@ -30,7 +30,7 @@ class RunConfig:
     base_model: str | None = None
     images_per_prompt: int = 1
     seed: int = 0
-    batch_size: int | str = 4  # or "auto": grow on CUDA while images/s rises (clipeval.loop)
+    batch_size: int | str = "auto"  # or N; auto grows on CUDA while images/s rises (clipeval.loop)
     steps: int | None = None  # None: the pipeline's own default
     guidance_scale: float | None = None
     height: int | None = None

@@ -215,3 +215,24 @@ def test_half_precision_stays_within_1e_3_of_float32(small_clip, dtype):
         assert 0 < difference.max() < 1e-3  # half precision really ran, and stayed within the bound
     # The text tower stays float32 (once per prompt; most of the half-precision error was there).
     assert all(torch.equal(a.vector, b.vector) for a, b in zip(half.embed_texts(PROMPTS), full.embed_texts(PROMPTS)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_equal_length_prompts_share_a_forward_without_changing_a_bit(small_clip, dtype):
+    """Prompts of one token length run together (fixed-shape groups, filled with copies); each
+    embedding is still bit-identical to the prompt's own: whichever neighbours, whichever position,
+    more or fewer than one group."""
+    candidates = [f"a photo of a {c} {a}" for c in ("red", "blue", "green", "black", "white", "pink")
+                  for a in ("cat", "dog", "car", "cup", "hat")]
+    scorer = ClipScorer(str(small_clip), dtype=dtype)
+    lengths: dict[int, list[str]] = {}
+    for text in candidates:
+        lengths.setdefault(len(scorer.tokenizer(text)["input_ids"]), []).append(text)
+    same = max(lengths.values(), key=len)[:11]
+    assert len(same) > 2 * scorer.text_group  # more than two groups of one length
+    alone = {t: ClipScorer(str(small_clip), dtype=dtype).embed_texts([t])[0].vector for t in same[:3]}
+    for order in (same, same[::-1], same[1:] + same[:1]):
+        fresh = ClipScorer(str(small_clip), dtype=dtype)
+        vectors = {t: e.vector for t, e in zip(order, fresh.embed_texts(order))}
+        for text, vector in alone.items():
+            assert torch.equal(vectors[text], vector), text

@@ -188,6 +188,17 @@ def test_batch_size_auto_resumes_in_journal_batches(run_tiny, tmp_path, monkeypa
     assert sum(state["calls"]) == 16  # 24 images, 8 kept
 
 
+def test_the_default_auto_batch_on_a_cpu_is_batch_4_byte_for_byte(run_tiny, tmp_path):
+    """On a CPU nothing grows: ``auto`` (the default) is four images per call and per journal line."""
+    auto, four = tmp_path / "auto", tmp_path / "four"
+    assert run_tiny(auto, "--limit", "5", "--images-per-prompt", "2").exit_code == 0
+    assert run_tiny(four, "--limit", "5", "--images-per-prompt", "2", "--batch-size", "4").exit_code == 0
+    assert json.loads((auto / "manifest.json").read_text())["generation"]["batch_size"] == "auto"
+    for name in ["scores.csv", "prompts.csv", *sorted(p.name for p in (four / "images").iterdir())]:
+        path = name if name.endswith(".csv") else f"images/{name}"
+        assert (auto / path).read_bytes() == (four / path).read_bytes(), path
+
+
 def test_a_batch_size_that_is_neither_a_number_nor_auto_is_one_line(run_tiny, tmp_path):
     result = run_tiny(tmp_path / "run", "--batch-size", "big")
     assert result.exit_code == 2 and "Traceback" not in result.output
