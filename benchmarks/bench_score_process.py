@@ -27,6 +27,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+POOLED = r"""class Pooled(torch.nn.Module):  # transformers 5 returns outputs; torchmetrics wants tensors
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+    def get_image_features(self, pixel_values):
+        return self.inner.get_image_features(pixel_values=pixel_values).pooler_output
+    def get_text_features(self, input_ids, attention_mask=None):
+        return self.inner.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+"""
+
 TORCHMETRICS = r"""
 import json, sys
 import numpy as np, torch
@@ -38,14 +48,7 @@ images, library, model_path, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(
 model = CLIPModel.from_pretrained(model_path).eval()
 processor = CLIPProcessor.from_pretrained(model_path)  # its default processor
 
-class Pooled(torch.nn.Module):  # transformers 5 returns outputs; torchmetrics wants tensors
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.config = inner, inner.config
-    def get_image_features(self, pixel_values):
-        return self.inner.get_image_features(pixel_values=pixel_values).pooler_output
-    def get_text_features(self, input_ids, attention_mask=None):
-        return self.inner.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+POOLED
 
 from pathlib import Path
 texts = [json.loads(line)["prompt"] for line in Path(library).read_text(encoding="utf-8").splitlines()]
@@ -58,7 +61,7 @@ with torch.inference_mode():
         imgs = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f, _ in chunk]
         metric.update(imgs, [t for _, t in chunk])
     print(float(metric.compute()))
-"""
+""".replace("POOLED\n", POOLED)
 
 
 def timed(cmd: list[str]) -> float:
