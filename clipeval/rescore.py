@@ -354,7 +354,12 @@ def _score_batches(batches, scorers, progress: bool):
     skipped: list[dict[str, str]] = []
     total = sum(len(b) for b in batches)
     with tqdm(total=total, unit="img", desc="scoring", disable=not progress, dynamic_ncols=True) as bar:
-        for batch, images in _decoded(batches, workers=min(8, os.cpu_count() or 1)):
+        # On an accelerator the cores have nothing else to do, and PNG decoding is what limits a
+        # fast scorer (an H200 host: 471 img/s on 16 threads against 839 for ViT-L/14-336 in fp16);
+        # on a CPU the decoders share the cores with the model.
+        accelerated = any(not str(getattr(s, "device", "cpu")).startswith("cpu") for s in scorers)
+        workers = min(32 if accelerated else 8, os.cpu_count() or 1)
+        for batch, images in _decoded(batches, workers=workers):
             good = [(row, img) for row, img in zip(batch, images) if not isinstance(img, ImageProblem)]
             skipped += [{"image": row.image, "reason": str(img)} for row, img in zip(batch, images)
                         if isinstance(img, ImageProblem)]
