@@ -18,7 +18,8 @@ models on the CPU to check the script itself.
 3. SDXL size (1024², 20 steps, CFG) and 4. a Flux-size transformer (1024², 28 steps): FLOPs,
    the denoiser and VAE alone, MFU and the images/s they bound;
 5. ``--compile`` against the uncompiled runs of section 1 (same invocation, same batch);
-6. host memory of ``clipeval run`` at 100 and 1632 prompts on the SD 1.5-size pipeline.
+6. host memory of ``clipeval run`` at 100 and 1632 prompts on the SD 1.5-size pipeline;
+7. what is left open, on the parts: the VAE decode on a side stream beside the UNet, compile modes.
 """
 
 from __future__ import annotations
@@ -676,6 +677,64 @@ def memory(work: Path, device: str, tiny: bool) -> dict:
     return out
 
 
+@section("7 next steps, parts only: VAE decode beside the UNet; compile modes", 150)
+def next_steps(work: Path, device: str, tiny: bool) -> dict:
+    """What the 2026-11-28 run left open, measured on the SD 1.5-size UNet and VAE alone:
+    - would decoding batch i on a side stream while the UNet denoises batch i+1 pay? (20 UNet steps
+      then a decode, in sequence, against the decode on a second stream during the steps);
+    - torch.compile modes on the UNet: compile time and ms per step (default,
+      max-autotune-no-cudagraphs, reduce-overhead = CUDA graphs)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    steps, size, batch = (2, 64, 8) if tiny else (20, 512, 8)
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    if not (work / "sd15" / "model_index.json").is_file():
+        build_sd15(work / "sd15", tiny)
+    pipe = StableDiffusionPipeline.from_pretrained(work / "sd15", torch_dtype=dtype).to(device)
+    unet, vae = pipe.unet, pipe.vae
+    latent, context = size // 8, unet.config.cross_attention_dim
+    inputs = unet_inputs(unet, 2 * batch, latent, context, device, dtype)
+    z = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype)
+    out: dict = {"batch": batch}
+    with torch.inference_mode():
+        def sequential():
+            for _ in range(steps):
+                unet(**inputs)
+            vae.decode(z)
+
+        def overlapped():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                vae.decode(z)  # the previous batch's decode
+            for _ in range(steps):
+                unet(**inputs)
+            torch.cuda.current_stream().wait_stream(side)
+
+        out["sequential_ms"] = round(timed(sequential, device, repeats=3, warmup=1) * 1e3, 1)
+        if device == "cuda":
+            out["vae_on_side_stream_ms"] = round(timed(overlapped, device, repeats=3, warmup=1) * 1e3, 1)
+            out["overlap_gain"] = round(out["sequential_ms"] / out["vae_on_side_stream_ms"], 3)
+        eager = timed(lambda: unet(**inputs), device)
+        out["unet_eager_ms"] = round(eager * 1e3, 2)
+        for mode in ("default", "max-autotune-no-cudagraphs", "reduce-overhead"):
+            if time.monotonic() + 60 > DEADLINE:
+                out[mode] = "skipped: time"
+                continue
+            torch._dynamo.reset()
+            # Tiny (a CPU check of this script): the eager backend, seconds instead of minutes.
+            kwargs = {"backend": "eager"} if tiny else {"mode": None if mode == "default" else mode}
+            compiled = torch.compile(unet, **kwargs)
+            start = time.perf_counter()
+            compiled(**inputs)
+            sync(device)
+            first = time.perf_counter() - start
+            ms = timed(lambda: compiled(**inputs), device) * 1e3
+            out[mode] = {"compile_s": round(first, 1), "unet_ms": round(ms, 2), "speedup": round(eager * 1e3 / ms, 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the script")
@@ -683,7 +742,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--score-prompts", type=int, default=96)
     parser.add_argument("--budget", type=float, default=540, help="seconds; sections that would not fit are skipped")
-    parser.add_argument("--sections", default="0123456", help="which sections to run, e.g. 034")
+    parser.add_argument("--sections", default="01234567", help="which sections to run, e.g. 17 (7 uses the models of 1)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     global OUT_DIR, DEADLINE
@@ -705,6 +764,7 @@ def main() -> None:
         "3": lambda: sdxl(device, args.tiny),
         "4": lambda: flux(device, args.tiny),
         "6": lambda: memory(work, device, args.tiny),
+        "7": lambda: next_steps(work, device, args.tiny),
     }
     for key, step in steps.items():  # in this order: the most wanted first
         if key in args.sections:
