@@ -10,7 +10,8 @@ A CUDA out-of-memory error halves the number of images generated at once (said o
 one; the batch stays the unit of the journal. With ``--batch-size auto`` on CUDA, consecutive
 journal batches are generated together and their number doubles while images/s still rises by
 5% and the measured peak memory says the doubled batch fits: the largest batch worth having,
-found on the run's own work, without a separate probe.
+found on the run's own work, without a separate probe. Each size is measured on its second call:
+the first pays for kernel autotuning, allocation and, under --compile, recompilation.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Adaptive:
     auto: bool = False  # journal batches may share a generation call
     grow: bool = False
     rate: float | None = None  # images/s at limit // 2, the last size measured
+    warmed: set[int] = field(default_factory=set)  # sizes called once already
 
     @classmethod
     def for_run(cls, batch_size: int | str, device: str, log: Any = None) -> "Adaptive":
@@ -54,6 +56,9 @@ class Adaptive:
         """After ``size`` images took ``seconds`` with ``peak`` bytes at most (``base`` before):
         double the limit, or stop growing (and say at which size)."""
         if not self.grow or size < self.limit:
+            return
+        if size not in self.warmed:  # a new shape's first call pays for autotuning, allocation
+            self.warmed.add(size)    # and, under --compile, recompilation: measure the second
             return
         rate = size / max(seconds, 1e-9)
         if self.rate is not None and rate < self.rate * GAIN:

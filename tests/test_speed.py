@@ -89,23 +89,30 @@ def test_adaptive_doubles_while_images_per_second_rise_then_settles():
     said = []
     a = Adaptive(8, auto=True, grow=True, log=said.append)
     gib = 2**30
-    a.observe(8, 8 / 10, peak=5 * gib, base=4 * gib, total=80 * gib)  # 10 img/s
+
+    def twice(adaptive, size, rate, peak=5 * gib, base=4 * gib, total=80 * gib):
+        adaptive.observe(size, 100.0, peak, base, total)  # the first call at a size: a warm-up, not measured
+        adaptive.observe(size, size / rate, peak, base, total)
+
+    a.observe(8, 100.0, 5 * gib, 4 * gib, 80 * gib)
+    assert a.limit == 8  # a slow first call (compilation, autotuning) decides nothing
+    a.observe(8, 8 / 10, 5 * gib, 4 * gib, 80 * gib)  # 10 img/s
     assert a.limit == 16
-    a.observe(16, 16 / 15, peak=6 * gib, base=4 * gib, total=80 * gib)  # 15: +50%, keep growing
+    twice(a, 16, 15.0, peak=6 * gib)  # +50%: keep growing
     assert a.limit == 32
-    a.observe(32, 32 / 15.3, peak=8 * gib, base=4 * gib, total=80 * gib)  # +2%: not worth more, but no loss
+    twice(a, 32, 15.3, peak=8 * gib)  # +2%: not worth more, but no loss
     assert (a.limit, a.grow) == (32, False)
     assert said == ["--batch-size auto: generating 32 images at once (images/s stopped rising)"]
     a.observe(32, 1.0, peak=0, base=0, total=0)  # settled: nothing moves any more
     assert a.limit == 32
 
     b = Adaptive(8, auto=True, grow=True)
-    b.observe(8, 8 / 10, peak=5 * gib, base=4 * gib, total=80 * gib)
-    b.observe(16, 16 / 9, peak=6 * gib, base=4 * gib, total=80 * gib)  # slower: step back
+    twice(b, 8, 10.0)
+    twice(b, 16, 9.0, peak=6 * gib)  # slower: step back
     assert (b.limit, b.grow) == (8, False)
 
     c = Adaptive(8, auto=True, grow=True)
-    c.observe(8, 8 / 10, peak=40 * gib, base=4 * gib, total=80 * gib)  # 4 + 2·36 GiB would not fit in 90%
+    twice(c, 8, 10.0, peak=40 * gib)  # 4 + 2·36 GiB would not fit in 90% of 80
     assert (c.limit, c.grow) == (8, False)
 
     d = Adaptive(8, auto=True, grow=True)
@@ -139,15 +146,15 @@ def test_batch_size_auto_generates_several_journal_batches_at_once(run_tiny, tmp
     monkeypatch.setattr(loop.Adaptive, "for_run", classmethod(lambda cls, size, device, log=None: cls(8, log=log, auto=True, grow=True)))
     monkeypatch.setattr(loop._Watch, "report", lambda self, adaptive, size: adaptive.observe(size, size / rates.get(size, 1.0), 0, 0, 0))
     out = tmp_path / "auto"
-    result = run_tiny(out, "--limit", "9", "--images-per-prompt", "8", "--batch-size", "auto")
+    result = run_tiny(out, "--limit", "16", "--images-per-prompt", "8", "--batch-size", "auto")
     assert result.exit_code == 0, result.stderr
-    assert calls == [8, 16, 32, 16]  # 72 images: 8, 16, 32, then the 16 left
+    assert calls == [8, 8, 16, 16, 32, 32, 16]  # 128 images: each size twice (warm-up, measure), then the 16 left
     assert "--batch-size auto: generating 32 images at once (images/s stopped rising)" in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["generation"]["batch_size"] == "auto"
     assert manifest["timings"]["images_per_generation_call"] == 32
     fixed = tmp_path / "fixed"
-    assert run_tiny(fixed, "--limit", "9", "--images-per-prompt", "8", "--batch-size", "4").exit_code == 0
+    assert run_tiny(fixed, "--limit", "16", "--images-per-prompt", "8", "--batch-size", "4").exit_code == 0
     a, b = pd.read_csv(out / "scores.csv"), pd.read_csv(fixed / "scores.csv")
     assert a.drop(columns="clip_score").equals(b.drop(columns="clip_score"))
     for name in a["image"]:
