@@ -128,10 +128,14 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
         os.ftruncate(lock, 0)
         os.pwrite(lock, str(os.getpid()).encode(), 0)
         history = None  # written after each evaluated checkpoint; skipped and failed ones change nothing
+        read: dict[str, Any] = {}  # finished runs already read (and hashed) by this tick: once each
+        steps = {c.path.name: c.step for c in checkpoints}
         for checkpoint in checkpoints:
             name = checkpoint.path.name
             out = results_dir / name
-            if _finished(out):
+            record = _record(out)
+            if record is not None:
+                read[name] = record
                 result.up_to_date.append(name)
                 continue
             reason = still_written(checkpoint.path, settle_s)
@@ -148,7 +152,7 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
                     trackers.check(str(checkpoint.path))  # before the GPU work, as run does
                 # Logged here, once its history row (and so clip/delta_best) exists, not by run.
                 evaluated = runner.run(replace(base, checkpoint=str(checkpoint.path), out=out, trackers=None))
-                history = write_history(results_dir, {c.path.name: c.step for c in checkpoints}, margin=margin)
+                history = write_history(results_dir, steps, margin=margin, read=read)
                 if trackers is not None and evaluated is not None:
                     row = history[history["run"] == name]
                     delta = None if row.empty or row.iloc[0]["alert"] == "" else float(row.iloc[0]["delta_best"])
@@ -159,15 +163,11 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
                 continue
             result.evaluated.append(name)
         if history is None:  # nothing evaluated: still apply the rule (perhaps with another margin)
-            history = write_history(results_dir, {c.path.name: c.step for c in checkpoints}, margin=margin)
+            history = write_history(results_dir, steps, margin=margin, read=read)
         result.newest = history.iloc[-1].to_dict() if len(history) else None
         return result
     finally:
         os.close(lock)
-
-
-def _finished(out: Path) -> bool:
-    return _record(out) is not None
 
 
 def _record(out: Path):
@@ -180,19 +180,24 @@ def _record(out: Path):
         return None
 
 
-def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: float = 0.0):
+def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: float = 0.0,
+                  read: dict[str, Any] | None = None):
     """history.csv from every finished run in ``results_dir``: derived, so never a duplicate row.
     Each checkpoint is compared with the best earlier one (the highest clip_mean at a smaller step)
     exactly as ``clipeval compare BEST THIS`` does; ``alert`` is the ``--fail-if-worse --margin``
-    rule. Returns the table as written."""
+    rule. ``read``: records already read by the caller (folder name → RunRecord), filled with the
+    ones read here, so a cron tick reads and hashes each finished run once. Returns the table as written."""
     import pandas as pd
 
     from clipeval.store import write_csv
     from clipeval.trackers import training_step
 
     rows, records = [], {}
+    read = {} if read is None else read
     for out in sorted(p for p in results_dir.iterdir() if p.is_dir()):
-        record = _record(out)
+        record = read[out.name] if out.name in read else _record(out)
+        if record is not None:
+            read[out.name] = record
         if record is None or record.summary is None:
             continue
         summary, manifest = record.summary, record.manifest

@@ -135,3 +135,16 @@ def test_gates_write_junit_and_the_github_step_summary(cli, run_tiny, tmp_path, 
     assert "| run | clip/mean |" in text and "**failed**" in text and "passed" in text
     assert "| run | images | mean [95% CI] | delta [95% CI] |" in text  # compare's markdown table
     assert "| step | clip_mean |" in text and "| true |" in text
+
+
+def test_a_tick_with_nothing_new_reads_each_finished_run_once(cli, tmp_path, monkeypatch):
+    """A cron sweep hashes every result file of every finished run it reads: once per tick."""
+    from clipeval import store
+
+    training, results = _training(tmp_path, {100: 0.0, 200: 0.01, 300: -0.02})
+    reads = []
+    original = store.load_run
+    monkeypatch.setattr(store, "load_run", lambda path, *a, **k: reads.append(path.name) or original(path, *a, **k))
+    assert sweep(cli, training, results).exit_code == 0
+    assert sorted(reads) == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    assert len(pd.read_csv(results / "history.csv")) == 3
