@@ -70,16 +70,22 @@ def prompts(n: int) -> list[str]:
 
 
 def write_images(folder: Path, texts: list[str], k: int, size: int) -> Path:
+    """K smooth random PNGs per prompt (the same pixels on every machine), encoded on every core."""
+    import concurrent.futures
+
     import torch
     from PIL import Image
 
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
+    jobs = []
     for p in range(len(texts)):
         coarse = torch.rand(k, 3, size // 16, size // 16, generator=g)
         imgs = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear") + 0.1 * torch.rand(k, 3, size, size, generator=g)
         for s, img in enumerate((imgs.clamp(0, 1) * 255).round().to(torch.uint8)):
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{p:05d}_{s:02d}.png")
+            jobs.append((img.permute(1, 2, 0).numpy(), folder / f"{p:05d}_{s:02d}.png"))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(lambda job: Image.fromarray(job[0]).save(job[1]), jobs))
     library = folder.parent / "prompts.jsonl"
     library.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts), encoding="utf-8")
     return library

@@ -408,36 +408,11 @@ def sd15(work: Path, device: str, tiny: bool, images: int, repeats: int) -> dict
     base = statistics.median(img_s["plain_loop_b8"])
     out["ratio_to_plain_loop"] = {name: round(statistics.median(v) / base, 3) for name, v in img_s.items()}
     reference = pixels(folders["clipeval_b8"] / "images")
-    out["max_pixel_diff_vs_clipeval_b8"] = {
-        name: int(abs(pixels(folders[name] / "images") - reference).max()) for name in variants if name != "clipeval_b8"}
-    out["mean_pixel_diff_vs_clipeval_b8"] = {
-        name: round(float(abs(pixels(folders[name] / "images") - reference).mean()), 4)
-        for name in variants if name != "clipeval_b8"}
+    diffs = {name: abs(pixels(folders[name] / "images") - reference) for name in variants if name != "clipeval_b8"}
+    out["max_pixel_diff_vs_clipeval_b8"] = {name: int(d.max()) for name, d in diffs.items()}
+    out["mean_pixel_diff_vs_clipeval_b8"] = {name: round(float(d.mean()), 4) for name, d in diffs.items()}
     RESULTS["_sd15"] = {"img_s_b8": statistics.median(img_s["clipeval_b8"]), "tflop_per_image": per_image / 1e12}
     return out
-
-
-def write_pngs(folder: Path, texts: list[str], k: int, size: int) -> Path:
-    """bench_score.write_images' images, encoded on every core."""
-    import concurrent.futures
-    import json as _json
-
-    import torch
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    jobs = []
-    for p in range(len(texts)):
-        coarse = torch.rand(k, 3, size // 16, size // 16, generator=g)
-        imgs = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear") + 0.1 * torch.rand(k, 3, size, size, generator=g)
-        for s, img in enumerate((imgs.clamp(0, 1) * 255).round().to(torch.uint8)):
-            jobs.append((img.permute(1, 2, 0).numpy(), folder / f"{p:05d}_{s:02d}.png"))
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(lambda job: Image.fromarray(job[0]).save(job[1]), jobs))
-    library = folder.parent / "prompts.jsonl"
-    library.write_text("".join(_json.dumps({"prompt": t}) + "\n" for t in texts), encoding="utf-8")
-    return library
 
 
 TORCHMETRICS = r"""
@@ -487,7 +462,7 @@ def scoring(work: Path, device: str, tiny: bool, prompts: int, repeats: int) -> 
     if not (model / "config.json").is_file():
         bench_score.build_clip("tiny" if tiny else "l14-336", model)
     texts = bench_score.prompts(prompts)
-    library = write_pngs(work / "score-images", texts, 4, 512)
+    library = bench_score.write_images(work / "score-images", texts, 4, 512)
     n = len(texts) * 4
     half = "float16" if device != "cpu" else "bfloat16"
 
@@ -749,8 +724,6 @@ def main() -> None:
     DEADLINE = time.monotonic() + args.budget
     OUT_DIR = args.out
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    import torch
-
     from clipeval.hub import quiet_hf
 
     quiet_hf()

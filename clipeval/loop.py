@@ -30,6 +30,11 @@ AUTO_CAP = 256  # images per generation call, at most
 GAIN = 1.05  # a doubling must raise images/s by this much to be kept growing
 
 
+def journal_batch(batch_size: int | str) -> int:
+    """The images per journal line (the unit a resume keeps): ``auto`` generates several at once."""
+    return AUTO_UNIT if batch_size == "auto" else int(batch_size)
+
+
 @dataclass
 class Adaptive:
     """How many images are generated at once; shrinks on out-of-memory, grows under ``auto``."""
@@ -243,6 +248,15 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
 
     scoring: Pending | None = None  # generated, being scored
     writing: Pending | None = None  # scored, PNGs being written
+
+    def drain(writers) -> None:
+        """Commit the last two calls' work: one scored, one still being scored."""
+        if writing is not None:
+            commit(writing)
+        if scoring is not None:
+            finish(scoring, writers)
+            commit(scoring)
+
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="png") as writers:
             for group in groups(batches, adaptive):
@@ -255,8 +269,10 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
                 except BaseException:
                     # Ctrl-C or a failure while generating: keep what is already generated (up to
                     # two calls' worth, which under --batch-size auto can be hundreds of images).
-                    _salvage(lambda: writing is not None and commit(writing),
-                             lambda: scoring is not None and (finish(scoring, writers), commit(scoring)))
+                    try:
+                        drain(writers)
+                    except BaseException:  # noqa: BLE001 - a second failure must not hide the first
+                        pass
                     raise
                 watch.report(adaptive, len(items))
                 generated += len(items)
@@ -268,23 +284,11 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
                     finish(scoring, writers)
                     writing = scoring
                 scoring = submitted
-            if writing is not None:  # the last two batches: one scored, one still being scored
-                commit(writing)
-            if scoring is not None:
-                finish(scoring, writers)
-                commit(scoring)
+            drain(writers)
     finally:
         stage.close()
     return generated
 
-
-def _salvage(*steps) -> None:
-    """Run ``steps`` in order until one fails; the error being handled is the one to report."""
-    for step in steps:
-        try:
-            step()
-        except BaseException:  # noqa: BLE001 - a second failure must not hide the first
-            return
 
 
 class _Watch:

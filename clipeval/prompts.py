@@ -199,25 +199,10 @@ def format_of(name: str) -> str:
     return suffix
 
 
-Row = tuple[str, str, str]  # prompt, category, challenge
 Record = tuple[str, dict[str, Any]]  # (where, fields): "line 12", {"prompt": ..., ...}
 
 
 NamedRow = tuple[str, str, str, str]  # prompt, category, challenge, name
-
-
-def parse(
-    data: bytes,
-    fmt: str,
-    *,
-    origin: str,
-    prompt_column: str | None = None,
-    category_column: str | None = None,
-    challenge_column: str | None = None,
-) -> list[Row]:
-    """Parse a prompt file's bytes; every problem is a ``ClipevalError`` that names ``origin``."""
-    return [row[:3] for row in parse_named(data, fmt, origin=origin, prompt_column=prompt_column,
-                                           category_column=category_column, challenge_column=challenge_column)]
 
 
 def parse_named(
@@ -230,7 +215,9 @@ def parse_named(
     challenge_column: str | None = None,
     variable: str = "prompts",
 ) -> list[NamedRow]:
-    """``parse``, with each prompt's name (a {name: prompt} map's key, or a ``name`` column)."""
+    """Parse a prompt file's bytes into (prompt, category, challenge, name) rows, the name being a
+    {name: prompt} map's key or a ``name`` column; every problem is a ``ClipevalError`` that names
+    ``origin``."""
     records = python_dict_records(data, variable, origin) if fmt == PYTHON_DICT else read_records(data, fmt, origin=origin)
     rows = []
     for where, fields in records:

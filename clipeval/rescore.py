@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clipeval.errors import ClipevalError
-from clipeval.loop import AUTO_UNIT
+from clipeval.loop import journal_batch
 from clipeval.score import DEFAULT_CLIP_MODEL
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -103,9 +103,7 @@ def from_run(folder: Path, batch_size: int | None) -> Source:
         batches = [b for b in batches if b]
         covered = {(r.prompt_id, r.sample) for b in batches for r in b}
         leftover = [row for key, row in sorted(rows.items()) if key not in covered]
-        size = manifest.get("generation", {}).get("batch_size") or DEFAULT_BATCH
-        size = AUTO_UNIT if size == "auto" else int(size)  # auto: the journal unit
-        batches += _chunks(leftover, size)
+        batches += _chunks(leftover, journal_batch(manifest.get("generation", {}).get("batch_size") or DEFAULT_BATCH))
     else:
         batches = _chunks([rows[k] for k in sorted(rows)], batch_size)
     settings = {k: v for k, v in manifest.get("settings", {}).items()}

@@ -101,7 +101,7 @@ def run(config: RunConfig) -> RunResult | None:
         raise ClipevalError(f"--images-per-prompt must be in [1, {MAX_SAMPLES}]")
     if not 0 <= config.seed <= MAX_SEED:
         raise ClipevalError(f"--seed must be in [0, {MAX_SEED}]")
-    if journal_batch(config.batch_size) < 1 or (config.limit is not None and config.limit < 1):
+    if loop.journal_batch(config.batch_size) < 1 or (config.limit is not None and config.limit < 1):
         raise ClipevalError("--batch-size and --limit must be at least 1")
     out = Path(config.out).expanduser()
     store.check_parent(out)
@@ -228,7 +228,7 @@ def _rank_device(spec: str, ranks) -> str:
 
 def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
     config, rundir, ranks, items, clock = run.config, run.rundir, run.ranks, run.items, run.clock
-    from clipeval import distributed
+    from clipeval import distributed, loop
     from clipeval.generate import batches
 
     out = rundir.path
@@ -239,7 +239,7 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
     # 3. Generate and score what the journals do not hold yet. The batches are cut from the full
     #    list, so each is the same whichever rank, or whichever earlier run, computes it.
     done = rundir.done()
-    todo = [[i for i in b if i.key not in done] for b in batches(items, journal_batch(config.batch_size))]
+    todo = [[i for i in b if i.key not in done] for b in batches(items, loop.journal_batch(config.batch_size))]
     todo = [b for b in todo if b]
     mine = todo[ranks.rank :: ranks.world]
     clock["loop"] = time.perf_counter()
@@ -287,13 +287,6 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
     if config.trackers is not None:  # after every file is written: a tracker problem loses nothing
         result.notes["tracking"] = [config.trackers.log(result, checkpoint=config.checkpoint)]
     return result
-
-
-def journal_batch(batch_size: int | str) -> int:
-    """The images per journal line (the unit a resume keeps): ``auto`` generates several at once."""
-    from clipeval.loop import AUTO_UNIT
-
-    return AUTO_UNIT if batch_size == "auto" else int(batch_size)
 
 
 def generation_settings(defaults: dict[str, Any], *, steps, guidance_scale, height, width, negative_prompt):
@@ -530,9 +523,9 @@ def evaluate(
         for module in modules:
             module.eval()
         with tqdm(total=len(items), unit="img", desc="evaluating", disable=not progress) as bar:
-            loop.run_batches(list(batches(items, journal_batch(batch_size))), pipe=pipe, scorer=scorer, gen=gen,
+            loop.run_batches(list(batches(items, loop.journal_batch(batch_size))), pipe=pipe, scorer=scorer, gen=gen,
                              rundir=rundir, done=done, save_images=rundir is not None, batch_size=batch_size, bar=bar,
-                             log=lambda message: tqdm.write(f"clipeval: {message}", file=sys.stderr))
+                             log=_say)
     finally:
         for module, was_training in zip(modules, training):
             module.train(was_training)
