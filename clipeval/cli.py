@@ -48,6 +48,9 @@ class BatchSize(click.ParamType):
 
     name = "N|auto"
 
+    def get_metavar(self, param, ctx=None) -> str:  # click would print N|AUTO, which reads as a constant
+        return self.name
+
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
