@@ -129,8 +129,10 @@ def generate_adaptive(pipe, batch, gen, adaptive: Adaptive):
 class ScoreStage:
     """CLIP scoring of a batch, on a worker thread and side stream when the images are on CUDA."""
 
-    def __init__(self, scorer, overlap: bool):
-        self.scorer = scorer
+    def __init__(self, scorer, overlap: bool, prompts=()):
+        from clipeval.scorers import Ahead
+
+        self.scorer = Ahead(scorer, prompts)  # used on the one worker thread only
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip") if overlap else None
         self.stream = None
 
@@ -159,7 +161,6 @@ class ScoreStage:
 
     def _run(self, images, prompts):
         cosines, truncated = self.scorer.score(images, prompts)
-        self.scorer.forget(keep=[prompts[-1]])
         return cosines, truncated, images.permute(0, 2, 3, 1).cpu().numpy()
 
     def close(self) -> None:
@@ -204,7 +205,7 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
 
     device = str(getattr(pipe, "device", "cpu"))
     overlap = device.startswith("cuda")
-    stage = ScoreStage(scorer, overlap)
+    stage = ScoreStage(scorer, overlap, (item.prompt for batch in batches for item in batch))
     adaptive = adaptive or Adaptive.for_run(batch_size, device, log=log)
     if save_images and rundir is not None:
         rundir.images.mkdir(parents=True, exist_ok=True)

@@ -346,6 +346,7 @@ def _score_batches(batches, scorers, progress: bool):
 
     from tqdm.auto import tqdm
 
+    from clipeval.scorers import Ahead
     from clipeval.stats import score_value
 
     results: list[tuple[ImageRow, list[tuple[float | None, bool]], str]] = []
@@ -357,6 +358,7 @@ def _score_batches(batches, scorers, progress: bool):
         # on a CPU the decoders share the cores with the model.
         accelerated = any(not str(getattr(s, "device", "cpu")).startswith("cpu") for s in scorers)
         workers = min(32 if accelerated else 8, os.cpu_count() or 1)
+        ahead = [Ahead(scorer, (row.prompt for batch in batches for row in batch)) for scorer in scorers]
         for batch, images in _decoded(batches, workers=workers):
             good = [(row, img) for row, img in zip(batch, images) if not isinstance(img, ImageProblem)]
             skipped += [{"image": row.image, "reason": str(img)} for row, img in zip(batch, images)
@@ -364,9 +366,8 @@ def _score_batches(batches, scorers, progress: bool):
             if good:
                 rows, tensors = zip(*good)
                 per_model = []
-                for scorer in scorers:
+                for scorer in ahead:
                     cosines, truncated = scorer.score(list(tensors), [r.prompt for r in rows])
-                    scorer.forget(keep=[rows[-1].prompt])
                     # A run's NaN image has no score (its PNG holds zeros where the NaNs were).
                     per_model.append([(None if r.flag == "nan" else score_value(c), t)
                                       for r, c, t in zip(rows, cosines, truncated)])

@@ -37,6 +37,8 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 # Families whose text tower pools the last position: the padding to max_length is part of the model.
 PAD_TO_MAX_LENGTH = ("siglip", "siglip2")
+# CLIP text lengths are rounded up to a multiple of this: few shapes, so full forwards.
+TEXT_BUCKET = 8
 
 
 class ClipScorer:
@@ -123,6 +125,11 @@ class ClipScorer:
         # Rows per text forward: on a CPU extra rows cost their compute (4 measured best for
         # ViT-B/32's text tower); on an accelerator a short forward costs its launches, not its rows.
         self.text_group = 4 if device == "cpu" else 32
+        # CLIP's text tower is causal and pools the first end-of-text token: end padding with that
+        # token changes nothing the embedding sees (see embed_texts). Others: exact lengths.
+        eos = self.tokenizer.eos_token_id
+        causal = getattr(self.model.config, "model_type", "") == "clip"
+        self.end_pad = eos if causal and eos is not None and not self.pad_to_max_length else None
         self._torch = torch
 
     def _autocast(self):
@@ -136,27 +143,32 @@ class ClipScorer:
     def embed_texts(self, prompts: Sequence[str]) -> list[TextEmbedding]:
         """Embeddings for ``prompts``, computing each distinct text once and caching it.
 
-        Texts of equal token length run together, unpadded (SigLIP: padded to its fixed length,
-        as it was trained), in forwards of exactly ``text_group`` rows, the last filled with
-        copies. A row's result depends only on its own tokens when the shapes are fixed (the
-        same kernels, the same summation order; checked bit for bit in the tests), so an
-        embedding is a pure function of its text: the same bits whichever prompts share its
-        batch, after a resume, or in a re-score. Shapes that varied with the neighbours would
-        move the last float bits."""
+        Texts run in forwards of a fixed shape: exactly ``text_group`` rows (the last forward
+        filled with copies) of one token length. CLIP's text tower is causal and pools its first
+        end-of-text token, so a row padded at the end with end-of-text tokens computes the same
+        embedding: its lengths are rounded up to ``TEXT_BUCKET`` tokens, which fills the groups of
+        a library of varied lengths. Other towers see their exact length (SigLIP: its fixed
+        length, as it was trained). A row's result depends only on its own tokens when the shape
+        is fixed (the same kernels, the same summation order; checked bit for bit in the tests),
+        so an embedding is a pure function of its text: the same bits whichever prompts share its
+        forward, after a resume, or in a re-score."""
         torch = self._torch
         padding = "max_length" if self.pad_to_max_length else False
-        by_length: dict[int, list[tuple[str, list[int], bool]]] = {}
+        by_shape: dict[int, list[tuple[str, list[int], bool]]] = {}
         for text in dict.fromkeys(p for p in prompts if p not in self._cache):
             length = len(self.tokenizer(text, truncation=False)["input_ids"])
             ids = self.tokenizer(text, truncation=True, max_length=self.max_length, padding=padding)["input_ids"]
-            by_length.setdefault(len(ids), []).append((text, ids, length > self.max_length))
+            if self.end_pad is not None:
+                shape = min(self.max_length, -(-len(ids) // TEXT_BUCKET) * TEXT_BUCKET)
+                ids = ids + [self.end_pad] * (shape - len(ids))
+            by_shape.setdefault(len(ids), []).append((text, ids, length > self.max_length))
         size = self.text_group
-        for group in by_length.values():
+        for group in by_shape.values():
             for start in range(0, len(group), size):
                 chunk = group[start : start + size]
                 rows = [ids for _, ids, _ in chunk] + [chunk[0][1]] * (size - len(chunk))
-                # SigLIP was trained without a mask: its padding is part of the input; CLIP's
-                # equal-length rows need none.
+                # No attention mask: SigLIP was trained without one (its padding is input), and
+                # CLIP's causal attention never lets a token see the end padding after it.
                 tokens = torch.tensor(rows, device=self.device)
                 # Float32 whatever --clip-dtype says: the text tower runs once per prompt, not per
                 # image, and under bf16 it carried most of the error (8.6e-4 of 1.2e-3 on ViT-B/32).
@@ -167,10 +179,12 @@ class ClipScorer:
                     self._cache[text] = TextEmbedding(vector, truncated)
         return [self._cache[p] for p in prompts]
 
-    def forget(self, keep: Sequence[str] = ()) -> None:
-        """Drop cached text embeddings, but ``keep``, so memory does not grow with the library."""
-        kept = set(keep)
+    def prepare(self, prompts: Sequence[str]) -> None:
+        """Embed the prompts of the coming batches together and drop every other cached one: the
+        forwards are full, and memory does not grow with the library."""
+        kept = set(prompts)
         self._cache = {k: v for k, v in self._cache.items() if k in kept}
+        self.embed_texts(prompts)
 
     # -- images ----------------------------------------------------------------------------
     def pixel_values(self, images):

@@ -276,3 +276,30 @@ def test_bad_sources(cli, run_dir, models, tmp_path):
                       "no prompt column")
     assert_user_error(score_cli(cli, images, tmp_path / "o4", "--prompts", "smok", "--clip-model", models.clip),
                       "Did you mean smoke")
+
+
+def test_text_forwards_run_full_when_each_batch_holds_one_prompt(cli, models, tmp_path, monkeypatch):
+    """Batches of one prompt each: the prompts of the coming batches are embedded together, so
+    the text tower runs few copies (batch by batch it ran text_group rows per prompt)."""
+    from transformers import CLIPModel
+
+    images = tmp_path / "images"
+    for i in range(16):
+        for sample in range(2):
+            _save(images, f"{i:05d}_{sample:02d}.png", _random_rgb(100 + 2 * i + sample))
+    rows = []
+    original = CLIPModel.get_text_features
+
+    def counting(self, input_ids, **kwargs):
+        rows.extend(tuple(r) for r in input_ids.tolist())
+        return original(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(CLIPModel, "get_text_features", counting)
+    result = score_cli(cli, images, tmp_path / "out", "--prompts", "smoke", "--clip-model", models.clip,
+                       "--batch-size", "2")
+    assert result.exit_code == 0, result.stderr
+    scores = pd.read_csv(tmp_path / "out" / "scores.csv")
+    assert len(scores) == 32 and scores.prompt.nunique() == 16
+    shapes = {len(r) for r in rows}
+    assert len(set(rows)) == 16  # each prompt once
+    assert len(rows) <= 16 + 3 * len(shapes) < 16 * 4  # only the last forward of a shape has copies

@@ -75,15 +75,17 @@ def generate(*a, **k):
     return _generate(*a, **k)
 clipeval.generate.generate = generate
 """,
-    # while the fourth batch's prompts are embedded (the first batch is committed)
+    # while the fourth batch's prompts are embedded (the first batch is committed); a window of
+    # one prompt makes each batch embed its own
     "text-embedding": """
-import clipeval.score
-_embed = clipeval.score.ClipScorer.embed_texts
-def embed_texts(self, prompts):
+import clipeval.score, clipeval.scorers
+clipeval.scorers.TEXT_WINDOW = 1
+_prepare = clipeval.score.ClipScorer.prepare
+def prepare(self, prompts):
     _n[0] += 1
     if _n[0] == 4: _die()
-    return _embed(self, prompts)
-clipeval.score.ClipScorer.embed_texts = embed_texts
+    return _prepare(self, prompts)
+clipeval.score.ClipScorer.prepare = prepare
 """,
     # while the fourth batch's images are embedded (the first batch is committed)
     "image-scoring": """

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipeval.score import ClipScorer
+from clipeval.score import TEXT_BUCKET, ClipScorer
 
 PROMPTS = ["a red cube on a table", "a photo of a cat", "东京の夜景 🌃", 'a sign saying "stop"']
 
@@ -85,7 +85,7 @@ def test_negative_cosines_are_reported_not_clamped(models):
     before, _ = scorer.score(images, PROMPTS)
     with torch.no_grad():
         scorer.model.text_projection.weight.neg_()  # flips every text embedding: cos → -cos
-    scorer.forget()
+    scorer.prepare([])  # drop the cached text embeddings
     after, _ = scorer.score(images, PROMPTS)
     assert after == pytest.approx([-b for b in before], abs=1e-7)
     assert all(a < 0 for a in after)
@@ -143,9 +143,36 @@ def test_each_distinct_prompt_is_embedded_once(models):
     images = smooth_images(8, 32, 32)
     scorer.score(images[:4], ["a", "a", "a", "b"])
     scorer.score(images[4:], ["b", "b", "c", "c"])
+    eos = scorer.tokenizer.eos_token_id
     ids = {t: tuple(scorer.tokenizer(t)["input_ids"]) for t in "abc"}
-    # a and b share a token length: one forward (of text_group rows, the rest copies); b is cached.
-    assert calls == [{ids["a"], ids["b"]}, {ids["c"]}]
+    padded = {t: v + (eos,) * (TEXT_BUCKET - len(v)) for t, v in ids.items()}  # end padding to the bucket
+    # a and b share a shape: one forward (of text_group rows, the rest copies); b is cached.
+    assert calls == [{padded["a"], padded["b"]}, {padded["c"]}]
+
+
+def test_end_padding_to_the_bucket_changes_no_embedding(models):
+    """CLIP's causal text tower never sees the end-of-text padding after a token, and pools the
+    first end-of-text token: the padded forward is the unpadded one, up to float rounding."""
+    scorer = ClipScorer(str(models.clip))
+    prompts = ["a", "a cat", "a red cat on a mat", "x " * 5, "x " * 6, "x " * 7, "x " * 9, "x " * 74]
+    lengths = [len(scorer.tokenizer(p)["input_ids"]) for p in prompts]
+    assert len(set(lengths)) == len(prompts) and max(lengths) == 76  # every length alone; 76 → 77, the cap
+    embedded = scorer.embed_texts(prompts)
+    with torch.no_grad():
+        for prompt, got in zip(prompts, embedded):
+            v = scorer.model.get_text_features(input_ids=torch.tensor([scorer.tokenizer(prompt)["input_ids"]]))
+            v = v.pooler_output[0]
+            assert torch.allclose(got.vector, v / v.norm(), atol=1e-6), prompt
+
+
+def test_other_towers_keep_their_exact_length(models):
+    scorer = ClipScorer(str(models.clip))
+    scorer.end_pad = None  # what a tower that is not CLIP's gets
+    seen = []
+    original = scorer.model.get_text_features
+    scorer.model.get_text_features = lambda **kw: seen.append(kw["input_ids"].shape) or original(**kw)
+    scorer.embed_texts(["a", "a cat"])
+    assert seen == [(scorer.text_group, 3), (scorer.text_group, 4)]
 
 
 def test_a_text_embedding_does_not_depend_on_the_other_prompts(models):
@@ -218,21 +245,50 @@ def test_half_precision_stays_within_1e_3_of_float32(small_clip, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_equal_length_prompts_share_a_forward_without_changing_a_bit(small_clip, dtype):
-    """Prompts of one token length run together (fixed-shape groups, filled with copies); each
-    embedding is still bit-identical to the prompt's own: whichever neighbours, whichever position,
-    more or fewer than one group."""
-    candidates = [f"a photo of a {c} {a}" for c in ("red", "blue", "green", "black", "white", "pink")
-                  for a in ("cat", "dog", "car", "cup", "hat")]
+def test_prompts_of_one_shape_share_a_forward_without_changing_a_bit(small_clip, dtype):
+    """Prompts of one shape (token length rounded up to the bucket) run together, in fixed-shape
+    groups filled with copies; each embedding is still bit-identical to the prompt's own:
+    whichever neighbours, whichever position, more or fewer than one group."""
+    candidates = [f"a photo of {c} {a}" * k for c in ("red", "blue", "green", "black", "white", "pink")
+                  for a in ("cat", "dog", "car", "cup", "hat") for k in (1, 2)]
     scorer = ClipScorer(str(small_clip), dtype=dtype)
-    lengths: dict[int, list[str]] = {}
+    shapes: dict[int, list[str]] = {}
     for text in candidates:
-        lengths.setdefault(len(scorer.tokenizer(text)["input_ids"]), []).append(text)
-    same = max(lengths.values(), key=len)[:11]
-    assert len(same) > 2 * scorer.text_group  # more than two groups of one length
+        shapes.setdefault(-(-len(scorer.tokenizer(text)["input_ids"]) // TEXT_BUCKET), []).append(text)
+    same = max(shapes.values(), key=len)[:11]
+    assert len(same) > 2 * scorer.text_group  # more than two groups of one shape
+    assert len({len(scorer.tokenizer(t)["input_ids"]) for t in same}) > 1  # of several lengths
     alone = {t: ClipScorer(str(small_clip), dtype=dtype).embed_texts([t])[0].vector for t in same[:3]}
     for order in (same, same[::-1], same[1:] + same[:1]):
         fresh = ClipScorer(str(small_clip), dtype=dtype)
         vectors = {t: e.vector for t, e in zip(order, fresh.embed_texts(order))}
         for text, vector in alone.items():
             assert torch.equal(vectors[text], vector), text
+
+
+def test_ahead_prepares_the_coming_prompts_a_window_at_a_time():
+    from clipeval.scorers import Ahead
+
+    class Recording:
+        def __init__(self):
+            self.prepared, self.scored = [], []
+
+        def prepare(self, prompts):
+            self.prepared.append(list(prompts))
+
+        def score(self, images, prompts):
+            self.scored.append(list(prompts))
+            return [0.0] * len(prompts), [False] * len(prompts)
+
+    order = [f"p{i}" for i in range(10) for _ in range(3)]  # three images a prompt
+    batches = [order[i : i + 5] for i in range(0, len(order), 5)]
+    inner = Recording()
+    ahead = Ahead(inner, order, window=4)
+    for batch in batches:
+        ahead.score(None, batch)
+    assert inner.scored == batches
+    # A batch that needs a prompt past the window starts the next one and keeps its own prompts.
+    assert inner.prepared == [["p0", "p1", "p2", "p3"], ["p3", "p4", "p5", "p6", "p7"], ["p6", "p7", "p8", "p9"]]
+    # A prompt the plan did not announce is prepared with the batch that asks for it.
+    ahead.score(None, ["new"])
+    assert inner.prepared[-1] == ["new"]
