@@ -67,6 +67,13 @@ class Ranks:
             raise ClipevalError(value if self.main else f"rank 0: {value}")
         return value
 
+    def close(self) -> None:
+        """Destroy the process group once no collective is left. Left to interpreter exit, gloo's
+        threads were torn down by static destructors, and a rank could abort ("terminate called
+        without an active exception", exit status 134) after its work was done."""
+        if self.state is not None:
+            self.state.destroy_process_group()
+
     def all_ok(self, error: str | None) -> None:
         """Every rank says whether its part failed; if any did, every rank raises."""
         errors = [error]

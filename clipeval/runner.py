@@ -90,11 +90,19 @@ def _now() -> str:
 def run(config: RunConfig) -> RunResult | None:
     """Run the evaluation; returns the result on rank 0 (None on the other ranks of a
     multi-process launch, whose work rank 0 merges)."""
-    from clipeval import distributed, loop, pipelines, prompts, store
-    from clipeval.generate import MAX_SAMPLES, MAX_SEED, work_items
+    from clipeval import distributed
 
     clock = {"start": time.perf_counter()}
     ranks = distributed.ranks()
+    try:
+        return _run(config, ranks, clock)
+    finally:
+        ranks.close()
+
+
+def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
+    from clipeval import distributed, loop, pipelines, prompts, store
+    from clipeval.generate import MAX_SAMPLES, MAX_SEED, work_items
 
     # 1. Everything cheap first: bad input fails before a model is loaded.
     if not 1 <= config.images_per_prompt <= MAX_SAMPLES:

@@ -4,6 +4,8 @@ a bug looks like): while loading CLIP (FAIL_AT=load) or after committing its fir
 
 import os
 
+import closed_rank  # noqa: F401 - reports at exit whether the process group was destroyed
+
 import clipeval.score as score
 import clipeval.store as store
 

@@ -61,9 +61,12 @@ def launch(launcher: str, target: list[str], args: list, timeout: float = 300, e
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
 def test_two_processes_equal_one(launcher, reference, models, tmp_path):
     out = tmp_path / "two"
-    result = launch(launcher, ["-m", "clipeval", "run"],
-                    ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS])
+    # torchrun runs clipeval through a script that reports, at exit, whether the group was destroyed
+    target = ["-m", "clipeval", "run"] if launcher == "accelerate" else [str(HERE / "closed_rank.py"), "run"]
+    result = launch(launcher, target, ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS])
     assert result.returncode == 0, result.stderr[-3000:]
+    if launcher == "torchrun":
+        assert result.stderr.count("process group alive at exit: False") == 2, result.stderr[-3000:]
     assert sorted(p.name for p in (out / ".clipeval").glob("journal-*.jsonl")) == ["journal-0.jsonl", "journal-1.jsonl"]
     assert files_of(out) == files_of(reference)
     assert result.stdout.count("clip/mean") == 1  # rank 0 reports, rank 1 stays quiet
@@ -113,6 +116,7 @@ def test_any_error_on_one_rank_stops_every_rank_with_its_message(where, run_tiny
     said = [line for line in failed.stderr.splitlines() if line.startswith("clipeval: error:")]
     message = "clipeval: error: rank 1: RuntimeError: CUDA error: an illegal memory access was encountered (injected)"
     assert said == [message, message], failed.stderr[-3000:]  # both ranks, the same line
+    assert failed.stderr.count("process group alive at exit: False") == 2  # closed on the error path too
     assert failed.stderr.count("Traceback (most recent call last)") >= 1  # rank 1's own, for the bug report
     journals = {p.name: p.read_text().count("\n") for p in (out / ".clipeval").glob("journal-*.jsonl")}
     if where == "load":
