@@ -336,12 +336,11 @@ def _generate_and_score(run: Prepared, mine: list[list], done: dict) -> int:
         dynamic_ncols=True,
     )
     with bar:
-        generated = loop.run_batches(
+        return loop.run_batches(
             mine, pipe=pipe, scorer=scorer, gen=gen, rundir=rundir, done=done, save_images=config.save_images,
             batch_size=config.batch_size, bar=bar, log=_say, stop=rundir.peer_failed if ranks.world > 1 else None,
             adaptive=run.adaptive,
         )
-    return generated
 
 
 def versions() -> dict[str, str]:

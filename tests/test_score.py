@@ -165,12 +165,25 @@ def test_end_padding_to_the_bucket_changes_no_embedding(models):
             assert torch.allclose(got.vector, v / v.norm(), atol=1e-6), prompt
 
 
-def test_other_towers_keep_their_exact_length(models):
-    scorer = ClipScorer(str(models.clip))
-    scorer.end_pad = None  # what a tower that is not CLIP's gets
+def test_other_towers_keep_their_exact_length(models, tmp_path):
+    """End padding is for CLIP's tower only: a tiny MetaCLIP 2 (another model type, loaded through
+    the same AutoModel path) runs each prompt at its own token length."""
+    import shutil
+
+    from transformers import CLIPConfig, MetaClip2Config, MetaClip2Model
+
+    clip = CLIPConfig.from_pretrained(models.clip)
+    torch.manual_seed(0)
+    MetaClip2Model(MetaClip2Config(text_config=clip.text_config.to_dict(), vision_config=clip.vision_config.to_dict(),
+                                   projection_dim=clip.projection_dim)).save_pretrained(tmp_path / "meta")
+    for f in models.clip.glob("*"):  # its tokenizer and image processor
+        if f.suffix in (".json", ".txt") and f.name != "config.json":
+            shutil.copy(f, tmp_path / "meta" / f.name)
+    scorer = ClipScorer(str(tmp_path / "meta"))
+    assert scorer.model_class == "MetaClip2Model"
     seen = []
     original = scorer.model.get_text_features
-    scorer.model.get_text_features = lambda **kw: seen.append(kw["input_ids"].shape) or original(**kw)
+    scorer.model.get_text_features = lambda **kw: seen.append(tuple(kw["input_ids"].shape)) or original(**kw)
     scorer.embed_texts(["a", "a cat"])
     assert seen == [(scorer.text_group, 3), (scorer.text_group, 4)]
 
