@@ -29,6 +29,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     state: Any = None  # accelerate.PartialState when launched in several processes
+    settled: bool = False  # every rank passed the last all_ok: close() waits for all
 
     @property
     def main(self) -> bool:
@@ -70,12 +71,24 @@ class Ranks:
     def close(self) -> None:
         """Destroy the process group once no collective is left. Left to interpreter exit, gloo's
         threads were torn down by static destructors, and a rank could abort ("terminate called
-        without an active exception", exit status 134) after its work was done."""
-        if self.state is not None:
-            self.state.destroy_process_group()
+        without an active exception", exit status 134) after its work was done.
 
-    def all_ok(self, error: str | None) -> None:
-        """Every rank says whether its part failed; if any did, every rank raises."""
+        Once every rank has passed the last ``all_ok(..., last=True)``, they all wait here for each
+        other first (rank 0 writes the tables meanwhile), as torch advises before a destroy: a rank
+        that tore its group down while its peer was still writing left that peer hanging once in CI
+        (two nodes). After an error no rank waits: a peer may be dead, or stopped elsewhere."""
+        if self.state is None:
+            return
+        if self.settled:
+            try:
+                self.state.wait_for_everyone()
+            except RuntimeError:  # a peer died meanwhile (killed while writing): nobody left to wait for
+                pass
+        self.state.destroy_process_group()
+
+    def all_ok(self, error: str | None, *, last: bool = False) -> None:
+        """Every rank says whether its part failed; if any did, every rank raises. After the
+        ``last`` one passes, the only collective left is ``close``'s barrier."""
         errors = [error]
         if self.state is not None:
             from accelerate.utils import gather_object
@@ -91,6 +104,7 @@ class Ranks:
         if failed:
             rank, message = failed[0]
             raise ClipevalError(message if self.world == 1 else f"rank {rank}: {message}")
+        self.settled = last
 
 
 def describe(err: BaseException) -> str:

@@ -262,7 +262,7 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
         error, generated = distributed.describe(err), 0
         rundir.signal_failure(error)
     clock["looped"] = time.perf_counter()
-    ranks.all_ok(error)
+    ranks.all_ok(error, last=True)
     if not ranks.main:
         return None
 

@@ -4,6 +4,8 @@ in the middle of a multi-process run. Launched by torchrun or accelerate in test
 import os
 import signal
 
+import closed_rank  # noqa: F401 - records its pid, prints its stack on SIGUSR1
+
 import clipeval.store as store
 
 if os.environ.get("RANK") == "1":

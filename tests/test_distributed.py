@@ -48,25 +48,72 @@ def reference(tmp_path_factory, models):
     return out
 
 
-def launch(launcher: str, target: list[str], args: list, timeout: float = 300, env: dict[str, str] | None = None):
+def launch(launcher: str, target: list[str], args: list, tmp_path: Path, timeout: float = 300,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Two processes on this machine. ``target`` is a script that imports ``closed_rank``, so a
+    launch that outlives ``timeout`` fails with every rank's stack, and leaves no process behind."""
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *target]
     else:  # accelerate's own launcher; on a CPU-only machine --multi_gpu still forms a gloo group
         cmd = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *target]
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    pids = _pids(tmp_path)
+    proc = subprocess.Popen([*cmd, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CLIPEVAL_TEST_PIDS": str(pids), **(env or {})})
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stacks(pids)
+        _stop([proc], pids)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{launcher} did not end within {timeout} s; its stderr, with each rank's stack:\n{stderr[-8000:]}")
+    finally:
+        _stop([proc], pids)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _pids(tmp_path: Path) -> Path:
+    pids = tmp_path / "pids"
+    pids.mkdir(exist_ok=True)
+    return pids
+
+
+def _stacks(pids: Path) -> None:
+    """Every worker prints its threads' stacks (closed_rank registers SIGUSR1 with faulthandler)."""
+    import signal
+
+    for pid in pids.iterdir():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid.read_text()), signal.SIGUSR1)
+    time.sleep(2)
+
+
+def _stop(launchers: list[subprocess.Popen], pids: Path) -> None:
+    """Kill what is left: the launchers with their sessions, and the workers, which torchrun starts
+    in sessions of their own. A hung test must not leave them eating the next tests' CPU."""
+    import signal
+
+    for p in launchers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    for pid in pids.iterdir():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid.read_text()), signal.SIGKILL)
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
 def test_two_processes_equal_one(launcher, reference, models, tmp_path):
     out = tmp_path / "two"
-    # torchrun runs clipeval through a script that reports, at exit, whether the group was destroyed
-    target = ["-m", "clipeval", "run"] if launcher == "accelerate" else [str(HERE / "closed_rank.py"), "run"]
-    result = launch(launcher, target, ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS])
+    # Rank 0 takes 3 s to write the tables: rank 1 waits for it before the group is destroyed
+    # (torch's advice; a rank leaving early once hung its peer), and the group is destroyed.
+    result = launch(launcher, [str(HERE / "closed_rank.py"), "run"],
+                    ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], tmp_path,
+                    env={"CLIPEVAL_TEST_SLOW_FINISH": "3"})
     assert result.returncode == 0, result.stderr[-3000:]
-    if launcher == "torchrun":
-        assert result.stderr.count("process group alive at exit: False") == 2, result.stderr[-3000:]
+    said = result.stderr
+    assert said.count("process group alive at exit: False") == 2, said[-3000:]
+    assert said.index("rank 0: tables written") < said.index("rank 1: process group alive at exit"), said[-3000:]
     assert sorted(p.name for p in (out / ".clipeval").glob("journal-*.jsonl")) == ["journal-0.jsonl", "journal-1.jsonl"]
     assert files_of(out) == files_of(reference)
     assert result.stdout.count("clip/mean") == 1  # rank 0 reports, rank 1 stays quiet
@@ -75,7 +122,7 @@ def test_two_processes_equal_one(launcher, reference, models, tmp_path):
 def test_a_rank_killed_mid_run_resumes_with_one_process(reference, run_tiny, models, tmp_path):
     out = tmp_path / "killed"
     killed = launch("torchrun", [str(HERE / "kill_rank.py"), "run"],
-                    ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS])
+                    ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], tmp_path)
     assert killed.returncode != 0
     assert not (out / "summary.json").exists()
     assert (out / ".clipeval" / "journal-1.jsonl").read_text().count("\n") == 1  # rank 1 died after one batch
@@ -95,8 +142,9 @@ def test_rank_0_failing_to_claim_stops_every_rank(models, tmp_path):
         lock.flush()
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another clipeval holds the folder
         start = time.time()
-        result = launch("torchrun", ["-m", "clipeval", "run"],
-                        ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], timeout=180)
+        result = launch("torchrun", [str(HERE / "closed_rank.py"), "run"],
+                        ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], tmp_path,
+                        timeout=180)
     assert result.returncode != 0 and time.time() - start < 170
     assert "in use by a running clipeval (pid 4242)" in result.stderr
     assert "rank 0: " in result.stderr  # rank 1 says why it stopped too
@@ -110,8 +158,8 @@ def test_any_error_on_one_rank_stops_every_rank_with_its_message(where, run_tiny
     args = ["--prompt-library", "smoke", "--limit", "16", "--images-per-prompt", "2", "--batch-size", "2",
             "--steps", "2", "--quiet"]
     failed = launch("torchrun", [str(HERE / "fail_rank.py"), "run"],
-                    ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *args], timeout=240,
-                    env={"FAIL_AT": where})
+                    ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *args], tmp_path,
+                    timeout=240, env={"FAIL_AT": where})
     assert failed.returncode != 0
     said = [line for line in failed.stderr.splitlines() if line.startswith("clipeval: error:")]
     message = "clipeval: error: rank 1: RuntimeError: CUDA error: an illegal memory access was encountered (injected)"
@@ -142,27 +190,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(target: list[str], args: list, port: int, logs: Path) -> list[subprocess.Popen]:
+def two_nodes(target: list[str], args: list, tmp_path: Path, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """Two torchrun launchers, one process each, as node 0 and node 1 of a two-machine job whose
-    main node is 127.0.0.1: what each machine of a cluster runs. Their stderr goes to logs/node<N>."""
+    main node is 127.0.0.1: what each machine of a cluster runs. Their stderr goes to
+    logs/node<N>; ``target`` imports ``closed_rank``, which records each worker's pid in pids/."""
     procs = []
+    logs, pids, port = tmp_path / "logs", _pids(tmp_path), _free_port()
     logs.mkdir(exist_ok=True)
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), *target]
         with open(logs / f"node{node}", "w") as err:
-            procs.append(subprocess.Popen([*cmd, *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, text=True,
-                                          start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+            procs.append(subprocess.Popen(
+                [*cmd, *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "CLIPEVAL_TEST_PIDS": str(pids), **(env or {})}))
     return procs
+
+
+def _logs(tmp_path: Path) -> str:
+    return "\n".join(f"--- node {n}:\n" + (tmp_path / "logs" / f"node{n}").read_text()[-5000:] for n in (0, 1))
 
 
 def test_two_nodes_equal_one_process(reference, models, tmp_path):
     out = tmp_path / "nodes"
-    procs = two_nodes(["-m", "clipeval", "run"],
-                      ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], _free_port(),
-                      tmp_path / "logs")
-    codes = [p.wait(timeout=300) for p in procs]
-    assert codes == [0, 0], [(tmp_path / "logs" / f"node{n}").read_text()[-2000:] for n in (0, 1)]
+    procs = two_nodes([str(HERE / "closed_rank.py"), "run"],
+                      ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], tmp_path)
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    except subprocess.TimeoutExpired:
+        _stacks(tmp_path / "pids")
+        pytest.fail(f"the two nodes did not end within 300 s; their stderr, with each rank's stack:\n{_logs(tmp_path)}")
+    finally:
+        _stop(procs, tmp_path / "pids")
+    assert codes == [0, 0], _logs(tmp_path)
+    assert _logs(tmp_path).count("process group alive at exit: False") == 2, _logs(tmp_path)
     assert files_of(out) == files_of(reference)
     assert sorted(p.name for p in (out / ".clipeval").glob("journal-*.jsonl")) == ["journal-0.jsonl", "journal-1.jsonl"]
 
@@ -173,13 +234,11 @@ def test_a_killed_node_stops_the_other_and_the_run_resumes(reference, run_tiny, 
     out = tmp_path / "nodes"
     slow = "import time, clipeval.store as s\n_c = s.RunDir.commit\ns.RunDir.commit = lambda self, rows: (_c(self, rows), time.sleep(2))[0]\n"
     script = tmp_path / "slow_clipeval.py"
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    record = f"import os\nopen(os.path.join({str(pids)!r}, os.environ['RANK']), 'w').write(str(os.getpid()))\n"
-    script.write_text(record + slow + "from clipeval.cli import main\nmain()\n")
-    logs = tmp_path / "logs"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport closed_rank\n"
+                      + slow + "from clipeval.cli import main\nmain()\n")
+    logs, pids = tmp_path / "logs", tmp_path / "pids"
     procs = two_nodes([str(script), "run"],
-                      ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], _free_port(), logs)
+                      ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], tmp_path)
     said = ""
     try:
         deadline = time.time() + 120
@@ -192,13 +251,8 @@ def test_a_killed_node_stops_the_other_and_the_run_resumes(reference, run_tiny, 
         while "clipeval: error:" not in said and time.time() < deadline:
             time.sleep(0.2)
             said = (logs / "node0").read_text()
-    finally:
-        for p in procs:  # node 0's launcher may linger in torchrun's own exit barrier: not ours to wait for
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-        for pid in pids.iterdir():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid.read_text()), signal.SIGKILL)
+    finally:  # node 0's launcher may linger in torchrun's own exit barrier: not ours to wait for
+        _stop(procs, pids)
     assert "clipeval: error: rank 0: another process of this run died without a word" in said, said[-2000:]
     assert not (out / "summary.json").exists()
     with one_thread():
