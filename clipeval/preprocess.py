@@ -33,6 +33,8 @@ class ImageTransform:
 
     @classmethod
     def from_processor(cls, processor: Any) -> "ImageTransform":
+        if "spatial_shapes" in getattr(processor, "model_input_names", ()):
+            raise ValueError("the fast path cannot reproduce NaFlex patching (each image on its own patch grid)")
         size = _as_dict(getattr(processor, "size", None))
         crop = _as_dict(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else {}
         resample = int(getattr(processor, "resample", 3))
@@ -94,15 +96,17 @@ def _centre_crop(x, crop_h: int, crop_w: int):
     return x[..., top : top + crop_h, left : left + crop_w]
 
 
-def exact(processor: Any, images) -> "Any":
-    """The model's own processor on PIL images made from uint8 tensors (a batch or a list);
-    the result is on the CPU, where the processor works."""
+def exact(processor: Any, images) -> dict[str, Any]:
+    """The model's own processor on PIL images made from uint8 tensors (a batch or a list): the
+    image tower's inputs, on the CPU where the processor works. Pixel values in float32, and
+    whatever else the tower takes (a NaFlex tower: each image's patch mask and grid shape)."""
     import torch
     from PIL import Image
 
     pil = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images]
     out = processor(images=pil, return_tensors="pt")
-    return out["pixel_values"].to(torch.float32)
+    names = getattr(processor, "model_input_names", None) or ["pixel_values"]
+    return {k: out[k].to(torch.float32) if k == "pixel_values" else out[k] for k in names if k in out}
 
 
 def _as_dict(value: Any) -> dict[str, int]:

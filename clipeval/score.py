@@ -188,23 +188,29 @@ class ClipScorer:
 
     # -- images ----------------------------------------------------------------------------
     def pixel_values(self, images):
-        """uint8 ``(B, 3, H, W)``, or a list of ``(3, H, W)`` of any sizes → model inputs."""
+        """uint8 ``(B, 3, H, W)``, or a list of ``(3, H, W)`` of any sizes → pixel values."""
+        return self.image_inputs(images)["pixel_values"]
+
+    def image_inputs(self, images) -> dict[str, Any]:
+        """uint8 ``(B, 3, H, W)``, or a list of ``(3, H, W)`` of any sizes → the image tower's
+        keyword arguments (with the exact path, all the processor gives it)."""
         torch = self._torch
         if isinstance(images, (list, tuple)):
             if len({tuple(img.shape) for img in images}) == 1:
                 images = torch.stack(list(images))
             elif self.transform is not None:
-                return torch.cat([self.transform(img[None].to(self.device)) for img in images])
+                return {"pixel_values": torch.cat([self.transform(img[None].to(self.device)) for img in images])}
         if self.transform is not None:
-            return self.transform(images.to(self.device))
+            return {"pixel_values": self.transform(images.to(self.device))}
         return exact(self.processor, images)
 
     def embed_images(self, images):
         """uint8 images (see ``pixel_values``) → unit-norm float32 embeddings on our device."""
         torch = self._torch
         with torch.inference_mode(), self._autocast():
-            pixels = self.pixel_values(images).to(self.device, torch.float32)
-            vectors = _features(self.model.get_image_features(pixel_values=pixels)).float()
+            inputs = {k: v.to(self.device) for k, v in self.image_inputs(images).items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(torch.float32)
+            vectors = _features(self.model.get_image_features(**inputs)).float()
         return vectors / vectors.norm(dim=-1, keepdim=True)
 
     def score(self, images, prompts: Sequence[str]) -> tuple[list[float], list[bool]]:

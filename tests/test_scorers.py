@@ -26,6 +26,33 @@ def siglip(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def naflex(siglip, tmp_path_factory):
+    """A tiny random SigLIP 2 NaFlex model (Siglip2Model: each image resized to its own grid of at
+    most 16 patches of 8 pixels, whatever its aspect), with the tiny SigLIP's tokenizer."""
+    from transformers import (AutoTokenizer, Siglip2Config, Siglip2Model, Siglip2Processor, Siglip2TextConfig,
+                              Siglip2VisionConfig)
+
+    try:
+        from transformers import Siglip2ImageProcessorPil as ImageProcessor
+    except ImportError:  # transformers before the PIL/torchvision split
+        from transformers import Siglip2ImageProcessor as ImageProcessor
+    folder = tmp_path_factory.mktemp("naflex") / "siglip2"
+    tokenizer = AutoTokenizer.from_pretrained(siglip)
+    torch.manual_seed(0)
+    config = Siglip2Config(
+        text_config=Siglip2TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=16, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=1).to_dict(),
+        vision_config=Siglip2VisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                          num_patches=16, patch_size=8).to_dict(),
+    )
+    Siglip2Model(config).save_pretrained(folder)
+    Siglip2Processor(image_processor=ImageProcessor(patch_size=8, max_num_patches=16),
+                     tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def bare_clip(models, tmp_path_factory):
     """The tiny CLIP's weights and config only, as PickScore's repository ships them."""
     folder = tmp_path_factory.mktemp("bare") / "clip"
@@ -67,6 +94,57 @@ def test_siglip_scores_equal_its_own_classes(siglip):
     assert np.abs(np.array(cos_exact) - reference).max() < 1e-6
     assert np.abs(np.array(cos_fast) - reference).max() < 1e-4  # the fast path's bound, as for CLIP
     assert truncated == [False, False, True, False]  # 24 words > 16 positions
+
+
+def naflex_reference(folder, images: list[torch.Tensor], prompts: list[str]) -> np.ndarray:
+    """SigLIP 2's own classes on the whole list at once: its processor pads every image to the
+    same number of patches and says which are real."""
+    from transformers import AutoProcessor, Siglip2Model
+
+    model = Siglip2Model.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images]
+    # Its image processor and tokenizer, each called on its own: Siglip2Processor's call would
+    # impose the real models' defaults (16-pixel patches, 256 of them; 64 tokens) on this tiny one.
+    inputs = {**processor.image_processor(images=pil, return_tensors="pt"),
+              **processor.tokenizer(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")}
+    with torch.no_grad():
+        t = model.get_text_features(input_ids=inputs["input_ids"]).pooler_output
+        i = model.get_image_features(pixel_values=inputs["pixel_values"], spatial_shapes=inputs["spatial_shapes"],
+                                     pixel_attention_mask=inputs["pixel_attention_mask"]).pooler_output
+    t, i = t / t.norm(dim=-1, keepdim=True), i / i.norm(dim=-1, keepdim=True)
+    return (t * i).sum(-1).numpy()
+
+
+def test_siglip2_naflex_scores_equal_its_own_classes(naflex):
+    """A NaFlex tower takes patches, their mask and each image's grid, which only its processor
+    makes: --preprocess fast falls back to exact, with a note, and images of other aspects (here
+    a wide one, scored beside a tall one) each get their own grid."""
+    notes = []
+    scorer = make_scorer(str(naflex), preprocess="fast", log=notes.append)
+    assert scorer.model_class == "Siglip2Model" and scorer.preprocess == "exact" and scorer.transform is None
+    assert len(notes) == 1 and "NaFlex" in notes[0] and "--preprocess exact" in notes[0]
+    images = [*_images(2), *_images(2, size=(24, 72))]
+    reference = naflex_reference(naflex, images, PROMPTS)
+    cosines, _ = scorer.score(images, PROMPTS)
+    assert np.abs(np.array(cosines) - reference).max() < 1e-6
+    # Each image's score is its own: alone, or beside others, the same.
+    alone = [scorer.score([img], [p])[0][0] for img, p in zip(images, PROMPTS)]
+    assert np.abs(np.array(alone) - np.array(cosines)).max() < 1e-6
+
+
+def test_a_run_scored_by_siglip2_naflex_end_to_end(run_tiny, cli, naflex, tmp_path):
+    out = tmp_path / "run"
+    result = run_tiny(out, "--limit", "3", "--clip-model", naflex)
+    assert result.exit_code == 0, result.stderr
+    assert "NaFlex" in result.stderr
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
+    images = [torch.from_numpy(np.asarray(Image.open(out / p).convert("RGB"))).permute(2, 0, 1) for p in scores["image"]]
+    assert np.abs(scores["clip_score"].to_numpy() - naflex_reference(naflex, images, scores["prompt"].tolist())).max() < 1e-6
+    assert json.loads((out / "manifest.json").read_text())["clip"]["class"] == "Siglip2Model"
+    again = tmp_path / "again"
+    assert cli("score", out, "--clip-model", naflex, "--out", again, "--quiet").exit_code == 0
+    assert (again / "scores.csv").read_bytes() == (out / "scores.csv").read_bytes()
 
 
 def test_a_run_scored_by_siglip_end_to_end(run_tiny, cli, siglip, models, tmp_path):
