@@ -69,22 +69,16 @@ class Ranks:
         return value
 
     def close(self) -> None:
-        """Destroy the process group once no collective is left. Left to interpreter exit, gloo's
-        threads were torn down by static destructors, and a rank could abort ("terminate called
-        without an active exception", exit status 134) after its work was done.
-
-        Once every rank has passed the last ``all_ok(..., last=True)``, they all wait here for each
-        other first (rank 0 writes the tables meanwhile), as torch advises before a destroy: a rank
-        that tore its group down while its peer was still writing left that peer hanging once in CI
-        (two nodes). After an error no rank waits: a peer may be dead, or stopped elsewhere."""
-        if self.state is None:
-            return
-        if self.settled:
+        """Once every rank has passed the last ``all_ok(..., last=True)``, they all wait here for
+        each other (rank 0 writes the tables meanwhile), as torch advises before a group is
+        destroyed: a rank that tore its group down while its peer was still writing left that peer
+        hanging once in CI (two nodes). After an error no rank waits: a peer may be dead, or
+        stopped elsewhere. The group itself is destroyed at exit (see ``ranks``)."""
+        if self.state is not None and self.settled:
             try:
                 self.state.wait_for_everyone()
             except RuntimeError:  # a peer died meanwhile (killed while writing): nobody left to wait for
                 pass
-        self.state.destroy_process_group()
 
     def all_ok(self, error: str | None, *, last: bool = False) -> None:
         """Every rank says whether its part failed; if any did, every rank raises. After the
@@ -120,10 +114,28 @@ def ranks() -> Ranks:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Ranks()
     import torch
+    import torch.distributed as dist
     from accelerate import PartialState
 
+    formed = dist.is_available() and dist.is_initialized()  # by a training script that calls run
     # Without cpu=True, accelerate ignores torchrun's environment on a machine with no CUDA and
     # every process would think it is alone; with it, the processes form a gloo group.
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     state = PartialState(cpu=cpu)
+    if not formed and dist.is_initialized():
+        # Ours: destroyed at exit, not after each run, so a script may call run again (accelerate
+        # keeps its state, and would not form a group twice). Left to interpreter exit, gloo's
+        # threads were torn down by static destructors, and a rank could abort ("terminate called
+        # without an active exception", exit status 134) after its work was done. A group a
+        # training script formed is its own: it stays up for its training.
+        import atexit
+
+        atexit.register(_destroy_group)
     return Ranks(state.process_index, state.num_processes, state)
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

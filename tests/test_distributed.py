@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,25 @@ def test_two_processes_equal_one(launcher, reference, models, tmp_path):
     assert sorted(p.name for p in (out / ".clipeval").glob("journal-*.jsonl")) == ["journal-0.jsonl", "journal-1.jsonl"]
     assert files_of(out) == files_of(reference)
     assert result.stdout.count("clip/mean") == 1  # rank 0 reports, rank 1 stays quiet
+
+
+@pytest.mark.parametrize("form_group", [True, False], ids=["own-group", "no-group"])
+def test_a_training_script_evaluates_twice_under_torchrun(form_group, models, tmp_path):
+    """``clipeval.run`` from a training script, between steps, on every rank. A group the script
+    formed stays up for its training (an all_reduce after each evaluation); without one, clipeval
+    forms its own once and destroys it at exit, so a second evaluation works too."""
+    out = tmp_path / "evals"
+    result = launch("torchrun", [str(HERE / "in_training.py"), models.sd, models.clip, out], [], tmp_path,
+                    env={"FORM_GROUP": "1" if form_group else "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stderr
+    for step in (1, 2):
+        assert f"rank 1: evaluation {step}: no result" in said, said[-3000:]
+        rank0 = re.search(rf"rank 0: evaluation {step}: ([0-9.]+)(, all_reduce 2)?", said)
+        assert rank0 and bool(rank0.group(2)) == form_group, said[-3000:]
+    assert said.count(", all_reduce 2") == (4 if form_group else 0)
+    assert said.count("process group alive at exit: False") == 2, said[-3000:]
+    assert (out / "step1" / "scores.csv").read_bytes() == (out / "step2" / "scores.csv").read_bytes()
 
 
 def test_a_rank_killed_mid_run_resumes_with_one_process(reference, run_tiny, models, tmp_path):
