@@ -94,11 +94,42 @@ class Ranks:
                     f"rank {self.rank}: another process of this run died without a word (killed, or out of host "
                     "memory?); the launcher's log says which; rerun the same command to resume"
                 ) from err
-        failed = [(rank, e) for rank, e in enumerate(errors) if e]
-        if failed:
-            rank, message = failed[0]
-            raise ClipevalError(message if self.world == 1 else f"rank {rank}: {message}")
+        if self.world == 1 and error:
+            raise ClipevalError(error)
+        raise_first(errors)
         self.settled = last
+
+
+def joined() -> tuple[int, int]:
+    """(rank, world size) in the process group the caller formed, or (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(value: Any, rank: int) -> list[Any]:
+    """Every rank's ``value``, on every rank, over the caller's own group."""
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(values, value)
+    except RuntimeError as err:  # a peer died without a word
+        raise ClipevalError(
+            f"rank {rank}: another process of this job died without a word (killed, or out of host memory?); "
+            "the launcher's log says which"
+        ) from err
+    return values
+
+
+def raise_first(errors: list[str | None]) -> None:
+    """The first rank's error, raised on every rank, with that rank's number."""
+    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+    if failed:
+        rank, message = failed[0]
+        raise ClipevalError(f"rank {rank}: {message}")
 
 
 def describe(err: BaseException) -> str:

@@ -485,6 +485,7 @@ def evaluate(
     clip_processor: str | None = None,
     out: str | Path | None = None,
     progress: bool = False,
+    across_ranks: bool = False,
 ) -> Evaluation:
     """The evaluation of ``run`` on a pipeline already in memory, e.g. inside a training loop.
 
@@ -493,10 +494,16 @@ def evaluate(
     training run, not once per evaluation). Seeds, scores and statistics are those of ``run``.
     Nothing is written unless ``out`` names a folder (then: images, scores.csv, prompts.csv and
     summary.json). The pipeline's modules are put in eval mode for the call and restored after.
+
+    ``across_ranks``: called on every rank of the caller's process group (a training script under
+    torchrun or accelerate, each rank with its own pipeline and CLIP), the batches are dealt over
+    the ranks as ``run`` deals them, and every rank returns the whole, identical result (rank 0
+    writes ``out``). Off by default: a script that evaluates on its main process alone must not
+    wait for ranks that never call.
     """
     from tqdm.auto import tqdm
 
-    from clipeval import loop, pipelines, stats, store
+    from clipeval import distributed, loop, pipelines, stats, store
     from clipeval.generate import SEED_FORMULA, SEED_SCHEME, batches, work_items
     from clipeval.prompts import Prompt, PromptLibrary, load_library
     from clipeval.scorers import make_scorer
@@ -511,36 +518,48 @@ def evaluate(
             raise ClipevalError("prompts: give a library name or file, or a non-empty list of non-empty strings")
         library = PromptLibrary("in-memory", "prompts given to evaluate()", tuple(Prompt(i, t) for i, t in enumerate(texts)))
     device = str(getattr(pipe, "device", "cpu"))
-    scorer = clip if not isinstance(clip, (str, Path)) else make_scorer(str(clip), device=device, preprocess=preprocess,
-                                                                         processor=clip_processor)
-    gen = generation_settings(pipelines.call_defaults(pipe), steps=steps, guidance_scale=guidance_scale,
-                              height=height, width=width, negative_prompt=negative_prompt)
     items = work_items(library, images_per_prompt=images_per_prompt, seed=seed)
+    rank, world = distributed.joined() if across_ranks else (0, 1)
+    # Cut from the full list on every rank alike, so a batch is the same whoever computes it.
+    mine = list(batches(items, loop.journal_batch(batch_size)))[rank::world]
     rundir = None
     if out is not None:
         store.check_parent(Path(out).expanduser())
-        rundir = store.RunDir(Path(out).expanduser())
+        rundir = store.RunDir(Path(out).expanduser(), rank=rank)
         rundir.path.mkdir(parents=True, exist_ok=True)
     done: dict = {}
+    error = None
     modules = [m for m in getattr(pipe, "components", {}).values() if hasattr(m, "training") and hasattr(m, "eval")]
     training = [m.training for m in modules]
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
-    try:
+    try:  # from here on, a failure on one rank must reach the others, which wait in gather
+        scorer = clip if not isinstance(clip, (str, Path)) else make_scorer(str(clip), device=device, preprocess=preprocess,
+                                                                             processor=clip_processor)
+        gen = generation_settings(pipelines.call_defaults(pipe), steps=steps, guidance_scale=guidance_scale,
+                                  height=height, width=width, negative_prompt=negative_prompt)
         for module in modules:
             module.eval()
-        with tqdm(total=len(items), unit="img", desc="evaluating", disable=not progress) as bar:
-            loop.run_batches(list(batches(items, loop.journal_batch(batch_size))), pipe=pipe, scorer=scorer, gen=gen,
-                             rundir=rundir, done=done, save_images=rundir is not None, batch_size=batch_size, bar=bar,
-                             log=_say)
+        with tqdm(total=sum(len(b) for b in mine), unit="img", desc="evaluating", disable=not progress) as bar:
+            loop.run_batches(mine, pipe=pipe, scorer=scorer, gen=gen, rundir=rundir, done=done,
+                             save_images=rundir is not None, batch_size=batch_size, bar=bar, log=_say)
+    except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
+        if world == 1:
+            raise
+        _print_traceback(err)
+        error = distributed.describe(err)
     finally:
         for module, was_training in zip(modules, training):
             module.train(was_training)
         pipe.set_progress_bar_config(**bar_config)
+    if world > 1:  # every rank's rows, or its error, to every rank
+        parts = distributed.gather((error, done), rank)
+        distributed.raise_first([e for e, _ in parts])
+        done = {key: row for _, part in parts for key, row in part.items()}
     scores = stats.scores_table([done[item.key] for item in items])
     per_prompt = stats.prompts_table(scores, {p.prompt_id: p.name for p in library.prompts})
     summary = stats.summarize(scores)
-    if rundir is not None:  # a folder compare, report and score read like a run's
+    if rundir is not None and rank == 0:  # a folder compare, report and score read like a run's
         manifest = {
             "kind": "evaluate", "status": "complete",
             "settings": {"library_sha256": library.sha256, "seed": seed, "clip_model": scorer.name},
@@ -550,5 +569,12 @@ def evaluate(
                            "seed_scheme": SEED_SCHEME, "seed_formula": SEED_FORMULA, "batch_size": batch_size},
             "versions": versions(), "finished_at": _now(),
         }
-        store.write_results(rundir.path, scores=scores, prompts=per_prompt, summary=summary, manifest=manifest)
+        try:
+            store.write_results(rundir.path, scores=scores, prompts=per_prompt, summary=summary, manifest=manifest)
+        except Exception as err:  # noqa: BLE001 - the other ranks wait for the files
+            if world == 1:
+                raise
+            error = distributed.describe(err)
+    if world > 1 and rundir is not None:  # every rank returns once the files are there
+        distributed.raise_first([e for e, _ in distributed.gather((error, None), rank)])
     return Evaluation(scores, per_prompt, summary)

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import files_of
 
@@ -137,6 +138,47 @@ def test_a_training_script_evaluates_twice_under_torchrun(form_group, models, tm
     assert said.count(", all_reduce 2") == (4 if form_group else 0)
     assert said.count("process group alive at exit: False") == 2, said[-3000:]
     assert (out / "step1" / "scores.csv").read_bytes() == (out / "step2" / "scores.csv").read_bytes()
+
+
+def _said(folder: Path) -> dict[int, dict]:
+    import json
+
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
+
+
+def test_evaluate_across_ranks_splits_the_work_and_equals_one_process(models, tmp_path):
+    """``evaluate(..., across_ranks=True)`` on both ranks of a training script's group: each
+    pipeline makes half of the 10 images, and both ranks get the whole result, equal to one
+    process evaluating everything; rank 0 writes the folder."""
+    from diffusers import StableDiffusionPipeline
+
+    from clipeval import ClipScorer, evaluate
+
+    out = tmp_path / "eval"
+    result = launch("torchrun", [str(HERE / "evaluate_ranks.py"), models.sd, models.clip, out, tmp_path], [], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = _said(tmp_path)
+    assert sorted(said) == [0, 1], result.stderr[-3000:]
+    assert [said[r]["made"] for r in (0, 1)] == [6, 4]  # 5 batches of 2: ranks 0 and 1 take 3 and 2
+    with one_thread():
+        alone = evaluate(StableDiffusionPipeline.from_pretrained(models.sd),
+                         ["a red cube on a table", "a cat", "the city at night", "a bowl of fruit", "a dog in the snow"],
+                         clip=ClipScorer(str(models.clip)), images_per_prompt=2, steps=2, batch_size=2)
+    assert said[0]["scores"] == said[1]["scores"] == alone.scores["clip_score"].tolist()
+    assert said[0]["mean"] == said[1]["mean"] == alone.summary["clip/mean"]
+    written = pd.read_csv(out / "scores.csv", keep_default_na=False)
+    assert written["clip_score"].tolist() == alone.scores["clip_score"].tolist()
+    assert len(list((out / "images").glob("*.png"))) == 10
+
+
+def test_evaluate_across_ranks_stops_every_rank_on_one_ranks_error(models, tmp_path):
+    result = launch("torchrun", [str(HERE / "evaluate_ranks.py"), models.sd, models.clip, tmp_path / "eval", tmp_path],
+                    [], tmp_path, timeout=240, env={"FAIL_RANK": "1"})
+    said = _said(tmp_path)
+    message = "ClipevalError: rank 1: RuntimeError: CUDA error: an illegal memory access was encountered (injected)"
+    assert [said[r].get("error") for r in (0, 1)] == [message, message], result.stderr[-3000:]
+    assert "Traceback (most recent call last)" in result.stderr  # rank 1's own, for the bug report
+    assert not (tmp_path / "eval" / "scores.csv").exists()
 
 
 def test_a_rank_killed_mid_run_resumes_with_one_process(reference, run_tiny, models, tmp_path):
