@@ -69,7 +69,7 @@ def launch(launcher: str, target: list[str], args: list, tmp_path: Path, timeout
         _stacks(pids)
         _stop([proc], pids)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"{launcher} did not end within {timeout} s; its stderr, with each rank's stack:\n{stderr[-8000:]}")
+        pytest.fail(f"{launcher} did not end within {timeout} s; its stderr, with each rank's stack:\n{stderr[-20000:]}")
     finally:
         _stop([proc], pids)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
@@ -81,13 +81,27 @@ def _pids(tmp_path: Path) -> Path:
     return pids
 
 
+def _workers(pids: Path) -> list[int]:
+    """The workers recorded in ``pids`` that still run: a pid whose process is gone may already
+    belong to another, so a pid counts only while its process has this folder in its environment."""
+    alive = []
+    for record in pids.iterdir():
+        try:
+            pid = int(record.read_text())
+            if f"CLIPEVAL_TEST_PIDS={pids}\0".encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                alive.append(pid)
+        except (ValueError, OSError):
+            continue
+    return alive
+
+
 def _stacks(pids: Path) -> None:
     """Every worker prints its threads' stacks (closed_rank registers SIGUSR1 with faulthandler)."""
     import signal
 
-    for pid in pids.iterdir():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid.read_text()), signal.SIGUSR1)
+    for pid in _workers(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
     time.sleep(2)
 
 
@@ -99,9 +113,9 @@ def _stop(launchers: list[subprocess.Popen], pids: Path) -> None:
     for p in launchers:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
-    for pid in pids.iterdir():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid.read_text()), signal.SIGKILL)
+    for pid in _workers(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
@@ -270,7 +284,7 @@ def two_nodes(target: list[str], args: list, tmp_path: Path, env: dict[str, str]
 
 
 def _logs(tmp_path: Path) -> str:
-    return "\n".join(f"--- node {n}:\n" + (tmp_path / "logs" / f"node{n}").read_text()[-5000:] for n in (0, 1))
+    return "\n".join(f"--- node {n}:\n" + (tmp_path / "logs" / f"node{n}").read_text()[-10000:] for n in (0, 1))
 
 
 def test_two_nodes_equal_one_process(reference, models, tmp_path):
