@@ -236,6 +236,8 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
     base = _run_config(options, checkpoint="", out=out, trackers=trackers)
     result = sweeping.sweep(folder, out, base, settle_s=settle, margin=alert_margin or 0.0,
                             log=lambda m: click.echo(m, err=True))
+    if result is None:  # another rank of a multi-process sweep: rank 0 reports
+        return
     if result.busy:
         click.echo(result.busy)
         return

@@ -11,6 +11,7 @@ evaluated into RESULTS_DIR/<its name>/ with the same settings; a finished one is
 - A checkpoint that fails is reported and the sweep goes on with the next; the exit code says so.
 - ``history.csv`` (one row per evaluated checkpoint, by step) is rebuilt from the finished runs
   after each one, so it never holds a duplicate or a half row.
+- Under a multi-process launcher, rank 0 alone holds the lock and plans; every rank evaluates.
 """
 
 from __future__ import annotations
@@ -106,68 +107,106 @@ def _safetensors_complete(path: Path) -> bool:
     return 8 + length + max(ends, default=0) <= size
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a sweep will do, decided by rank 0 alone (it holds the lock and reads the results)
+    and sent to the other ranks of a multi-process launch, which evaluate with it."""
+
+    busy: str | None
+    steps: dict[str, int | None]  # every checkpoint's name: its step
+    todo: list[Checkpoint]  # to evaluate, oldest step first
+
+
 def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float = 60.0, margin: float = 0.0,
-          log=print) -> SweepResult:
+          log=print) -> SweepResult | None:
     """``base`` is a ``RunConfig`` carrying the settings; its checkpoint and out are replaced.
-    ``margin``: the alert rule's, as ``compare --fail-if-worse --margin``."""
-    from clipeval import runner, store
+    ``margin``: the alert rule's, as ``compare --fail-if-worse --margin``.
+
+    Under ``torchrun`` or ``accelerate launch`` rank 0 plans (it holds the lock, reads the finished
+    runs and decides what to evaluate), every rank evaluates each checkpoint together, as ``run``
+    does, and rank 0 writes the history and logs; the other ranks return None."""
+    from clipeval import distributed, runner
 
     training_dir, results_dir = Path(training_dir).expanduser(), Path(results_dir).expanduser()
-    checkpoints = find_checkpoints(training_dir)
-    store.check_parent(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
+    ranks = distributed.ranks()
     result = SweepResult(history=results_dir / "history.csv")
-    lock = os.open(results_dir / ".clipeval-sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    read: dict[str, Any] = {}  # rank 0: finished runs already read (and hashed) by this tick, once each
+    held: list[int] = []  # rank 0: the lock's descriptor, kept for the whole sweep
+    say = log if ranks.main else (lambda message: None)
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(lock, 64, 0).decode(errors="replace").strip() or "?"
-            result.busy = f"another sweep (pid {holder}) is working on {results_dir}; nothing to do"
-            return result
-        os.ftruncate(lock, 0)
-        os.pwrite(lock, str(os.getpid()).encode(), 0)
+        plan = ranks.on_main(lambda: _plan(training_dir, results_dir, settle_s, result, read, held, log))
+        if plan.busy:
+            result.busy = plan.busy
+            return result if ranks.main else None
         history = None  # written after each evaluated checkpoint; skipped and failed ones change nothing
-        read: dict[str, Any] = {}  # finished runs already read (and hashed) by this tick: once each
-        steps = {c.path.name: c.step for c in checkpoints}
-        for checkpoint in checkpoints:
+        for checkpoint in plan.todo:
             name = checkpoint.path.name
-            out = results_dir / name
-            record = _record(out)
-            if record is not None:
-                read[name] = record
-                result.up_to_date.append(name)
-                continue
-            reason = still_written(checkpoint.path, settle_s)
-            if reason:
-                result.skipped[name] = reason
-                log(f"skipping {name}: {reason}; it will be evaluated by a later sweep")
-                continue
-            log(f"evaluating {name}" + (f" (step {checkpoint.step})" if checkpoint.step is not None else ""))
-            trackers = base.trackers
+            say(f"evaluating {name}" + (f" (step {checkpoint.step})" if checkpoint.step is not None else ""))
+            trackers = base.trackers if ranks.main else None
             if trackers is not None:
                 trackers = replace(trackers, step=checkpoint.step)
             try:
-                if trackers is not None:
-                    trackers.check(str(checkpoint.path))  # before the GPU work, as run does
+                # Before the GPU work, as run does; its verdict reaches every rank.
+                ranks.on_main(lambda: trackers.check(str(checkpoint.path)) if trackers is not None else None)
                 # Logged here, once its history row (and so clip/delta_best) exists, not by run.
-                evaluated = runner.run(replace(base, checkpoint=str(checkpoint.path), out=out, trackers=None))
-                history = write_history(results_dir, steps, margin=margin, read=read)
+                evaluated = runner.run(replace(base, checkpoint=str(checkpoint.path), out=results_dir / name,
+                                               trackers=None))
+                if ranks.main:
+                    history = write_history(results_dir, plan.steps, margin=margin, read=read)
                 if trackers is not None and evaluated is not None:
                     row = history[history["run"] == name]
                     delta = None if row.empty or row.iloc[0]["alert"] == "" else float(row.iloc[0]["delta_best"])
                     log(trackers.log(evaluated, checkpoint=str(checkpoint.path), extra={"clip/delta_best": delta}))
             except ClipevalError as err:
                 result.failed[name] = str(err)
-                log(f"{name} failed: {err}")
+                say(f"{name} failed: {err}")
                 continue
             result.evaluated.append(name)
+        if not ranks.main:
+            return None
         if history is None:  # nothing evaluated: still apply the rule (perhaps with another margin)
-            history = write_history(results_dir, steps, margin=margin, read=read)
+            history = write_history(results_dir, plan.steps, margin=margin, read=read)
         result.newest = history.iloc[-1].to_dict() if len(history) else None
         return result
     finally:
-        os.close(lock)
+        for fd in held:
+            os.close(fd)
+
+
+def _plan(training_dir: Path, results_dir: Path, settle_s: float, result: SweepResult, read: dict[str, Any],
+          held: list[int], log) -> Plan:
+    """Take the results folder's lock (kept open in ``held``) and decide what to evaluate; fills
+    ``result``'s up-to-date and skipped checkpoints and ``read``'s finished runs."""
+    from clipeval import store
+
+    checkpoints = find_checkpoints(training_dir)
+    store.check_parent(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    steps = {c.path.name: c.step for c in checkpoints}
+    lock = os.open(results_dir / ".clipeval-sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    held.append(lock)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(lock, 64, 0).decode(errors="replace").strip() or "?"
+        return Plan(f"another sweep (pid {holder}) is working on {results_dir}; nothing to do", steps, [])
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, str(os.getpid()).encode(), 0)
+    todo = []
+    for checkpoint in checkpoints:
+        name = checkpoint.path.name
+        record = _record(results_dir / name)
+        if record is not None:
+            read[name] = record
+            result.up_to_date.append(name)
+            continue
+        reason = still_written(checkpoint.path, settle_s)
+        if reason:
+            result.skipped[name] = reason
+            log(f"skipping {name}: {reason}; it will be evaluated by a later sweep")
+            continue
+        todo.append(checkpoint)
+    return Plan(None, steps, todo)
 
 
 def _record(out: Path):

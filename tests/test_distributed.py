@@ -195,6 +195,36 @@ def test_evaluate_across_ranks_stops_every_rank_on_one_ranks_error(models, tmp_p
     assert not (tmp_path / "eval" / "scores.csv").exists()
 
 
+def test_a_sweep_under_torchrun_equals_one_process(models, tmp_path):
+    """Rank 0 alone takes the lock and plans; both ranks evaluate each checkpoint together. Before,
+    rank 1 found the lock taken, said 'another sweep is working' and left, and rank 0 waited for it
+    forever."""
+    from click.testing import CliRunner
+
+    from clipeval.cli import main
+
+    training = tmp_path / "training"
+    for step in (10, 20):
+        shutil.copytree(models.sd, training / f"checkpoint-{step}")
+    args = ["--prompt-library", "smoke", "--limit", "3", "--images-per-prompt", "2", "--batch-size", "2", "--steps", "2",
+            "--clip-model", str(models.clip), "--settle", "0", "--quiet"]
+    result = launch("torchrun", [str(HERE / "closed_rank.py"), "sweep", training], ["--out", tmp_path / "two", *args],
+                    tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("2 evaluated, 0 up to date") == 1, result.stdout  # rank 0 reports
+    with one_thread():
+        alone = CliRunner().invoke(main, ["sweep", str(training), "--out", str(tmp_path / "one"), *args])
+    assert alone.exit_code == 0, alone.stderr
+    for step in (10, 20):
+        name = f"checkpoint-{step}"
+        assert (tmp_path / "two" / name / "scores.csv").read_bytes() == (tmp_path / "one" / name / "scores.csv").read_bytes()
+    history = [pd.read_csv(tmp_path / side / "history.csv").drop(columns=["finished_at", "checkpoint"]) for side in ("two", "one")]
+    pd.testing.assert_frame_equal(*history)
+    again = launch("torchrun", [str(HERE / "closed_rank.py"), "sweep", training], ["--out", tmp_path / "two", *args],
+                   tmp_path, timeout=240)
+    assert again.returncode == 0 and "0 evaluated, 2 up to date" in again.stdout, again.stderr[-3000:]
+
+
 def test_a_rank_killed_mid_run_resumes_with_one_process(reference, run_tiny, models, tmp_path):
     out = tmp_path / "killed"
     killed = launch("torchrun", [str(HERE / "kill_rank.py"), "run"],
