@@ -18,6 +18,17 @@ from clipeval.errors import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_INTERRUPTED, Clip
 DEMO_WARNING = "DEMO MODELS: tiny random weights; these scores mean nothing."
 
 
+def _not_rank_0(command: str) -> bool:
+    """Under torchrun or accelerate launch, the commands that write one folder or file (score,
+    compare, report) run on rank 0 alone: every rank doing it would race for the same output, and
+    the first one refused would bring the whole launch down. True on the other ranks."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and rank == 0:
+        click.echo(f"note: {command} runs in one process: rank 0 does it, the other {world - 1} rank(s) have nothing to do",
+                   err=True)
+    return world > 1 and rank != 0
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
@@ -324,6 +335,8 @@ def _closing_line(s: dict, out: Path, label: str = "clip/mean", scale: str = "co
 def score(*, source, out, prompts_spec, clip_models, clip_processor, device, clip_dtype, preprocess, batch_size, allow_pickle,
           overwrite, quiet) -> None:
     """Score existing images: a run folder (re-score), or an image folder with --prompts."""
+    if _not_rank_0("score"):
+        return
     from clipeval.rescore import ScoreConfig, score as score_images
 
     config = ScoreConfig(
@@ -372,6 +385,8 @@ def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confi
     A run is worse by more than --margin when the whole confidence interval of its paired
     delta lies below -margin; --fail-if-worse then exits 1.
     """
+    if _not_rank_0("compare"):
+        return
     from clipeval import compare as comparing
     from clipeval.stats import Bootstrap
 
@@ -422,6 +437,8 @@ def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confi
 @click.option("--top", type=click.IntRange(1), default=12, show_default=True, help="Prompts shown side by side, biggest changes first.")
 def report(runs, out, baseline, allow_mismatch, top) -> None:
     """One self-contained HTML report of a run, or a comparison of several."""
+    if _not_rank_0("report"):
+        return
     from clipeval import report as reporting
 
     path = reporting.write(list(runs), out, baseline=baseline, allow_mismatch=allow_mismatch, top=top)

@@ -225,6 +225,18 @@ def test_a_sweep_under_torchrun_equals_one_process(models, tmp_path):
     assert again.returncode == 0 and "0 evaluated, 2 up to date" in again.stdout, again.stderr[-3000:]
 
 
+def test_score_under_torchrun_runs_on_rank_0_alone(reference, models, tmp_path):
+    """Before, both ranks scored into the same folder: the second was refused ('in use by a running
+    clipeval'), and torchrun brought the whole launch down with it."""
+    out = tmp_path / "scored"
+    result = launch("torchrun", [str(HERE / "closed_rank.py"), "score", reference],
+                    ["--clip-model", models.clip, "--out", out, "--quiet"], tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("note: score runs in one process: rank 0 does it, the other 1 rank(s)") == 1
+    assert result.stdout.count("clip/mean") == 1
+    assert (out / "scores.csv").read_bytes() == (reference / "scores.csv").read_bytes()
+
+
 def test_a_rank_killed_mid_run_resumes_with_one_process(reference, run_tiny, models, tmp_path):
     out = tmp_path / "killed"
     killed = launch("torchrun", [str(HERE / "kill_rank.py"), "run"],
