@@ -114,7 +114,7 @@ class Plan:
 
     busy: str | None
     steps: dict[str, int | None]  # every checkpoint's name: its step
-    todo: list[Checkpoint]  # to evaluate, oldest step first
+    todo: list[Checkpoint]  # not evaluated yet, oldest step first
 
 
 def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float = 60.0, margin: float = 0.0,
@@ -134,13 +134,19 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
     held: list[int] = []  # rank 0: the lock's descriptor, kept for the whole sweep
     say = log if ranks.main else (lambda message: None)
     try:
-        plan = ranks.on_main(lambda: _plan(training_dir, results_dir, settle_s, result, read, held, log))
+        plan = ranks.on_main(lambda: _plan(training_dir, results_dir, result, read, held))
         if plan.busy:
             result.busy = plan.busy
             return result if ranks.main else None
         history = None  # written after each evaluated checkpoint; skipped and failed ones change nothing
         for checkpoint in plan.todo:
             name = checkpoint.path.name
+            # Asked now, not when planning: one written meanwhile is settled once its turn comes.
+            reason = ranks.on_main(lambda: still_written(checkpoint.path, settle_s))
+            if reason:
+                result.skipped[name] = reason
+                say(f"skipping {name}: {reason}; it will be evaluated by a later sweep")
+                continue
             say(f"evaluating {name}" + (f" (step {checkpoint.step})" if checkpoint.step is not None else ""))
             trackers = base.trackers if ranks.main else None
             if trackers is not None:
@@ -173,10 +179,9 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
             os.close(fd)
 
 
-def _plan(training_dir: Path, results_dir: Path, settle_s: float, result: SweepResult, read: dict[str, Any],
-          held: list[int], log) -> Plan:
-    """Take the results folder's lock (kept open in ``held``) and decide what to evaluate; fills
-    ``result``'s up-to-date and skipped checkpoints and ``read``'s finished runs."""
+def _plan(training_dir: Path, results_dir: Path, result: SweepResult, read: dict[str, Any], held: list[int]) -> Plan:
+    """Take the results folder's lock (kept open in ``held``) and list what is not evaluated yet;
+    fills ``result``'s up-to-date checkpoints and ``read``'s finished runs."""
     from clipeval import store
 
     checkpoints = find_checkpoints(training_dir)
@@ -199,11 +204,6 @@ def _plan(training_dir: Path, results_dir: Path, settle_s: float, result: SweepR
         if record is not None:
             read[name] = record
             result.up_to_date.append(name)
-            continue
-        reason = still_written(checkpoint.path, settle_s)
-        if reason:
-            result.skipped[name] = reason
-            log(f"skipping {name}: {reason}; it will be evaluated by a later sweep")
             continue
         todo.append(checkpoint)
     return Plan(None, steps, todo)

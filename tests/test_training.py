@@ -301,6 +301,28 @@ def test_a_broken_checkpoint_does_not_stop_the_sweep(cli, models, training_dir, 
     assert "checkpoint-7 failed" in result.stderr and "never runs code" in result.stderr
 
 
+def test_a_checkpoint_finished_while_the_sweep_works_on_earlier_ones_is_evaluated_in_its_turn(
+        cli, models, training_dir, tmp_path, monkeypatch):
+    """Whether a checkpoint is still being written is asked when its turn comes, not when the sweep
+    starts: checkpoint-20 (cut short at the start) is complete by the time checkpoint-10 is done."""
+    from clipeval import runner
+
+    full = (models.sd / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    real = runner.run
+
+    def run(config):
+        result = real(config)
+        if Path(config.checkpoint).name == "checkpoint-10":  # the trainer finishes saving meanwhile
+            (training_dir / "checkpoint-20" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(full)
+        return result
+
+    monkeypatch.setattr(runner, "run", run)
+    result = sweep_cli(cli, models, training_dir, tmp_path / "results")
+    assert result.exit_code == 0, result.stderr
+    assert "4 evaluated, 0 up to date, 0 still being written" in result.stdout
+    assert (tmp_path / "results" / "checkpoint-20" / "summary.json").is_file()
+
+
 # -- SimpleTuner configs --------------------------------------------------------------------------------
 
 @pytest.fixture
