@@ -54,11 +54,7 @@ class Ranks:
             except Exception as err:  # noqa: BLE001 - every rank must hear of it
                 if self.state is None:
                     raise
-                if not isinstance(err, ClipevalError):
-                    import traceback
-
-                    traceback.print_exception(err)
-                outcome = [("error", describe(err))]
+                outcome = [("error", report(err))]
         if self.state is not None:
             from accelerate.utils import broadcast_object_list
 
@@ -83,17 +79,7 @@ class Ranks:
     def all_ok(self, error: str | None, *, last: bool = False) -> None:
         """Every rank says whether its part failed; if any did, every rank raises. After the
         ``last`` one passes, the only collective left is ``close``'s barrier."""
-        errors = [error]
-        if self.state is not None:
-            from accelerate.utils import gather_object
-
-            try:
-                errors = gather_object([error])
-            except RuntimeError as err:  # a peer died without a word (kill -9, out of host memory)
-                raise ClipevalError(
-                    f"rank {self.rank}: another process of this run died without a word (killed, or out of host "
-                    "memory?); the launcher's log says which; rerun the same command to resume"
-                ) from err
+        errors = [error] if self.state is None else gather(error, self.rank, resumable=True)
         if self.world == 1 and error:
             raise ClipevalError(error)
         raise_first(errors)
@@ -109,17 +95,17 @@ def joined() -> tuple[int, int]:
     return 0, 1
 
 
-def gather(value: Any, rank: int) -> list[Any]:
-    """Every rank's ``value``, on every rank, over the caller's own group."""
+def gather(value: Any, rank: int, *, resumable: bool = False) -> list[Any]:
+    """Every rank's ``value``, on every rank, over the process group."""
     import torch.distributed as dist
 
     values: list[Any] = [None] * dist.get_world_size()
     try:
         dist.all_gather_object(values, value)
-    except RuntimeError as err:  # a peer died without a word
+    except RuntimeError as err:  # a peer died without a word (kill -9, out of host memory)
         raise ClipevalError(
-            f"rank {rank}: another process of this job died without a word (killed, or out of host memory?); "
-            "the launcher's log says which"
+            f"rank {rank}: another process of this run died without a word (killed, or out of host memory?); "
+            "the launcher's log says which" + ("; rerun the same command to resume" if resumable else "")
         ) from err
     return values
 
@@ -130,6 +116,18 @@ def raise_first(errors: list[str | None]) -> None:
     if failed:
         rank, message = failed[0]
         raise ClipevalError(f"rank {rank}: {message}")
+
+
+def report(err: BaseException) -> str:
+    """A failure on this rank, for every rank: a bug's or a device error's traceback on this rank's
+    stderr, for the bug report (a user error's message is the whole story), and the one line
+    every rank will print."""
+    if not isinstance(err, ClipevalError):
+        import sys
+        import traceback
+
+        traceback.print_exception(err, file=sys.stderr)
+    return describe(err)
 
 
 def describe(err: BaseException) -> str:

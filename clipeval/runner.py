@@ -183,8 +183,7 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
         if ranks.world == 1:
             raise
-        _print_traceback(err)
-        load_error = distributed.describe(err)
+        load_error = distributed.report(err)
     ranks.all_ok(load_error)
     clock["loaded"] = time.perf_counter()
     previous = ranks.on_main(lambda: rundir.claim(settings, overwrite=config.overwrite))
@@ -201,15 +200,6 @@ def _say(message: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(f"clipeval: {message}", file=sys.stderr)
-
-
-def _print_traceback(err: BaseException) -> None:
-    """A bug or a device error on one rank of several: its traceback, on its own stderr, before
-    every rank stops with its one-line message."""
-    import traceback
-
-    if not isinstance(err, ClipevalError):
-        traceback.print_exception(err, file=sys.stderr)
 
 
 def _check_seed_scheme(previous: dict[str, Any] | None, out: Path) -> None:
@@ -257,9 +247,7 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
         if ranks.world == 1:
             raise
-        if not isinstance(err, ClipevalError):
-            _print_traceback(err)
-        error, generated = distributed.describe(err), 0
+        error, generated = distributed.report(err), 0
         rundir.signal_failure(error)
     clock["looped"] = time.perf_counter()
     ranks.all_ok(error, last=True)
@@ -546,8 +534,7 @@ def evaluate(
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
         if world == 1:
             raise
-        _print_traceback(err)
-        error = distributed.describe(err)
+        error = distributed.report(err)
     finally:
         for module, was_training in zip(modules, training):
             module.train(was_training)
@@ -574,7 +561,7 @@ def evaluate(
         except Exception as err:  # noqa: BLE001 - the other ranks wait for the files
             if world == 1:
                 raise
-            error = distributed.describe(err)
+            error = distributed.report(err)
     if world > 1 and rundir is not None:  # every rank returns once the files are there
         distributed.raise_first([e for e, _ in distributed.gather((error, None), rank)])
     return Evaluation(scores, per_prompt, summary)

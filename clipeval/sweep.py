@@ -114,6 +114,7 @@ class Plan:
 
     busy: str | None
     steps: dict[str, int | None]  # every checkpoint's name: its step
+    up_to_date: list[str]
     todo: list[Checkpoint]  # not evaluated yet, oldest step first
 
 
@@ -134,7 +135,8 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
     held: list[int] = []  # rank 0: the lock's descriptor, kept for the whole sweep
     say = log if ranks.main else (lambda message: None)
     try:
-        plan = ranks.on_main(lambda: _plan(training_dir, results_dir, result, read, held))
+        plan = ranks.on_main(lambda: _plan(training_dir, results_dir, read, held))
+        result.up_to_date = plan.up_to_date
         if plan.busy:
             result.busy = plan.busy
             return result if ranks.main else None
@@ -179,9 +181,9 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
             os.close(fd)
 
 
-def _plan(training_dir: Path, results_dir: Path, result: SweepResult, read: dict[str, Any], held: list[int]) -> Plan:
-    """Take the results folder's lock (kept open in ``held``) and list what is not evaluated yet;
-    fills ``result``'s up-to-date checkpoints and ``read``'s finished runs."""
+def _plan(training_dir: Path, results_dir: Path, read: dict[str, Any], held: list[int]) -> Plan:
+    """Take the results folder's lock (kept open in ``held``) and sort the checkpoints into
+    evaluated and not yet; fills ``read`` with the finished runs."""
     from clipeval import store
 
     checkpoints = find_checkpoints(training_dir)
@@ -194,19 +196,19 @@ def _plan(training_dir: Path, results_dir: Path, result: SweepResult, read: dict
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(lock, 64, 0).decode(errors="replace").strip() or "?"
-        return Plan(f"another sweep (pid {holder}) is working on {results_dir}; nothing to do", steps, [])
+        return Plan(f"another sweep (pid {holder}) is working on {results_dir}; nothing to do", steps, [], [])
     os.ftruncate(lock, 0)
     os.pwrite(lock, str(os.getpid()).encode(), 0)
-    todo = []
+    up_to_date, todo = [], []
     for checkpoint in checkpoints:
         name = checkpoint.path.name
         record = _record(results_dir / name)
         if record is not None:
             read[name] = record
-            result.up_to_date.append(name)
-            continue
-        todo.append(checkpoint)
-    return Plan(None, steps, todo)
+            up_to_date.append(name)
+        else:
+            todo.append(checkpoint)
+    return Plan(None, steps, up_to_date, todo)
 
 
 def _record(out: Path):
