@@ -3,9 +3,10 @@
 Both start from uint8 RGB, the image exactly as it is saved, so re-scoring a saved PNG gives the
 same score as scoring it during the run.
 
-- ``fast``: resize the short side (bicubic, antialiased: PIL's kernel, in PIL's two rounded
-  passes), centre crop, normalise, all on batched tensors on the model's device. No PIL, no
-  host copies.
+- ``fast``: resize the short side, centre crop, normalise, on batched tensors on the model's
+  device. On an accelerator the resize is torch's (bicubic, antialiased: PIL's kernel, in PIL's
+  two rounded passes; no host copies). On the CPU it is PIL's own, image by image, which is what
+  the processor calls: the same pixels, and cheaper than the float two-pass resize there.
 - ``exact``: the model's own transformers image processor, image by image on the CPU.
 
 The fast path follows the processor's own configuration (sizes, mean, std), so the two cannot
@@ -26,7 +27,7 @@ class ImageTransform:
     shortest_edge: int | None  # resize so the short side has this length ...
     size: tuple[int, int] | None  # ... or to exactly (height, width)
     crop: tuple[int, int] | None  # (height, width) centre crop
-    mode: str  # torch interpolation mode
+    resample: int  # PIL resample code, and the torch interpolation mode that reproduces it
     rescale: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -44,7 +45,7 @@ class ImageTransform:
             shortest_edge=size.get("shortest_edge"),
             size=(size["height"], size["width"]) if "height" in size else None,
             crop=(crop["height"], crop["width"]) if crop else None,
-            mode=_TORCH_MODES[resample],
+            resample=resample,
             rescale=float(getattr(processor, "rescale_factor", 1 / 255)),
             mean=tuple(processor.image_mean),
             std=tuple(processor.image_std),
@@ -63,24 +64,49 @@ class ImageTransform:
     def __call__(self, images):
         """uint8 ``(B, 3, H, W)`` on any device → normalised float32 pixel values on that device."""
         import torch
-        import torch.nn.functional as F
 
-        x = images.to(torch.float32)
-        h, w = x.shape[-2:]
+        h, w = images.shape[-2:]
         new_h, new_w = self.resized_shape(h, w)
-        # PIL resizes in two passes, horizontal then vertical, rounding to uint8 after each.
-        # Doing the same brings the fast path from ~20% of pixels one level off to ~0.02%.
-        if new_w != w:
-            x = F.interpolate(x, size=(h, new_w), mode=self.mode, antialias=True, align_corners=False)
-            x = x.round_().clamp_(0, 255)
-        if new_h != h:
-            x = F.interpolate(x, size=(new_h, new_w), mode=self.mode, antialias=True, align_corners=False)
-            x = x.round_().clamp_(0, 255)
+        if images.device.type == "cpu" and images.dtype == torch.uint8:
+            x = _pil_resized(images, new_h, new_w, self.resample)
+        else:
+            x = self._torch_resized(images.to(torch.float32), new_h, new_w)
         if self.crop is not None:
             x = _centre_crop(x, *self.crop)
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x * self.rescale - mean) / std
+
+    def _torch_resized(self, x, new_h: int, new_w: int):
+        import torch.nn.functional as F
+
+        h, w = x.shape[-2:]
+        # PIL resizes in two passes, horizontal then vertical, rounding to uint8 after each.
+        # Doing the same brings the fast path from ~20% of pixels one level off to ~0.02%.
+        if new_w != w:
+            x = F.interpolate(x, size=(h, new_w), mode=_TORCH_MODES[self.resample], antialias=True, align_corners=False)
+            x = x.round_().clamp_(0, 255)
+        if new_h != h:
+            x = F.interpolate(x, size=(new_h, new_w), mode=_TORCH_MODES[self.resample], antialias=True, align_corners=False)
+            x = x.round_().clamp_(0, 255)
+        return x
+
+
+def _pil_resized(images, new_h: int, new_w: int, resample: int):
+    """uint8 ``(B, 3, H, W)`` on the CPU → uint8 ``(B, 3, new_h, new_w)``, resized as the
+    processor resizes (``PIL.Image.resize``), channels-last in memory."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    h, w = images.shape[-2:]
+    if (new_h, new_w) == (h, w):
+        return images
+    planes = images.permute(0, 2, 3, 1).numpy()
+    resized = [np.asarray(Image.fromarray(np.ascontiguousarray(p)).resize((new_w, new_h), resample=resample))
+               for p in planes]
+    return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
 
 
 def _centre_crop(x, crop_h: int, crop_w: int):

@@ -197,7 +197,7 @@ class ClipScorer:
         torch = self._torch
         if isinstance(images, (list, tuple)):
             if len({tuple(img.shape) for img in images}) == 1:
-                images = torch.stack(list(images))
+                images = _stacked(images) if str(self.device).startswith("cpu") else torch.stack(list(images))
             elif self.transform is not None:
                 return {"pixel_values": torch.cat([self.transform(img[None].to(self.device)) for img in images])}
         if self.transform is not None:
@@ -223,6 +223,15 @@ class ClipScorer:
         text_vectors = torch.stack([t.vector for t in texts]).to(image_vectors.device)
         cosines = (image_vectors * text_vectors).sum(dim=-1).cpu().tolist()
         return cosines, [t.truncated for t in texts]
+
+
+def _stacked(images):
+    """Same-shape ``(3, H, W)`` images as one channels-last batch: a decoded PNG is channels-last
+    in memory, so this copies rows where ``torch.stack`` would move every pixel, and the CPU
+    resize (PIL's, channels-last) takes the batch as it is."""
+    import torch
+
+    return torch.stack([img.permute(1, 2, 0) for img in images]).permute(0, 3, 1, 2)
 
 
 def _local(spec: str, option: str, revision: str | None, allow_pickle: bool) -> str:
