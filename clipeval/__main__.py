@@ -1,6 +1,6 @@
 """``python -m clipeval`` (and ``accelerate launch -m clipeval``)."""
 
-from clipeval.cli import main
+from clipeval.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -129,8 +129,9 @@ def assert_user_error(result, *needles: str) -> None:
 
 
 def run_subprocess(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300, prelude: str = ""):
-    """``python -c <prelude>; clipeval.cli.main()`` in a real process (kill -9, exit codes)."""
-    code = f"{prelude}\nfrom clipeval.cli import main\nmain()"
+    """``python -c <prelude>; clipeval.cli.entry()`` in a real process (kill -9, exit codes): the
+    entry point of the ``clipeval`` executable and of ``python -m clipeval``."""
+    code = f"{prelude}\nfrom clipeval.cli import entry\nentry()"
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
         capture_output=True,

@@ -212,3 +212,54 @@ def test_a_batch_size_that_is_neither_a_number_nor_auto_is_one_line(run_tiny, tm
     assert "'big' is neither a positive integer nor 'auto'" in result.output
     assert not (tmp_path / "run").exists()
 
+
+
+EXIT_PRELUDE = """
+import atexit, os, pathlib, threading, time
+mark = pathlib.Path(os.environ["MARK"])
+atexit.register(lambda: (mark / "atexit").write_text("ran"))
+
+class Teardown:  # collected when the interpreter tears its modules down
+    def __del__(self):
+        (mark / "teardown").write_text("ran")
+
+keep = Teardown()
+if os.environ.get("THREAD"):
+    def later():  # a caller's own thread, which ends only once the main thread has
+        while threading.main_thread().is_alive():
+            time.sleep(0.01)
+        (mark / "thread").write_text("done")
+    threading.Thread(target=later).start()
+"""
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_the_cli_leaves_without_the_teardown_but_with_its_exit_handlers(models, tmp_path, thread):
+    """Once torch is loaded, the executable skips the interpreter's ~1 s teardown; atexit handlers
+    still run, output is complete, exit codes stay; a caller's live thread gets a normal exit."""
+    import numpy as np
+    from conftest import run_subprocess
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((24, 24, 3), 60 * i, np.uint8)).save(images / f"{i:05d}.png")
+    library = tmp_path / "prompts.txt"
+    library.write_text("a red square\na blue square\n", encoding="utf-8")
+    env = {"MARK": str(tmp_path), "THREAD": "1" if thread else ""}
+    done = run_subprocess(["score", images, "--prompts", library, "--clip-model", models.clip, "--out", tmp_path / "out",
+                           "--quiet"], env=env, prelude=EXIT_PRELUDE)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("clip/mean ") and done.stdout.endswith("summary.json\n")
+    assert (tmp_path / "atexit").read_text() == "ran"
+    if thread:
+        assert (tmp_path / "thread").read_text() == "done"  # the normal exit waited for it
+    else:
+        assert not (tmp_path / "teardown").exists()  # the teardown was skipped
+
+    (tmp_path / "atexit").unlink()
+    failed = run_subprocess(["score", images, "--prompts", library, "--clip-model", tmp_path / "no-such-model",
+                             "--out", tmp_path / "out2"], env=env, prelude=EXIT_PRELUDE)
+    assert failed.returncode == 2 and failed.stderr.startswith("clipeval: error: ") and "Traceback" not in failed.stderr
+    assert (tmp_path / "atexit").read_text() == "ran"
