@@ -44,6 +44,6 @@ if os.environ.get("CLIPEVAL_TEST_SLOW_FINISH"):
     store.RunDir.finish = finish
 
 if __name__ == "__main__":
-    from clipeval.cli import main
+    from clipeval.cli import entry
 
-    main()
+    entry()

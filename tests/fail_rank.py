@@ -26,6 +26,6 @@ if os.environ.get("RANK") == "1":
 
         store.RunDir.commit = commit
 
-from clipeval.cli import main  # noqa: E402
+from clipeval.cli import entry  # noqa: E402
 
-main()
+entry()

@@ -353,7 +353,7 @@ def test_a_killed_node_stops_the_other_and_the_run_resumes(reference, run_tiny, 
     slow = "import time, clipeval.store as s\n_c = s.RunDir.commit\ns.RunDir.commit = lambda self, rows: (_c(self, rows), time.sleep(2))[0]\n"
     script = tmp_path / "slow_clipeval.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport closed_rank\n"
-                      + slow + "from clipeval.cli import main\nmain()\n")
+                      + slow + "from clipeval.cli import entry\nentry()\n")
     logs, pids = tmp_path / "logs", tmp_path / "pids"
     procs = two_nodes([str(script), "run"],
                       ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], tmp_path)

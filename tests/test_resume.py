@@ -178,8 +178,8 @@ import time
 def commit(self, rows):
     _commit(self, rows); time.sleep(600)
 store.RunDir.commit = commit
-from clipeval.cli import main
-main()
+from clipeval.cli import entry
+entry()
 """
     args = ["run", "--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, "--quiet", *ARGS]
     first = subprocess.Popen([sys.executable, "-c", hold, *map(str, args)])
