@@ -380,3 +380,41 @@ def test_leaving_the_decoder_early_stops_its_work(tmp_path, monkeypatch):
             threading.Timer(0.2, release.set).start()
             raise RuntimeError("the model did not load")
     assert len(started) == 2  # the two in progress finished; the 38 queued never started
+
+
+def test_ctrl_c_while_the_model_loads_stops_the_decoders_and_keeps_the_earlier_result(models, tmp_path):
+    """Ctrl-C while torch loads and the decoders are busy: exit 130 at once (the queued images are
+    not decoded first), one line, and the --out folder's earlier result untouched."""
+    import time
+
+    from conftest import run_subprocess
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(60):
+        Image.fromarray(np.full((24, 24, 3), i, np.uint8)).save(images / f"{i:05d}.png")
+    library = tmp_path / "prompts.txt"
+    library.write_text("".join(f"prompt {i}\n" for i in range(60)), encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["score", images, "--prompts", library, "--clip-model", models.clip, "--out", out, "--quiet"]
+    assert run_subprocess(args).returncode == 0
+    files = lambda: {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()}  # noqa: E731
+    before = files()
+    assert "scores.csv" in before
+    prelude = """
+import os, signal, time
+import clipeval.pipelines as pipelines, clipeval.rescore as rescore
+_read = rescore.read_rgb
+rescore.read_rgb = lambda path: (time.sleep(0.5), _read(path))[1]  # 60 images: 15 s on two threads
+def resolve_device(spec):
+    time.sleep(1.0)  # the decoders are busy
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+pipelines.resolve_device = resolve_device
+"""
+    started = time.monotonic()
+    done = run_subprocess([*args, "--overwrite"], prelude=prelude)
+    assert time.monotonic() - started < 12, "the queued images were decoded before exiting"
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and "run the same command again" in done.stderr
+    assert files() == before
