@@ -105,17 +105,20 @@ def _pil_resized(images, new_h: int, new_w: int, resample: int):
     h, w = images.shape[-2:]
     if (new_h, new_w) == (h, w):
         return images
+
     def resize(plane):
         return np.asarray(Image.fromarray(np.ascontiguousarray(plane)).resize((new_w, new_h), resample=resample))
 
     planes = images.permute(0, 2, 3, 1).numpy()
     workers = min(len(planes), os.cpu_count() or 1)
     if workers < 2:
-        return torch.from_numpy(np.stack([resize(p) for p in planes])).permute(0, 3, 1, 2)
-    # PIL releases the GIL while it resizes: one thread a core (~1 s of 384 images of 512² is
-    # otherwise spent on one core while the others wait for the image tower).
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="resize") as pool:
-        return torch.from_numpy(np.stack(list(pool.map(resize, planes)))).permute(0, 3, 1, 2)
+        resized = [resize(p) for p in planes]
+    else:
+        # PIL releases the GIL while it resizes: one thread a core (~1 s of 384 images of 512² is
+        # otherwise spent on one core while the others wait for the image tower).
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="resize") as pool:
+            resized = list(pool.map(resize, planes))
+    return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
 
 
 def _centre_crop(x, crop_h: int, crop_w: int):

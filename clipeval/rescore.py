@@ -309,13 +309,13 @@ def _batch_bytes(batches: list[list[ImageRow]]) -> int:
     """A batch's decoded size, guessed from the first readable image's header (no decoding)."""
     from PIL import Image
 
-    for batch in batches[:1]:
-        for row in batch:
-            try:
-                with Image.open(row.path) as image:
-                    return image.width * image.height * 3 * len(batch)
-            except Exception:  # unreadable: the decoder will say why
-                continue
+    first = batches[0] if batches else []
+    for row in first:
+        try:
+            with Image.open(row.path) as image:
+                return image.width * image.height * 3 * len(first)
+        except Exception:  # unreadable: the decoder will say why
+            continue
     return 1
 
 
@@ -358,6 +358,8 @@ def score(config: ScoreConfig):
         rundir.claim(settings, overwrite=True)  # nothing is resumed: the files are recomputed whole
         try:
             results, skipped = _score_batches(source.batches, decoded, scorers, config.progress)
+            if not results:
+                raise ClipevalError(f"no image could be scored ({len(skipped)} unreadable, e.g. {skipped[0]['image']}: {skipped[0]['reason']})")
             scores, summary, manifest = _write(out, config, source, settings, scorers, results, skipped, device=device, started=started)
         finally:
             rundir.release()
@@ -372,8 +374,6 @@ def _write(out: Path, config: ScoreConfig, source: Source, settings: dict, score
     from clipeval.runner import versions
 
     models = tuple(settings["clip_models"])
-    if not results:
-        raise ClipevalError(f"no image could be scored ({len(skipped)} unreadable, e.g. {skipped[0]['image']}: {skipped[0]['reason']})")
     scores = _table(results, models)
     summary = stats.summarize(scores)
     if len(models) > 1:
@@ -389,7 +389,7 @@ def _write(out: Path, config: ScoreConfig, source: Source, settings: dict, score
         "status": "complete",
         "command": config.command,
         "settings": settings,
-        "source": {"kind": source.kind, "path": str(Path(config.source).expanduser()), "prompts": config.prompts,
+        "source": {"kind": source.kind, "path": str(source.path), "prompts": config.prompts,
                    "batches": len(source.batches)},
         "clip": [{"model": s.name, "class": s.model_class, "processor": s.processor_name, "dtype": config.clip_dtype,
                   "preprocess": s.preprocess, "max_text_tokens": s.max_length} for s in scorers],

@@ -208,8 +208,7 @@ class ClipScorer:
         """uint8 images (see ``pixel_values``) → unit-norm float32 embeddings on our device."""
         torch = self._torch
         with torch.inference_mode(), self._autocast():
-            inputs = {k: v.to(self.device) for k, v in self.image_inputs(images).items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(torch.float32)
+            inputs = {k: v.to(self.device) for k, v in self.image_inputs(images).items()}  # pixel values in float32
             vectors = _features(self.model.get_image_features(**inputs)).float()
         return vectors / vectors.norm(dim=-1, keepdim=True)
 
