@@ -355,7 +355,10 @@ def score(config: ScoreConfig):
             for i, m in enumerate(models)
         ]
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        rundir.claim(settings, overwrite=True)  # nothing is resumed: the files are recomputed whole
+        # Nothing is resumed: the files are recomputed whole. A folder of the same settings keeps
+        # its set until the new one replaces it (a kill in between loses nothing); --overwrite
+        # (other settings) clears it first, as it does for run.
+        rundir.claim(settings, overwrite=config.overwrite)
         try:
             results, skipped = _score_batches(source.batches, decoded, scorers, config.progress)
             if not results:

@@ -418,3 +418,28 @@ pipelines.resolve_device = resolve_device
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr and "run the same command again" in done.stderr
     assert files() == before
+
+
+def test_a_kill_while_rescoring_into_the_same_folder_keeps_the_earlier_result(models, tmp_path):
+    """Scoring again into a folder of the same settings replaces its set only once the new one is
+    written: kill -9 in the middle leaves the earlier files byte for byte, and a rerun completes."""
+    from conftest import run_subprocess
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((24, 24, 3), 50 * i, np.uint8)).save(images / f"{i:05d}.png")
+    library = tmp_path / "prompts.txt"
+    library.write_text('a "quoted" cube\n東京の夜景 🌃\n' + "long " * 90 + "\nx\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["score", images, "--prompts", library, "--clip-model", models.clip, "--out", out, "--quiet"]
+    assert run_subprocess(args).returncode == 0
+    results = ("scores.csv", "prompts.csv", "summary.json", "manifest.json")
+    before = {name: (out / name).read_bytes() for name in results}
+    kill = ("import os, signal, clipeval.rescore as r\n"
+            "r._score_batches = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert run_subprocess(args, prelude=kill).returncode == -9
+    assert {name: (out / name).read_bytes() for name in results} == before
+    again = run_subprocess(args)
+    assert again.returncode == 0, again.stderr
+    assert (out / "scores.csv").read_bytes() == before["scores.csv"]
