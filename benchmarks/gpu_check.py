@@ -511,7 +511,7 @@ def scoring(work: Path, device: str, tiny: bool, prompts: int, repeats: int) -> 
     sync(device)
     out["text_prompts_per_s"] = round(len(texts) / (time.perf_counter() - t0), 1)
     t0 = time.perf_counter()
-    from clipeval.rescore import load_rgb
+    from clipeval.decode import load_rgb
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:

@@ -7,22 +7,22 @@ Sources:
 - an image folder with ``--prompts``: a table with ``image`` and ``prompt`` columns, or a prompt
   library whose rows match images named by prompt_id (``00012.png``, ``00012_01.png``).
 
-Images are decoded once (on worker threads, ahead of the model) and scored by every requested
-CLIP model. Grayscale, palette, alpha (composited on white, as transformers does) and 16-bit
+Images are decoded once, ahead of the model (see ``decode``), and scored by every requested CLIP
+model. Grayscale, palette, alpha (composited on white, as transformers does) and 16-bit
 images are converted; unreadable ones are skipped and listed, never paired with a wrong prompt.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from clipeval.decode import Decoder, ImageProblem
 from clipeval.errors import ClipevalError
 from clipeval.loop import journal_batch
 from clipeval.score import DEFAULT_CLIP_MODEL
@@ -71,10 +71,6 @@ class ScoreConfig:
     overwrite: bool = False
     progress: bool = True
     command: list[str] | None = None
-
-
-class ImageProblem(Exception):
-    pass
 
 
 # -- sources --------------------------------------------------------------------------------------
@@ -210,115 +206,6 @@ def _chunks(rows: list[ImageRow], size: int) -> list[list[ImageRow]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-# -- decoding -------------------------------------------------------------------------------------
-
-def read_rgb(path: Path):
-    """uint8 ``(H, W, 3)`` RGB as a numpy array, the way transformers' processor would see the
-    file. numpy and PIL only, so that it runs while torch is still being imported."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode.startswith("I;16") or image.mode == "I":
-                # 16-bit grayscale: keep the high byte, as Pillow does for 16-bit RGB.
-                high = (np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
-                image = Image.fromarray(high, mode="L")
-            elif image.mode == "F":
-                raise ImageProblem("32-bit float images are not supported")
-            if "A" in image.getbands() or image.info.get("transparency") is not None:
-                rgba = image.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(white, rgba)
-            return np.array(image.convert("RGB"))
-    except ImageProblem:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ImageProblem(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
-
-
-def load_rgb(path: Path):
-    """uint8 ``(3, H, W)`` RGB tensor (channels-last in memory), as the scorers take it."""
-    import torch
-
-    return torch.from_numpy(read_rgb(path)).permute(2, 0, 1)
-
-
-DECODE_AHEAD_BYTES = 512 << 20  # decoded pixels held ahead of the model, at most (about)
-
-
-class Decoder:
-    """A source's images decoded on worker threads, in order, as far ahead of the model as
-    ``DECODE_AHEAD_BYTES`` allow (at least two batches). It starts when made: made before torch
-    and transformers are imported and the model is loaded (seconds with one core busy), it has
-    most of a short job's images ready when the model is. Meanwhile the interpreter switches
-    threads every 0.1 ms instead of 5, so that decoders waiting for the GIL between chunks of a
-    PNG are not held up by the importing thread (measured: 345 of 384 PNGs of 512² decoded
-    during the imports instead of ~200, which took 0.4 s longer). Use it as a context manager:
-    leaving stops the workers, whatever was not consumed."""
-
-    def __init__(self, batches: list[list[ImageRow]], workers: int, ahead_bytes: int = DECODE_AHEAD_BYTES):
-        import collections
-        import sys
-
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-        self._batches = iter(batches)
-        self._pending: collections.deque = collections.deque()
-        self._window = max(2, ahead_bytes // max(1, _batch_bytes(batches)))
-        self._interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._interval, 1e-4))
-        self._fill()
-
-    def _fill(self) -> None:
-        while len(self._pending) < self._window and (batch := next(self._batches, None)) is not None:
-            self._pending.append((batch, [self._pool.submit(_decode_row, row) for row in batch]))
-
-    def __iter__(self) -> Iterator[tuple[list[ImageRow], list[Any]]]:
-        """Batches with their images: uint8 ``(3, H, W)`` tensors, or the ImageProblem."""
-        import torch
-
-        self._restore()
-        while self._pending:
-            batch, futures = self._pending.popleft()
-            self._fill()
-            decoded = [f.result() for f in futures]
-            yield batch, [d if isinstance(d, ImageProblem) else torch.from_numpy(d).permute(2, 0, 1) for d in decoded]
-
-    def _restore(self) -> None:
-        import sys
-
-        sys.setswitchinterval(self._interval)
-
-    def __enter__(self) -> "Decoder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _decode_row(row: ImageRow):
-    try:
-        return read_rgb(row.path)
-    except ImageProblem as err:
-        return err
-
-
-def _batch_bytes(batches: list[list[ImageRow]]) -> int:
-    """A batch's decoded size, guessed from the first readable image's header (no decoding)."""
-    from PIL import Image
-
-    first = batches[0] if batches else []
-    for row in first:
-        try:
-            with Image.open(row.path) as image:
-                return image.width * image.height * 3 * len(first)
-        except Exception:  # unreadable: the decoder will say why
-            continue
-    return 1
-
-
 # -- the command ----------------------------------------------------------------------------------
 
 def score(config: ScoreConfig):
@@ -345,7 +232,7 @@ def score(config: ScoreConfig):
                 "clip_processor": config.clip_processor, "clip_dtype": config.clip_dtype, "preprocess": config.preprocess}
     rundir = store.RunDir(out)
     rundir.check(settings, overwrite=config.overwrite)
-    with Decoder(source.batches, workers=min(32, os.cpu_count() or 1)) as decoded:  # before torch is imported
+    with Decoder(source.batches, workers=min(32, os.cpu_count() or 1), path=lambda row: row.path) as decoded:  # before torch
         device = pipelines.resolve_device(config.device)
         from clipeval.scorers import make_scorer
 

@@ -12,7 +12,7 @@ import torch
 from conftest import assert_user_error
 from PIL import Image
 
-from clipeval.rescore import load_rgb
+from clipeval.decode import load_rgb
 from clipeval.score import ClipScorer
 
 PROMPTS = ['a "quoted" red cube, on a table', "東京の夜景 🌃", "a cat", "a dog"]
@@ -71,11 +71,11 @@ def test_another_model_gives_other_scores_and_is_not_compared_silently(cli, run_
 
 
 def test_several_models_one_column_each_and_each_image_decoded_once(cli, run_dir, models, tmp_path, monkeypatch):
-    import clipeval.rescore
+    import clipeval.decode
 
     decoded = []
-    original = clipeval.rescore.read_rgb
-    monkeypatch.setattr(clipeval.rescore, "read_rgb", lambda path: decoded.append(path) or original(path))
+    original = clipeval.decode.read_rgb
+    monkeypatch.setattr(clipeval.decode, "read_rgb", lambda path: decoded.append(path) or original(path))
     out = tmp_path / "both"
     result = score_cli(cli, run_dir, out, "--clip-model", models.clip, "--clip-model", models.clip2)
     assert result.exit_code == 0, result.stderr
@@ -305,83 +305,6 @@ def test_text_forwards_run_full_when_each_batch_holds_one_prompt(cli, models, tm
     assert len(rows) <= 16 + 3 * len(shapes) < 16 * 4  # only the last forward of a shape has copies
 
 
-def _rows(tmp_path, n: int, size: int = 16):
-    from clipeval.rescore import ImageRow
-
-    rows = []
-    for i in range(n):
-        path = tmp_path / f"{i:05d}.png"
-        Image.fromarray(np.full((size, size, 3), i, np.uint8)).save(path)
-        rows.append(ImageRow(i, 0, "", "p", "", "", path.name, path))
-    return rows
-
-
-def _wait_for(condition, seconds: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def test_decoding_starts_at_once_and_stays_within_its_memory_budget(tmp_path, monkeypatch):
-    """Made before the model is loaded, the decoder has decoded as far ahead as its budget allows
-    before anyone asks; then it keeps that far ahead, and yields every image in order."""
-    import sys
-    import threading
-
-    import clipeval.rescore as rescore
-
-    rows = _rows(tmp_path, 12)
-    batches = [rows[i : i + 2] for i in range(0, 12, 2)]  # 16·16·3·2 = 1536 bytes a batch
-    decoded, lock = [], threading.Lock()
-    original = rescore.read_rgb
-
-    def counted(path):
-        with lock:
-            decoded.append(path.name)
-        return original(path)
-
-    monkeypatch.setattr(rescore, "read_rgb", counted)
-    before = sys.getswitchinterval()
-    with rescore.Decoder(batches, workers=2, ahead_bytes=3 * 1536) as decoder:
-        assert sys.getswitchinterval() == pytest.approx(1e-4)  # decoders get the GIL while the caller imports
-        _wait_for(lambda: len(decoded) == 6)
-        assert sorted(decoded) == [r.image for r in rows[:6]]  # three batches, nobody asked yet
-        got = []
-        for batch, images in decoder:
-            assert sys.getswitchinterval() == before
-            assert len(decoded) <= 6 + 2 * (len(got) + 1)  # at most three batches beyond what was taken
-            got += [(row.image, int(img[0, 0, 0]), tuple(img.shape)) for row, img in zip(batch, images)]
-    assert got == [(r.image, i, (3, 16, 16)) for i, r in enumerate(rows)]
-    assert sys.getswitchinterval() == before
-
-
-def test_leaving_the_decoder_early_stops_its_work(tmp_path, monkeypatch):
-    """A model that fails to load must not leave the process decoding the rest of the folder."""
-    import threading
-
-    import clipeval.rescore as rescore
-
-    rows = _rows(tmp_path, 40)
-    started, release = [], threading.Event()
-    original = rescore.read_rgb
-
-    def slow(path):
-        started.append(path.name)
-        release.wait(10)
-        return original(path)
-
-    monkeypatch.setattr(rescore, "read_rgb", slow)
-    batches = [rows[i : i + 4] for i in range(0, 40, 4)]
-    with pytest.raises(RuntimeError):
-        with rescore.Decoder(batches, workers=2):
-            _wait_for(lambda: len(started) == 2)
-            threading.Timer(0.2, release.set).start()
-            raise RuntimeError("the model did not load")
-    assert len(started) == 2  # the two in progress finished; the 38 queued never started
-
-
 def test_ctrl_c_while_the_model_loads_stops_the_decoders_and_keeps_the_earlier_result(models, tmp_path):
     """Ctrl-C while torch loads and the decoders are busy: exit 130 at once (the queued images are
     not decoded first), one line, and the --out folder's earlier result untouched."""
@@ -403,9 +326,9 @@ def test_ctrl_c_while_the_model_loads_stops_the_decoders_and_keeps_the_earlier_r
     assert "scores.csv" in before
     prelude = """
 import os, signal, time
-import clipeval.pipelines as pipelines, clipeval.rescore as rescore
-_read = rescore.read_rgb
-rescore.read_rgb = lambda path: (time.sleep(0.5), _read(path))[1]  # 60 images: 15 s on two threads
+import clipeval.pipelines as pipelines, clipeval.decode as decode
+_read = decode.read_rgb
+decode.read_rgb = lambda path: (time.sleep(0.5), _read(path))[1]  # 60 images: 30 s in one process
 def resolve_device(spec):
     time.sleep(1.0)  # the decoders are busy
     os.kill(os.getpid(), signal.SIGINT)
