@@ -49,7 +49,7 @@ def read_rgb(path: Path):
                 rgba = image.convert("RGBA")
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(white, rgba)
-            return np.array(image.convert("RGB"))
+            return np.array(image if image.mode == "RGB" else image.convert("RGB"))  # convert would copy
     except ImageProblem:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
