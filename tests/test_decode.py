@@ -200,3 +200,51 @@ def _running(pid: str) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+def test_the_executable_decodes_in_early_processes_and_scores_as_threads_do(cli, models, tmp_path):
+    """`clipeval score` as a fresh process (early processes, as users run it) writes the same
+    scores.csv, byte for byte, as the same command in a process that already has torch (threads):
+    mixed sizes, RGBA, gray, a broken file, quotes, a tab and emoji in the prompts."""
+    import json
+
+    from conftest import run_subprocess
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(3)
+    prompts = ['a "quoted" cube,\ton a table', "東京の夜景 🌃", "Ελληνικά", "x"]
+    rows = []
+    for i in range(24):
+        name = f"{i:05d}.png"
+        size = (40 + 8 * (i % 3), 32 + 4 * (i % 5))
+        if i == 5:
+            (images / name).write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+        elif i == 6:
+            Image.fromarray(rng.integers(0, 255, (*size, 4), dtype=np.uint8), "RGBA").save(images / name)
+        elif i == 7:
+            Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8), "L").save(images / name)
+        else:
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(images / name)
+        rows.append({"image": name, "prompt": prompts[i % 4]})
+    mapping = tmp_path / "map.jsonl"
+    mapping.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    log = tmp_path / "pids"
+    prelude = f"""
+import os, clipeval.decode as decode
+_read = decode.read_rgb
+def read(path):
+    with open({str(log)!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    return _read(path)
+decode.read_rgb = read
+with open({str(log)!r}, "a") as f:
+    f.write(f"main {{os.getpid()}}\\n")
+"""
+    args = ["score", images, "--prompts", mapping, "--clip-model", models.clip, "--batch-size", "4", "--quiet"]
+    done = run_subprocess([*args, "--out", tmp_path / "fresh"], prelude=prelude)
+    assert done.returncode == 0, done.stderr
+    main, *decoders = log.read_text().splitlines()
+    assert len(decoders) == 24 and main.split()[1] not in decoders  # all decoded by other processes
+    assert cli(*args, "--out", tmp_path / "warm").exit_code == 0
+    assert (tmp_path / "fresh" / "scores.csv").read_bytes() == (tmp_path / "warm" / "scores.csv").read_bytes()
