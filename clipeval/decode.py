@@ -143,9 +143,10 @@ class Decoder:
 
 
 def _processes() -> int:
-    """Early processes where they pay: on Linux (fork is cheap and safe there), before torch is
-    imported (the import window they fill; afterwards threads are as fast), with no other
-    thread alive (a fork copies none of them, and any lock one holds)."""
+    """Early processes where they pay: on Linux (fork is cheap there), before torch is imported
+    (the import window they fill; afterwards threads are as fast), with no other Python thread
+    alive (a fork copies none of them, but copies any lock one holds). The children only read
+    files, decode with PIL and copy with numpy: no BLAS, no torch, nothing of the parent's."""
     import threading
 
     if not sys.platform.startswith("linux") or "torch" in sys.modules or threading.active_count() > 1:
