@@ -97,7 +97,7 @@ class Decoder:
             try:
                 self._early = _Early(first, processes, 2 * ahead_bytes)
             except OSError:  # no room for the mapping (strict overcommit) or no process to be had: threads
-                self._early = None
+                pass
         self._next = 0  # the next image's index among the early ones
         self._interval = sys.getswitchinterval()
         if self._early is None:
@@ -106,12 +106,14 @@ class Decoder:
 
     def _fill(self) -> None:
         while len(self._pending) < self._window and (batch := next(self._batches, None)) is not None:
+            # Each batch's images, once asked for: map(getter, keys).
             if self._early is not None and self._next < self._early.count:
-                results = [self._early.result(i) for i in range(self._next, self._next + len(batch))]
+                keys, getter = range(self._next, self._next + len(batch)), self._early.get
                 self._next += len(batch)
             else:
-                results = [self._pool.submit(_decode, self._path(item)) for item in batch]
-            self._pending.append((batch, results))
+                keys = [self._pool.submit(_decode, self._path(item)) for item in batch]
+                getter = concurrent.futures.Future.result
+            self._pending.append((batch, getter, keys))
 
     def __iter__(self) -> Iterator[tuple[Sequence[Any], list[Any]]]:
         """Batches with their images: uint8 ``(3, H, W)`` tensors, or the ImageProblem."""
@@ -119,9 +121,9 @@ class Decoder:
 
         self._restore()
         while self._pending:
-            batch, results = self._pending.popleft()
+            batch, getter, keys = self._pending.popleft()
             self._fill()
-            decoded = [r.result() for r in results]
+            decoded = list(map(getter, keys))
             missing = {i: self._pool.submit(_decode, self._path(batch[i])) for i, d in enumerate(decoded) if d is None}
             for i, future in missing.items():  # early images that did not fit, or whose process died
                 decoded[i] = future.result()
@@ -186,9 +188,6 @@ class _Early:
             self.close()
             raise
 
-    def result(self, index: int) -> "_Result":
-        return _Result(self, index)
-
     def get(self, index: int):
         """The ``index``-th image: a numpy view of the mapping, the ImageProblem, or None where
         the caller must decode it."""
@@ -224,16 +223,6 @@ class _Early:
                 pipe.close()
         self._pipes = [None] * len(self._pipes)
         self._arena = None  # unmapped when the last image taken from it is dropped
-
-
-class _Result:
-    """An early image, taken from its process when the batch is needed (a future's face)."""
-
-    def __init__(self, early: _Early, index: int):
-        self._early, self._index = early, index
-
-    def result(self):
-        return self._early.get(self._index)
 
 
 def _early_main(paths: list[Path], arena, start: int, end: int, pipe) -> None:

@@ -25,6 +25,39 @@ def _images(folder, n: int, size: int = 16) -> list:
     return paths
 
 
+def _mixed_images(folder, n: int, size, seed: int = 0) -> list:
+    """PNGs of the sizes ``size(i)``: RGB, but one RGBA (5), one gray (8) and one broken file (3)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"{i:05d}.png"
+        if i == 3:
+            path.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+        elif i == 5:
+            Image.fromarray(rng.integers(0, 255, (*size(i), 4), dtype=np.uint8), "RGBA").save(path)
+        elif i == 8:
+            Image.fromarray(rng.integers(0, 255, size(i), dtype=np.uint8), "L").save(path)
+        else:
+            Image.fromarray(rng.integers(0, 255, (*size(i), 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _logging_prelude(log, delay: float = 0.0) -> str:
+    """Code for a subprocess: read_rgb appends the pid of whoever decodes to ``log``, then sleeps
+    ``delay``."""
+    return f"""
+import os, time, clipeval.decode as decode
+_read = decode.read_rgb
+def read(path):
+    with open({str(log)!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    time.sleep({delay})
+    return _read(path)
+decode.read_rgb = read
+"""
+
+
 def _wait_for(condition, seconds: float = 10.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition() and time.monotonic() < deadline:
@@ -96,20 +129,7 @@ def test_early_processes_decode_the_first_batches_and_give_the_same_pixels(tmp_p
     """The budget's batches are decoded by other processes before anyone asks, the rest on the
     caller's threads; every image arrives in order, byte for byte what read_rgb gives, whatever
     its mode or size, and an unreadable file is its ImageProblem in its place."""
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(14):
-        path = tmp_path / f"{i:05d}.png"
-        size = (16, 16 + i % 3)
-        if i == 3:
-            path.write_bytes(b"not an image")
-        elif i == 5:
-            Image.fromarray(rng.integers(0, 255, (*size, 4), dtype=np.uint8), "RGBA").save(path)
-        elif i == 8:
-            Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8), "L").save(path)
-        else:
-            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
+    paths = _mixed_images(tmp_path, 14, lambda i: (16, 16 + i % 3))
     expected = [decode._decode(p) for p in paths]
     decoded = _logged(monkeypatch, tmp_path / "log")
     batches = [paths[i : i + 2] for i in range(0, 14, 2)]
@@ -167,16 +187,8 @@ def test_early_processes_end_with_a_killed_parent(tmp_path):
 
     _images(tmp_path, 30)
     log = tmp_path / "log"
-    code = f"""
-import os, time, pathlib
-import clipeval.decode as decode
-_read = decode.read_rgb
-def read(path):
-    with open({str(log)!r}, "a") as f:
-        f.write(f"{{os.getpid()}}\\n")
-    time.sleep(0.2)
-    return _read(path)
-decode.read_rgb = read
+    code = _logging_prelude(log, delay=0.2) + f"""
+import pathlib
 paths = sorted(pathlib.Path({str(tmp_path)!r}).glob("*.png"))
 with decode.Decoder([paths[i : i + 3] for i in range(0, 30, 3)], workers=1):
     time.sleep(60)
@@ -212,32 +224,13 @@ def test_the_executable_decodes_in_early_processes_and_scores_as_threads_do(cli,
 
     images = tmp_path / "images"
     images.mkdir()
-    rng = np.random.default_rng(3)
     prompts = ['a "quoted" cube,\ton a table', "東京の夜景 🌃", "Ελληνικά", "x"]
-    rows = []
-    for i in range(24):
-        name = f"{i:05d}.png"
-        size = (40 + 8 * (i % 3), 32 + 4 * (i % 5))
-        if i == 5:
-            (images / name).write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-        elif i == 6:
-            Image.fromarray(rng.integers(0, 255, (*size, 4), dtype=np.uint8), "RGBA").save(images / name)
-        elif i == 7:
-            Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8), "L").save(images / name)
-        else:
-            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(images / name)
-        rows.append({"image": name, "prompt": prompts[i % 4]})
+    paths = _mixed_images(images, 24, lambda i: (40 + 8 * (i % 3), 32 + 4 * (i % 5)), seed=3)
+    rows = [{"image": p.name, "prompt": prompts[i % 4]} for i, p in enumerate(paths)]
     mapping = tmp_path / "map.jsonl"
     mapping.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     log = tmp_path / "pids"
-    prelude = f"""
-import os, clipeval.decode as decode
-_read = decode.read_rgb
-def read(path):
-    with open({str(log)!r}, "a") as f:
-        f.write(f"{{os.getpid()}}\\n")
-    return _read(path)
-decode.read_rgb = read
+    prelude = _logging_prelude(log) + f"""
 with open({str(log)!r}, "a") as f:
     f.write(f"main {{os.getpid()}}\\n")
 """
