@@ -1,7 +1,9 @@
 """Loading a text-to-image checkpoint, whatever form it comes in, as a diffusers pipeline.
 
 Forms: ``demo`` (a tiny random pipeline), a diffusers pipeline folder (``model_index.json``), a
-hub id, or a single ``.safetensors`` file whose architecture comes from ``--base-model``.
+hub id, a single ``.safetensors`` file whose architecture comes from ``--base-model``, and what
+trainers save on top of a base model: LoRA and LyCORIS files or folders, and fine-tuned
+denoisers (with their EMA copies); ``clipeval.layouts`` tells them apart.
 Weights are read from safetensors only; remote code is never run. Every loading failure becomes
 one ``ClipevalError`` line that says what to do.
 """
@@ -17,6 +19,8 @@ from typing import Any
 
 from clipeval.errors import ClipevalError
 from clipeval.hub import PICKLE_HINT, hub_error, quiet_hf, torch_dtype  # noqa: F401 - also pipelines' API
+from clipeval.layouts import DENOISERS, LORA_FILES  # noqa: F401 - also pipelines' API
+from clipeval.layouts import denoiser_class as _denoiser_class
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -65,8 +69,7 @@ def resolve_dtype(spec: str, device: str, model_index: dict[str, Any] | None) ->
     return "float16"
 
 
-LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
-DENOISERS = ("unet", "transformer")  # the subfolders a fine-tuning script saves
+ADAPTERS = ("lora", "lycoris")
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,11 @@ class CheckpointRef:
     """What ``--checkpoint`` resolved to, before any weights are read."""
 
     spec: str  # as the user gave it
-    kind: str  # "demo" | "folder" | "hub" | "single-file" | "lora" | "denoiser"
+    kind: str  # "demo" | "folder" | "hub" | "single-file" | "lora" | "lycoris" | "denoiser"
     location: str  # local path or hub id
     base_model: str | None
     model_index: dict[str, Any] | None
+    weights: str | None = None  # "ema" or "raw" where the checkpoint holds both; None: no choice
 
     @property
     def pipeline_class(self) -> str:
@@ -88,9 +92,11 @@ class CheckpointRef:
 
 
 def resolve_checkpoint(
-    spec: str, base_model: str | None, *, allow_pickle: bool = False, revision: str | None = None
+    spec: str, base_model: str | None, *, allow_pickle: bool = False, revision: str | None = None,
+    ema: bool | None = None,
 ) -> CheckpointRef:
-    """Check that the checkpoint exists and what it is, cheaply, before any model is loaded."""
+    """Check that the checkpoint exists and what it is, cheaply, before any model is loaded.
+    ``ema``: where a checkpoint holds EMA and raw weights, which (None: the EMA)."""
     if spec == "demo":
         from clipeval import demo
 
@@ -104,16 +110,19 @@ def resolve_checkpoint(
             raise ClipevalError(f"{spec}: {PICKLE_HINT}")
         if path.suffix.lower() != ".safetensors" and path.suffix.lower() not in PICKLE_SUFFIXES:
             raise ClipevalError(f"{spec}: not a .safetensors file, a diffusers folder or a hub id")
+        kind = _file_kind(path) if path.suffix.lower() == ".safetensors" else "single-file"
         if not base_model:
+            if kind in ADAPTERS:
+                raise ClipevalError(f"{spec} holds {_ADAPTER_WORDS[kind]}: pass --base-model with the pipeline they were trained from")
             raise ClipevalError(
                 f"{spec} is a single-file checkpoint, which carries no architecture: pass --base-model "
                 "with a diffusers folder or hub id of the same family (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
             )
-        return CheckpointRef(spec, "single-file", str(path), base_model, _base_index(base_model))
+        return CheckpointRef(spec, kind, str(path), base_model, _base_index(base_model))
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
-            return _training_output(spec, path, base_model, allow_pickle)
+            return _training_output(spec, path, base_model, allow_pickle, ema)
         if not allow_pickle and not any(path.rglob("*.safetensors")) and any(
             p.suffix in PICKLE_SUFFIXES for p in path.rglob("*") if p.is_file()
         ):
@@ -126,38 +135,49 @@ def resolve_checkpoint(
     raise ClipevalError(f"checkpoint not found: {spec} (no such file or folder, and not a hub id)")
 
 
-def _training_output(spec: str, path: Path, base_model: str | None, allow_pickle: bool) -> CheckpointRef:
-    """A folder a training script saved: LoRA weights, or a fine-tuned UNet/transformer alone.
-    Both go onto --base-model, which supplies everything else."""
-    lora = next((path / name for name in LORA_FILES if (path / name).is_file()), None)
-    denoiser = next((path / name for name in DENOISERS if (path / name / "config.json").is_file()), None)
-    if denoiser is None and _denoiser_class(path) is not None:
-        denoiser = path  # the folder is the UNet/transformer itself
-    if lora is None and denoiser is None:
+_ADAPTER_WORDS = {"lora": "LoRA weights", "lycoris": "LyCORIS weights"}
+
+
+def _file_kind(path: Path) -> str:
+    """``lora``, ``lycoris`` or ``single-file`` (a whole model), from the tensor names in the
+    header; a file cut short (still being written, or a crash mid-save) is refused unread."""
+    from clipeval import layouts
+
+    header = layouts.read_header(path)
+    if header is None:
+        raise ClipevalError(f"{path}: not a safetensors file, or cut short inside its header (still being written?)")
+    if not header.complete:
+        raise ClipevalError(f"{path}: truncated: its tensors end past the end of the file (still being written, or a crash mid-save)")
+    return layouts.adapter_format(header.tensors) or "single-file"
+
+
+def _training_output(spec: str, path: Path, base_model: str | None, allow_pickle: bool, ema: bool | None) -> CheckpointRef:
+    """A folder a training script saved: LoRA or LyCORIS weights, or a fine-tuned UNet/transformer
+    alone (with its EMA copy, perhaps). All go onto --base-model, which supplies everything else."""
+    from clipeval import layouts
+
+    weights, choice = layouts.ema_choice(path, ema)
+    if weights is None and _denoiser_class(path) is not None:
+        weights = path  # the folder is the UNet/transformer itself
+    if weights is None:
         raise ClipevalError(
             f"{spec}: not a diffusers pipeline folder (no model_index.json), nor LoRA weights "
             f"({LORA_FILES[0]}), nor a fine-tuned unet/ or transformer/"
         )
-    if lora is not None and lora.suffix != ".safetensors" and not allow_pickle:
-        raise ClipevalError(f"{lora}: {PICKLE_HINT}")
-    if denoiser is not None:
-        weights = list(denoiser.glob("*.safetensors"))
-        if not weights and not allow_pickle:
-            raise ClipevalError(f"{denoiser} holds no safetensors weights: {PICKLE_HINT}")
-    kind = "lora" if lora is not None else "denoiser"
+    if weights.is_file():
+        if weights.suffix != ".safetensors" and not allow_pickle:
+            raise ClipevalError(f"{weights}: {PICKLE_HINT}")
+        kind = _file_kind(weights) if weights.suffix == ".safetensors" else "lora"
+        if kind == "single-file":
+            raise ClipevalError(f"{weights}: its tensors are not LoRA or LyCORIS weights")
+    else:
+        kind = "denoiser"
+        if not list(weights.glob("*.safetensors")) and not allow_pickle:
+            raise ClipevalError(f"{weights} holds no safetensors weights: {PICKLE_HINT}")
     if not base_model:
-        what = "LoRA weights" if kind == "lora" else f"a fine-tuned {Path(denoiser).name}"
+        what = _ADAPTER_WORDS.get(kind) or f"a fine-tuned {weights.name}"
         raise ClipevalError(f"{spec} holds {what}: pass --base-model with the pipeline they were trained from")
-    location = str(lora if kind == "lora" else denoiser)
-    return CheckpointRef(spec, kind, location, base_model, _base_index(base_model))
-
-
-def _denoiser_class(folder: Path) -> str | None:
-    try:
-        name = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return name if isinstance(name, str) and (name.startswith("UNet") or name.endswith("Transformer2DModel")) else None
+    return CheckpointRef(spec, kind, str(weights), base_model, _base_index(base_model), weights=choice)
 
 
 def _read_index(path: Path) -> dict[str, Any]:
@@ -245,11 +265,14 @@ def load_pipeline(
             safetensors = None if allow_pickle else True
             if ref.kind == "single-file":
                 pipe = _from_single_file(diffusers, ref, kwargs)
-            elif ref.kind in ("lora", "denoiser"):
+            elif ref.kind in (*ADAPTERS, "denoiser"):
                 base = str(Path(ref.base_model).expanduser()) if Path(ref.base_model).expanduser().is_dir() else ref.base_model
                 pipe = AutoPipelineForText2Image.from_pretrained(base, use_safetensors=safetensors, **kwargs)
+                scale = 1.0 if lora_scale is None else lora_scale
                 if ref.kind == "lora":
-                    _load_lora(pipe, ref, 1.0 if lora_scale is None else lora_scale)
+                    _load_lora(pipe, ref, scale)
+                elif ref.kind == "lycoris":
+                    _load_lycoris(pipe, ref, scale)
                 else:
                     _swap_denoiser(diffusers, pipe, Path(ref.location), safetensors, kwargs)
             else:
@@ -265,12 +288,94 @@ def load_pipeline(
 
 
 def _load_lora(pipe, ref: CheckpointRef, scale: float) -> None:
-    """diffusers' own LoRA loading (peft backend), at ``scale``: 0 is the base model exactly."""
+    """diffusers' own LoRA loading (peft backend; it converts kohya's and other trainers' keys), at
+    ``scale``: 0 is the base model exactly. Then every module the file names must have been
+    changed: a LoRA for another family, or keys diffusers could not place, is an error, never a
+    silent no-op."""
     if not hasattr(pipe, "load_lora_weights"):
         raise ClipevalError(f"{type(pipe).__name__} cannot load LoRA weights")
     lora = Path(ref.location)
-    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="clipeval")
+    named = _named_modules(lora)
+    try:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="clipeval")
+    except ClipevalError:
+        raise
+    except Exception as err:  # peft and diffusers raise many types for keys that fit nothing
+        raise _misfit(ref, pipe, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+    for component, modules in named.items():
+        module = _component(pipe, component)
+        applied = _lora_layers(module) if module is not None else 0
+        if applied < len(modules):
+            where = f"{len(modules)} modules of the {component}" if component != "denoiser" else f"{len(modules)} denoiser modules"
+            raise _misfit(ref, pipe, f"it names {where}, and {applied} of them were found in the base")
     pipe.set_adapters(["clipeval"], adapter_weights=[scale])
+
+
+def _misfit(ref: CheckpointRef, pipe, why: str) -> ClipevalError:
+    return ClipevalError(
+        f"{ref.location} does not fit --base-model {ref.base_model} ({type(pipe).__name__}): {why}; "
+        "is it a LoRA for another model family?"
+    )
+
+
+def _named_modules(path: Path) -> dict[str, set[str]]:
+    from clipeval import layouts
+
+    header = layouts.read_header(path) if path.suffix == ".safetensors" else None
+    return layouts.adapter_modules(header.tensors) if header is not None else {}
+
+
+def _component(pipe, component: str):
+    """The pipeline module a LoRA component addresses ("denoiser": the unet, else the transformer)."""
+    if component == "denoiser":
+        unet = getattr(pipe, "unet", None)
+        return unet if unet is not None else getattr(pipe, "transformer", None)
+    return getattr(pipe, component, None)
+
+
+def _lora_layers(module) -> int:
+    return sum(1 for m in module.modules() if "clipeval" in getattr(m, "lora_A", {}))
+
+
+def _load_lycoris(pipe, ref: CheckpointRef, scale: float) -> None:
+    """LyCORIS (LoKr, LoHa, LoCon, full diffs) through the lycoris package, as it ran in training:
+    its modules wrap the base's layers (``apply_to``) at ``scale``. Not ``merge_to``: in lycoris
+    4.1.3 it scales a LoKr whose factor is decomposed by alpha/dim twice (tested against a hand
+    merge). Keys with kohya's prefixes (``lora_unet_``, ``lora_te_``, ...) go to their component;
+    SimpleTuner's ``lycoris_`` prefix is the denoiser."""
+    try:
+        from lycoris import create_lycoris_from_weights
+    except ImportError as err:
+        raise ClipevalError(
+            f"{ref.location} holds LyCORIS weights (LoKr, LoHa, ...): loading them needs the lycoris extra: "
+            "pip install 'clipeval[lycoris]'"
+        ) from err
+    import logging
+
+    from safetensors.torch import load_file
+
+    from clipeval import layouts
+
+    groups: dict[str, dict[str, Any]] = {}
+    for key, tensor in load_file(ref.location).items():
+        module, dot, param = key.partition(".")
+        if not dot:
+            continue
+        component, name = layouts.adapter_component(module)
+        groups.setdefault(component, {})[f"lycoris_{name}.{param}"] = tensor
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)  # it logs every module it loads at INFO
+    for component, weights in groups.items():
+        module = _component(pipe, component)
+        wanted = {key.split(".")[0] for key in weights}
+        if module is None:
+            raise _misfit(ref, pipe, f"it names {len(wanted)} modules of a {component}, which the base has not")
+        network, _ = create_lycoris_from_weights(scale, ref.location, module, weights_sd=weights)
+        if len(network.loras) < len(wanted):
+            raise _misfit(ref, pipe, f"it names {len(wanted)} modules of the {component}, and "
+                                     f"{len(network.loras)} of them were found in the base")
+        network.apply_to()
+        network.to(next(module.parameters()).dtype)
+        module.add_module("clipeval_lycoris", network)  # so it follows the pipeline to its device
 
 
 def _swap_denoiser(diffusers, pipe, folder: Path, safetensors, kwargs: dict[str, Any]) -> None:

@@ -47,7 +47,8 @@ class RunConfig:
     save_images: bool = True
     overwrite: bool = False
     compile: bool = False  # torch.compile the denoiser (and channels-last for UNets on CUDA)
-    lora_scale: float | None = None  # LoRA checkpoints only; None means 1
+    lora_scale: float | None = None  # LoRA and LyCORIS checkpoints only; None means 1
+    ema: bool | None = None  # a checkpoint holding EMA and raw weights: which (None: the EMA)
     attention: str | None = None  # the denoiser's attention backend; None keeps the pipeline's
     trackers: "Any" = None  # clipeval.trackers.Tracking: where and at which step to log the summary
     progress: bool = True
@@ -116,10 +117,11 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
     full_library = prompts.load_library(config.prompt_library)
     library = full_library.head(config.limit)
     ref = pipelines.resolve_checkpoint(
-        config.checkpoint, config.base_model, allow_pickle=config.allow_pickle, revision=config.revision
+        config.checkpoint, config.base_model, allow_pickle=config.allow_pickle, revision=config.revision,
+        ema=config.ema,
     )
-    if config.lora_scale is not None and ref.kind != "lora":
-        raise ClipevalError(f"--lora-scale applies to LoRA checkpoints; {config.checkpoint} is not one")
+    if config.lora_scale is not None and ref.kind not in pipelines.ADAPTERS:
+        raise ClipevalError(f"--lora-scale applies to LoRA and LyCORIS checkpoints; {config.checkpoint} is not one")
     if config.trackers is not None:
         config.trackers.check(config.checkpoint)  # a missing extra or step fails before the GPU work
     device = pipelines.resolve_device(_rank_device(config.device, ranks))
@@ -129,7 +131,8 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
         "checkpoint": config.checkpoint,
         "revision": config.revision,
         "base_model": config.base_model,
-        "lora_scale": (1.0 if config.lora_scale is None else config.lora_scale) if ref.kind == "lora" else None,
+        "lora_scale": (1.0 if config.lora_scale is None else config.lora_scale) if ref.kind in pipelines.ADAPTERS else None,
+        "weights": ref.weights,
         "pipeline": ref.pipeline_class,
         "clip_model": config.clip_model,
         "clip_processor": config.clip_processor,
@@ -402,6 +405,7 @@ def _manifest(run: Prepared, previous: dict[str, Any] | None) -> dict[str, Any]:
             "location": ref.location,
             "pipeline": ref.pipeline_class,
             "base_model": ref.base_model,
+            "weights": ref.weights,
             "files": _fingerprint(ref),
         },
         "library": {

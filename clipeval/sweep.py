@@ -1,8 +1,11 @@
 """``sweep``: evaluate every checkpoint of a training run that has not been evaluated yet, for cron.
 
-Checkpoints are the sub-folders of the training output that load as one (a pipeline folder,
-LoRA weights, or a fine-tuned unet/ or transformer/ over --base-model), oldest step first. Each is
-evaluated into RESULTS_DIR/<its name>/ with the same settings; a finished one is not redone.
+Checkpoints are what the trainers write (``clipeval.layouts``): folders that load as one (a
+pipeline, LoRA or LyCORIS weights, a fine-tuned unet/ or transformer/ over --base-model) and
+per-step ``.safetensors`` files (kohya, ai-toolkit, OneTrainer), oldest step first, the training
+folder's own final model last. Each is evaluated into RESULTS_DIR/<its name>/ with the same
+settings; a finished one is not redone. A training folder with no checkpoint at all is an error:
+a cron job that evaluates nothing must not pass.
 
 - One sweep at a time per RESULTS_DIR (a flock, which dies with its process): the next cron tick
   while a slow sweep runs says so and exits 0, so no checkpoint is ever evaluated twice at once.
@@ -19,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import struct
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,13 +31,7 @@ from clipeval.errors import ClipevalError
 
 HISTORY_COLUMNS = ["step", "checkpoint", "clip_mean", "clip_mean_ci_low", "clip_mean_ci_high", "clip_std", "clip_median",
                    "clip_min", "clip_max", "images", "prompts", "flagged_images", "finished_at", "run",
-                   "best_step", "delta_best", "delta_best_ci_low", "delta_best_ci_high", "p_best", "alert"]
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    path: Path
-    step: int | None
+                   "best_step", "delta_best", "delta_best_ci_low", "delta_best_ci_high", "p_best", "alert", "weights"]
 
 
 @dataclass
@@ -49,37 +45,34 @@ class SweepResult:
     newest: dict[str, Any] | None = None  # history.csv's last row (the newest checkpoint), with its alert
 
 
-def is_checkpoint(folder: Path) -> bool:
-    from clipeval.pipelines import DENOISERS, LORA_FILES, _denoiser_class
-
-    return (
-        (folder / "model_index.json").is_file()
-        or any((folder / name).is_file() for name in LORA_FILES)
-        or any((folder / name / "config.json").is_file() for name in DENOISERS)
-        or _denoiser_class(folder) is not None
-    )
-
-
-def find_checkpoints(training_dir: Path) -> list[Checkpoint]:
-    from clipeval.trackers import training_step
+def find_checkpoints(training_dir: Path) -> list:
+    """The training folder's checkpoints (``layouts.Found``), oldest step first; none is an error."""
+    from clipeval import layouts
 
     if not training_dir.is_dir():
         raise ClipevalError(f"{training_dir}: no such training output folder")
-    found = [Checkpoint(p, training_step(p)) for p in training_dir.iterdir()
-             if p.is_dir() and not p.name.startswith(".") and is_checkpoint(p)]
-    return sorted(found, key=lambda c: (c.step is None, c.step if c.step is not None else 0, c.path.name))
+    found = layouts.find_checkpoints(training_dir)
+    if not found:
+        raise ClipevalError(
+            f"{training_dir}: no checkpoint found (looked for checkpoint-N/ folders, diffusers pipelines, "
+            "LoRA/LyCORIS files and folders, fine-tuned unet/ or transformer/ folders, and per-step .safetensors "
+            "files as kohya, ai-toolkit and OneTrainer write them, 3 levels deep)"
+        )
+    return found
 
 
 def still_written(folder: Path, settle_s: float) -> str | None:
-    """Why ``folder`` looks half-written, or None when it looks complete."""
-    files = [p for p in folder.rglob("*") if p.is_file()]
+    """Why a checkpoint (a folder or a file) looks half-written, or None when it looks complete."""
+    from clipeval.layouts import safetensors_complete
+
+    files = [folder] if folder.is_file() else [p for p in folder.rglob("*") if p.is_file()]
     now = time.time()
     newest = max((p.stat().st_mtime for p in files), default=0)
     if now - newest < settle_s:
         return f"modified {now - newest:.0f} s ago (waiting {settle_s:g} s for writes to settle)"
     for path in files:
-        if path.suffix == ".safetensors" and not _safetensors_complete(path):
-            return f"{path.relative_to(folder)} is truncated"
+        if path.suffix == ".safetensors" and not safetensors_complete(path):
+            return f"{path.relative_to(folder) if path != folder else path.name} is truncated"
     index = folder / "model_index.json"
     if index.is_file():
         try:
@@ -92,21 +85,6 @@ def still_written(folder: Path, settle_s: float) -> str | None:
     return None
 
 
-def _safetensors_complete(path: Path) -> bool:
-    """The header's tensors end within the file: a file cut short by a crash or a copy in progress fails."""
-    try:
-        with path.open("rb") as f:
-            size = path.stat().st_size
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                return False
-            header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error):
-        return False
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
-    return 8 + length + max(ends, default=0) <= size
-
-
 @dataclass(frozen=True)
 class Plan:
     """What a sweep will do, decided by rank 0 alone (it holds the lock and reads the results)
@@ -115,7 +93,7 @@ class Plan:
     busy: str | None
     steps: dict[str, int | None]  # every checkpoint's name: its step
     up_to_date: list[str]
-    todo: list[Checkpoint]  # not evaluated yet, oldest step first
+    todo: list  # layouts.Found: not evaluated yet, oldest step first
 
 
 def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float = 60.0, margin: float = 0.0,
@@ -142,15 +120,22 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
             return result if ranks.main else None
         history = None  # written after each evaluated checkpoint; skipped and failed ones change nothing
         for checkpoint in plan.todo:
-            name = checkpoint.path.name
+            name = checkpoint.name
             # Asked now, not when planning: one written meanwhile is settled once its turn comes.
             reason = ranks.on_main(lambda: still_written(checkpoint.path, settle_s))
             if reason:
                 result.skipped[name] = reason
                 say(f"skipping {name}: {reason}; it will be evaluated by a later sweep")
                 continue
-            say(f"evaluating {name}" + (f" (step {checkpoint.step})" if checkpoint.step is not None else ""))
+            if checkpoint.step is not None:
+                say(f"evaluating {name} (step {checkpoint.step})")
+            else:
+                what = "the training folder's final model" if checkpoint.final else "no training step in its name, metadata or state file"
+                say(f"evaluating {name} ({what}; it comes after every numbered step and has no step in history.csv)")
             trackers = base.trackers if ranks.main else None
+            if trackers is not None and checkpoint.step is None and trackers.report_to != "none":
+                say(f"note: {name} is not logged to {trackers.report_to}: it has no training step")
+                trackers = None
             if trackers is not None:
                 trackers = replace(trackers, step=checkpoint.step)
             try:
@@ -189,7 +174,7 @@ def _plan(training_dir: Path, results_dir: Path, read: dict[str, Any], held: lis
     checkpoints = find_checkpoints(training_dir)
     store.check_parent(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    steps = {c.path.name: c.step for c in checkpoints}
+    steps = {c.name: c.step for c in checkpoints}
     lock = os.open(results_dir / ".clipeval-sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
     held.append(lock)
     try:
@@ -201,7 +186,7 @@ def _plan(training_dir: Path, results_dir: Path, read: dict[str, Any], held: lis
     os.pwrite(lock, str(os.getpid()).encode(), 0)
     up_to_date, todo = [], []
     for checkpoint in checkpoints:
-        name = checkpoint.path.name
+        name = checkpoint.name
         record = _record(results_dir / name)
         if record is not None:
             read[name] = record
@@ -252,6 +237,7 @@ def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: fl
             "clip_max": summary["clip/max"], "images": summary["images"], "prompts": summary["prompts"],
             "flagged_images": sum((summary.get("flagged_images") or {}).values()),
             "finished_at": manifest.get("finished_at"), "run": out.name,
+            "weights": (manifest.get("checkpoint") or {}).get("weights") or "",
         })
     frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
     frame["step"] = frame["step"].astype("Int64")

@@ -17,28 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from clipeval.errors import ClipevalError
+from clipeval.layouts import STATE_FILES, training_step  # noqa: F401 - also trackers' API
 
 TRACKERS = ("tensorboard", "wandb", "none")
-STEP_IN_NAME = re.compile(r"(?:checkpoint|global[-_]?step|steps?|ckpt)[-_]?(\d+)$", re.IGNORECASE)
-STATE_FILES = ("trainer_state.json", "training_state.json")  # HF Trainer; SimpleTuner and diffusers scripts
 GRID_TILE = 192
-
-
-def training_step(checkpoint: str | Path) -> int | None:
-    """The training step of a checkpoint: from its name (checkpoint-1500), else its state file."""
-    path = Path(checkpoint)
-    match = STEP_IN_NAME.search(path.name)
-    if match:
-        return int(match.group(1))
-    for name in STATE_FILES:
-        try:
-            state = json.loads((path / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        for key in ("global_step", "step", "current_step"):
-            if isinstance(state.get(key), int):
-                return state[key]
-    return None
 
 
 @dataclass
@@ -64,7 +46,7 @@ class Tracking:
         if self.step is None:
             raise ClipevalError(
                 f"--report-to {self.report_to}: no training step for {checkpoint} (not in its name, e.g. "
-                f"checkpoint-1500, nor in {' or '.join(STATE_FILES)}); pass --step"
+                f"checkpoint-1500 or NAME-step00001500, nor in its metadata or {' or '.join(STATE_FILES)}); pass --step"
             )
 
     def values(self, summary: dict[str, Any]) -> dict[str, float]:

@@ -57,7 +57,7 @@ def test_lora_changes_the_images_and_scale_zero_is_the_base(run_tiny, models, lo
     manifest = json.loads((lora / "manifest.json").read_text())
     assert manifest["checkpoint"]["kind"] == "lora" and manifest["settings"]["lora_scale"] == 1.0
     assert_user_error(run_tiny(tmp_path / "r1", checkpoint=lora_dir), "LoRA weights", "--base-model")
-    assert_user_error(run_tiny(tmp_path / "r2", "--lora-scale", "0.5"), "--lora-scale applies to LoRA checkpoints")
+    assert_user_error(run_tiny(tmp_path / "r2", "--lora-scale", "0.5"), "--lora-scale applies to LoRA and LyCORIS checkpoints")
 
 
 def test_a_finetuned_unet_folder_runs_on_the_base_pipeline(run_tiny, models, tmp_path):
