@@ -297,18 +297,42 @@ def _load_lora(pipe, ref: CheckpointRef, scale: float) -> None:
     lora = Path(ref.location)
     named = _named_modules(lora)
     try:
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="clipeval")
+        with _diffusers_errors_unlogged():
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="clipeval")
     except ClipevalError:
         raise
     except Exception as err:  # peft and diffusers raise many types for keys that fit nothing
-        raise _misfit(ref, pipe, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+        raise _misfit(ref, pipe, _first_reason(err)) from err
     for component, modules in named.items():
         module = _component(pipe, component)
         applied = _lora_layers(module) if module is not None else 0
         if applied < len(modules):
             where = f"{len(modules)} modules of the {component}" if component != "denoiser" else f"{len(modules)} denoiser modules"
-            raise _misfit(ref, pipe, f"it names {where}, and {applied} of them were found in the base")
+            raise _misfit(ref, pipe, f"it names {where}, and diffusers could apply it to {applied} of them")
     pipe.set_adapters(["clipeval"], adapter_weights=[scale])
+
+
+class _diffusers_errors_unlogged:
+    """diffusers logs a failed adapter load at ERROR, many lines, before raising it: the raised
+    error becomes clipeval's one line instead."""
+
+    def __enter__(self) -> None:
+        import logging
+
+        self.logger = logging.getLogger("diffusers")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc) -> None:
+        self.logger.setLevel(self.level)
+
+
+def _first_reason(err: Exception) -> str:
+    """The line of a load error that says what did not fit (torch lists every size mismatch)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith("size mismatch")), None)
+    head = lines[0] if lines else type(err).__name__
+    return f"{type(err).__name__}: {head[:200]}{f' {detail[:300]}' if detail and detail != head else ''}"
 
 
 def _misfit(ref: CheckpointRef, pipe, why: str) -> ClipevalError:

@@ -33,12 +33,12 @@ def _targets(module, names):
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(path.endswith(n) for n in names)}
 
 
-def draw_lora(models, *, seed: int = 0, text: bool = True) -> dict[str, dict[str, tuple]]:
+def draw_lora(models, *, seed: int = 0, text: bool = True, base: Path | None = None) -> dict[str, dict[str, tuple]]:
     """{component: {module path: (down, up)}}: random rank-4 factors for the tiny SD's attention
     projections (and its text encoder's), big enough to move pixels."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(models.sd)
+    pipe = DiffusionPipeline.from_pretrained(base or models.sd)
     g = torch.Generator().manual_seed(seed)
     out = {}
     for component, names in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS))[: 2 if text else 1]:
@@ -158,6 +158,23 @@ def test_a_lora_that_misses_the_text_encoder_modules_is_refused(run_tiny, models
     result = run_tiny(tmp_path / "run", "--base-model", models.sd, checkpoint=file)
     assert_user_error(result, "sdxl-like.safetensors", "does not fit --base-model", "text_encoder_2")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lora_diffusers_applies_only_in_part_is_refused(run_tiny, models, tmp_path):
+    """diffusers 0.42 on transformers 5 reads kohya text-encoder attention keys only when the file
+    also has out_proj; without it, it loads the MLP's alone. Part of a LoRA is not the LoRA."""
+    lora = draw_lora(models)
+    lora["text_encoder"] = {k: v for k, v in lora["text_encoder"].items() if k.endswith(("q_proj", "v_proj", "fc1"))}
+    file = kohya_file(lora, tmp_path / "partial.safetensors")
+    result = run_tiny(tmp_path / "run", "--base-model", models.sd, checkpoint=file)
+    assert_user_error(result, "partial.safetensors", "names 6 modules of the text_encoder", "apply it to 2 of them")
+
+
+def test_an_sdxl_lora_on_sd15_is_one_line(run_tiny, models, tmp_path):
+    """Its UNet's attention widths differ: torch's list of size mismatches becomes one line."""
+    file = kohya_file(draw_lora(models, base=models.sdxl, text=False), tmp_path / "sdxl-step00000010.safetensors")
+    result = run_tiny(tmp_path / "run", "--base-model", models.sd, checkpoint=file)
+    assert_user_error(result, "sdxl-step00000010.safetensors", "does not fit --base-model", "size mismatch")
 
 
 def test_a_lora_for_another_family_is_one_line(run_tiny, models, lora, tmp_path):
