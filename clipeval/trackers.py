@@ -23,24 +23,51 @@ TRACKERS = ("tensorboard", "wandb", "none")
 GRID_TILE = 192
 
 
+def parse_report_to(value: str, where: str = "--report-to") -> str:
+    """``tensorboard``, ``wandb``, a comma list of both, ``all`` (those installed, as accelerate
+    reads it) or ``none``; returned as the comma list clipeval logs to."""
+    names = [n.strip().lower() for n in str(value).split(",") if n.strip()]
+    if names in ([], ["none"]):
+        return "none"
+    if names == ["all"]:
+        installed = [t for t in TRACKERS[:-1] if _installed(t)]
+        if not installed:
+            raise ClipevalError(f"{where} all: neither tensorboard nor wandb is installed: pip install 'clipeval[tensorboard]'")
+        return ",".join(installed)
+    unknown = [n for n in names if n not in TRACKERS[:-1]]
+    if unknown:
+        raise ClipevalError(f"{where} {unknown[0]!r}: clipeval logs to tensorboard, wandb (or both, comma-separated), all or none")
+    return ",".join(dict.fromkeys(names))
+
+
+def _installed(tracker: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(tracker) is not None
+
+
 @dataclass
 class Tracking:
-    report_to: str
+    report_to: str  # "tensorboard", "wandb", "tensorboard,wandb" or "none"
     logging_dir: Path
     project: str = "clipeval"
     run_name: str | None = None
     step: int | None = None
-    scale: str = "cosine"  # "percent": SimpleTuner's 100 x cosine
+    scale: str = "cosine"  # "percent": SimpleTuner's 100 x cosine, with its statistics
+
+    @property
+    def targets(self) -> list[str]:
+        return [] if self.report_to == "none" else self.report_to.split(",")
 
     def check(self, checkpoint: str) -> None:
         """Before any GPU work: the extra is installed and the step is known."""
-        if self.report_to not in TRACKERS:
-            raise ClipevalError(f"--report-to {self.report_to}: use one of {', '.join(TRACKERS)}")
+        self.report_to = parse_report_to(self.report_to)
         if self.scale not in ("cosine", "percent"):
             raise ClipevalError(f"--scale {self.scale}: use cosine or percent")
-        if self.report_to == "none":
+        if not self.targets:
             return
-        _require(self.report_to)
+        for target in self.targets:
+            _require(target)
         if self.step is None:
             self.step = training_step(checkpoint)
         if self.step is None:
@@ -49,10 +76,15 @@ class Tracking:
                 f"checkpoint-1500 or NAME-step00001500, nor in its metadata or {' or '.join(STATE_FILES)}); pass --step"
             )
 
-    def values(self, summary: dict[str, Any]) -> dict[str, float]:
+    def values(self, summary: dict[str, Any], scores=None) -> dict[str, float]:
+        """The scalars logged. In percent, ``clip/mean``, ``min``, ``max`` and ``std`` are
+        SimpleTuner's own statistics (``simpletuner_statistics``) when the per-image ``scores`` are
+        given, so the curves overlay its dashboard; the median and categories are 100 x clipeval's."""
         factor = 100.0 if self.scale == "percent" else 1.0
         scalars = {k: summary[k] * factor for k in ("clip/mean", "clip/min", "clip/max", "clip/std", "clip/median")
                    if summary.get(k) is not None}
+        if self.scale == "percent" and scores is not None:
+            scalars.update(simpletuner_statistics(scores))
         for name, group in summary.get("by_category", {}).items():
             scalars[f"clip/category/{name}"] = group["mean"] * factor
         return scalars
@@ -62,15 +94,17 @@ class Tracking:
         if self.report_to == "none":
             return "not logged (--report-to none)"
         self.check(checkpoint)
-        scalars = self.values(result.summary)
+        scalars = self.values(result.summary, result.scores)
         factor = 100.0 if self.scale == "percent" else 1.0
         scalars.update({k: v * factor for k, v in (extra or {}).items() if v is not None and v == v})
         usable = result.scores[(result.scores["flag"] == "") & result.scores["clip_score"].notna()]
-        scores = usable["clip_score"].to_numpy() * (100.0 if self.scale == "percent" else 1.0)
+        scores = usable["clip_score"].to_numpy() * factor
         grid = best_and_worst(usable, result.out)
-        if self.report_to == "tensorboard":
-            return self._tensorboard(scalars, scores, grid)
-        return self._wandb(scalars, scores, grid)
+        said = []
+        for target in self.targets:
+            writer = self._tensorboard if target == "tensorboard" else self._wandb
+            said.append(writer(scalars, scores, grid))
+        return "; ".join(said)
 
     @property
     def name(self) -> str:
@@ -123,6 +157,22 @@ class Tracking:
         ledger.setdefault(run_id, []).append(self.step)
         write_json(ledger_path, ledger)
         return f"logged step {self.step} to wandb run {run_id} in {folder}"
+
+
+def simpletuner_statistics(scores) -> dict[str, float]:
+    """What SimpleTuner logs as clip/mean, min, max and std (its ``evaluate_images``): per prompt
+    the score of its last image only, as torchmetrics' ``clip_score`` of one image, max(100·cos, 0),
+    rounded to 4 decimals; then numpy's mean and population std (ddof 0). The cosines are clipeval's
+    (SimpleTuner's own differ on prompts over 77 tokens, where torchmetrics drops the end-of-text token)."""
+    import numpy as np
+
+    usable = scores[(scores["flag"] == "") & scores["clip_score"].notna()]
+    last = usable.sort_values(["prompt_id", "sample"], kind="stable").groupby("prompt_id").tail(1)
+    values = [round(max(100.0 * float(c), 0.0), 4) for c in last["clip_score"]]
+    if not values:
+        return {}
+    return {"clip/min": min(values), "clip/max": max(values), "clip/mean": float(np.mean(values)),
+            "clip/std": float(np.std(values))}
 
 
 def _require(tracker: str) -> None:
