@@ -460,6 +460,35 @@ def _from_single_file(diffusers, ref: CheckpointRef, kwargs: dict[str, Any]):
     )
 
 
+# SimpleTuner's validation scheduler names (its SCHEDULER_NAME_MAP) that are diffusers' own classes.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
+    "dpm++": "DPMSolverMultistepScheduler", "flow_matching": "FlowMatchEulerDiscreteScheduler",
+    "flow_match_euler": "FlowMatchEulerDiscreteScheduler",
+}
+
+
+def check_scheduler(name: str) -> None:
+    if name not in SCHEDULERS:
+        raise ClipevalError(f"--scheduler {name}: use one of {', '.join(SCHEDULERS)}")
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the noise scheduler, built from the pipeline's own scheduler config (its training
+    timesteps, betas and prediction type), as diffusers documents it."""
+    import diffusers
+
+    check_scheduler(name)
+    cls = getattr(diffusers, SCHEDULERS[name])
+    flow = "FlowMatch" in type(pipe.scheduler).__name__
+    if flow != name.startswith("flow"):
+        kind = "a flow-matching" if flow else "a noise-prediction"
+        raise ClipevalError(f"--scheduler {name}: this pipeline is {kind} model ({type(pipe.scheduler).__name__}); "
+                            f"use {'flow_matching' if flow else 'ddim, euler, unipc, ...'}")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
 def compile_denoiser(pipe) -> None:
     """torch.compile the UNet or transformer (the part that runs every step), channels-last for a
     UNet on CUDA. Off by default: compiling costs minutes up front, pays on long runs, and moves

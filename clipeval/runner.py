@@ -36,6 +36,9 @@ class RunConfig:
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
+    # A default's negative prompt (SimpleTuner's, from --config): used when no negative_prompt is
+    # given and the pipeline takes one, as SimpleTuner's validation does.
+    default_negative_prompt: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     clip_dtype: str = "float32"
@@ -50,6 +53,7 @@ class RunConfig:
     lora_scale: float | None = None  # LoRA and LyCORIS checkpoints only; None means 1
     ema: bool | None = None  # a checkpoint holding EMA and raw weights: which (None: the EMA)
     attention: str | None = None  # the denoiser's attention backend; None keeps the pipeline's
+    scheduler: str | None = None  # a noise scheduler by name (pipelines.SCHEDULERS); None keeps the pipeline's
     trackers: "Any" = None  # clipeval.trackers.Tracking: where and at which step to log the summary
     progress: bool = True
     command: list[str] | None = None  # recorded in the manifest
@@ -120,6 +124,8 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
         config.checkpoint, config.base_model, allow_pickle=config.allow_pickle, revision=config.revision,
         ema=config.ema,
     )
+    if config.scheduler:
+        pipelines.check_scheduler(config.scheduler)
     if config.lora_scale is not None and ref.kind not in pipelines.ADAPTERS:
         raise ClipevalError(f"--lora-scale applies to LoRA and LyCORIS checkpoints; {config.checkpoint} is not one")
     if config.trackers is not None:
@@ -133,6 +139,7 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
         "base_model": config.base_model,
         "lora_scale": (1.0 if config.lora_scale is None else config.lora_scale) if ref.kind in pipelines.ADAPTERS else None,
         "weights": ref.weights,
+        "scheduler": config.scheduler,
         "pipeline": ref.pipeline_class,
         "clip_model": config.clip_model,
         "clip_processor": config.clip_processor,
@@ -156,6 +163,8 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
         }.items()
         if v is not None
     }
+    if config.negative_prompt is None and config.default_negative_prompt is not None:
+        del settings["negative_prompt"]  # known once the pipeline says whether it takes one
     rundir = store.RunDir(out, rank=ranks.rank)
     _check_seed_scheme(rundir.check({**settings, **explicit}, overwrite=config.overwrite), out)
 
@@ -169,13 +178,16 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
         )
         if config.attention:
             pipelines.set_attention(pipe, config.attention)
+        if config.scheduler:
+            pipelines.set_scheduler(pipe, config.scheduler)
         if config.compile:
             pipelines.compile_denoiser(pipe)
         gen = generation_settings(
             pipelines.call_defaults(pipe), steps=config.steps, guidance_scale=config.guidance_scale,
-            height=config.height, width=config.width, negative_prompt=config.negative_prompt,
+            height=config.height, width=config.width, negative_prompt=_negative_prompt(config, pipe),
         )
-        settings.update(steps=gen.steps, guidance_scale=gen.guidance_scale, height=gen.height, width=gen.width)
+        settings.update(steps=gen.steps, guidance_scale=gen.guidance_scale, height=gen.height, width=gen.width,
+                        negative_prompt=gen.negative_prompt)
         from clipeval.scorers import make_scorer
 
         scorer = make_scorer(
@@ -196,6 +208,14 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
         return _generate_and_write(prepared, previous)
     finally:
         rundir.release()
+
+
+def _negative_prompt(config: RunConfig, pipe) -> str | None:
+    if config.negative_prompt is not None or config.default_negative_prompt is None:
+        return config.negative_prompt
+    import inspect
+
+    return config.default_negative_prompt if "negative_prompt" in inspect.signature(pipe.__call__).parameters else None
 
 
 def _say(message: str) -> None:
@@ -428,6 +448,7 @@ def _manifest(run: Prepared, previous: dict[str, Any] | None) -> dict[str, Any]:
             "processes": ranks.world,
             "compile": config.compile,
             "attention": config.attention,
+            "scheduler": type(run.pipe.scheduler).__name__,
             "dtype": settings["dtype"],
             "save_images": config.save_images,
         },
