@@ -147,6 +147,7 @@ def _evaluation_options(fn):
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True, help="Generation precision; auto: float32 on CPU, half on GPU."),
         click.option("--clip-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True, help="CLIP precision (embeddings are always compared in float32)."),
         click.option("--preprocess", type=click.Choice(["fast", "exact"]), default="fast", show_default=True, help="CLIP image preprocessing: batched tensors on the device, or the model's own PIL processor."),
+        click.option("--scheduler", help="Noise scheduler, built from the pipeline's own config: ddim, ddpm, euler, euler-a, unipc, dpm++, flow_matching  [default: the pipeline's]."),
         click.option("--attention", help="The denoiser's attention backend: sdpa, eager, xformers; flash, sage, ... for dispatcher-based denoisers (Flux, ...). CLIP keeps PyTorch's SDPA."),
         click.option("--limit", type=click.IntRange(1), help="Only the first N prompts of the library."),
         click.option("--revision", help="Pin the hub checkpoint to a branch, tag or commit."),
@@ -154,7 +155,7 @@ def _evaluation_options(fn):
         click.option("--allow-pickle", is_flag=True, help="Also read .ckpt/.bin/.pt weights (with torch.load(weights_only=True))."),
         click.option("--no-save-images", "save_images", is_flag=True, flag_value=False, default=True, help="Score without writing PNGs."),
         click.option("--compile", "compile", is_flag=True, help="torch.compile the denoiser (minutes up front; pays on long GPU runs)."),
-        click.option("--report-to", type=click.Choice(["tensorboard", "wandb", "none"]), default="none", show_default=True, help="Log the summary at the checkpoint's training step."),
+        click.option("--report-to", default="none", show_default=True, help="Log the summary at the checkpoint's training step: tensorboard, wandb, both (tensorboard,wandb), all (those installed) or none."),
         click.option("--logging-dir", type=click.Path(path_type=Path), help="Where trackers write [default: OUT/logs, or RESULTS_DIR/logs for sweep]."),
         click.option("--project", default="clipeval", show_default=True, help="Tracker project (wandb)."),
         click.option("--run-name", help="Tracker run name [default: clipeval]."),
@@ -176,9 +177,8 @@ def _from_config(ctx: click.Context, options: dict) -> tuple[dict, list[str]]:
 
     from clipeval import simpletuner
 
-    values, notes = simpletuner.load(path)
-    if values.pop("simpletuner_library", False) and "prompt_library" not in values:
-        values["prompt_library"] = "simpletuner"  # SimpleTuner's own prompts, fetched like Parti
+    given = {k for k in options if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    values, notes = simpletuner.load(path, given_options=given)
     for key, value in values.items():
         if key in options and ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
             options[key] = value
@@ -188,9 +188,9 @@ def _from_config(ctx: click.Context, options: dict) -> tuple[dict, list[str]]:
 
 
 def _tracking(options: dict, default_dir: Path, step: int | None):
-    from clipeval.trackers import Tracking
+    from clipeval.trackers import Tracking, parse_report_to
 
-    report_to, logging_dir = options.pop("report_to"), options.pop("logging_dir")
+    report_to, logging_dir = parse_report_to(options.pop("report_to")), options.pop("logging_dir")
     project, run_name, scale = options.pop("project"), options.pop("run_name"), options.pop("scale")
     if report_to == "none" and scale == "cosine":
         return None, scale
@@ -382,9 +382,10 @@ def _closing_line(s: dict, out: Path, label: str = "clip/mean", scale: str = "co
 @click.option("--batch-size", type=click.IntRange(1), help="[default: a run's own batches, else 16]")
 @click.option("--allow-pickle", is_flag=True, help="Also read CLIP models with only .bin weights (torch.load(weights_only=True)).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier score in --out made with other settings.")
+@click.option("--scale", type=click.Choice(["cosine", "percent"]), default="cosine", show_default=True, help="Scale of the printed scores; percent = 100 x cosine. Files stay in cosine.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def score(*, source, out, prompts_spec, clip_models, clip_processor, device, clip_dtype, preprocess, batch_size, allow_pickle,
-          overwrite, quiet) -> None:
+          overwrite, scale, quiet) -> None:
     """Score existing images: a run folder (re-score), or an image folder with --prompts."""
     if _not_rank_0("score"):
         return
@@ -403,7 +404,7 @@ def score(*, source, out, prompts_spec, clip_models, clip_processor, device, cli
     _warn_flagged(result.summary)
     models = result.summary.get("models") or {clip_models[0]: result.summary}
     for model, block in models.items():
-        click.echo(_closing_line(block, result.out, f"{model}: clip/mean" if len(models) > 1 else "clip/mean"))
+        click.echo(_closing_line(block, result.out, f"{model}: clip/mean" if len(models) > 1 else "clip/mean", scale=scale))
 
 
 @main.command()

@@ -123,8 +123,28 @@ def builtin_descriptors() -> dict[str, Descriptor]:
     return found
 
 
-def load_library(spec: str) -> PromptLibrary:
-    """Resolve ``spec`` (a built-in name or a file path) into a parsed library."""
+@dataclass(frozen=True)
+class Combined:
+    """Several libraries and single prompts evaluated as one library, in this order: how SimpleTuner
+    builds its validation set (its built-in library, the user's library, then --validation_prompt)."""
+
+    parts: tuple[str, ...]  # library specs
+    extra: tuple[tuple[str, str], ...] = ()  # (name, prompt) after them
+
+    def load(self) -> PromptLibrary:
+        libraries = [load_library(part) for part in self.parts]
+        rows = [(p.prompt, p.category, p.challenge, p.name) for library in libraries for p in library.prompts]
+        rows += [(prompt, "", "", name) for name, prompt in self.extra]
+        name = " + ".join([library.name for library in libraries] + [f"{n!r}" for n, _ in self.extra])
+        return PromptLibrary(name, f"{name}, evaluated as one library",
+                             tuple(Prompt(i, *row) for i, row in enumerate(rows)),
+                             tuple(f for library in libraries for f in library.files))
+
+
+def load_library(spec: "str | Combined") -> PromptLibrary:
+    """Resolve ``spec`` (a built-in name, a file path, or a ``Combined``) into a parsed library."""
+    if isinstance(spec, Combined):
+        return spec.load()
     path = Path(spec).expanduser()
     if path.is_file():
         return load_file(path)
@@ -401,11 +421,19 @@ def _json_records(text: str, origin: str) -> list[Record]:
     except json.JSONDecodeError as err:
         raise ClipevalError(f"{origin}: invalid JSON at line {err.lineno} ({err.msg})") from err
     if isinstance(obj, dict):
-        # {shortname: prompt}, as SimpleTuner's user prompt libraries are written.
+        # {shortname: prompt}, as SimpleTuner's user prompt libraries are written; a value may be an
+        # object with its prompt under "prompt", "caption" or "tags" (SimpleTuner's PromptLibraryEntry).
+        records = []
         for key, value in obj.items():
+            if isinstance(value, dict):
+                value = next((value[k] for k in ("prompt", "caption", "tags") if k in value), None)
             if not isinstance(value, str):
-                raise ClipevalError(f"{origin}: entry {key!r}: a {{name: prompt}} map needs text values")
-        return [(f"entry {key!r}", {"prompt": value, "name": key}) for key, value in obj.items()]
+                raise ClipevalError(
+                    f"{origin}: entry {key!r}: a {{name: prompt}} map needs text values, or objects with a "
+                    "\"prompt\" (or \"caption\", \"tags\") text"
+                )
+            records.append((f"entry {key!r}", {"prompt": value, "name": key}))
+        return records
     if isinstance(obj, list):
         return [(f"item {i}", _as_record(o, origin, f"item {i}")) for i, o in enumerate(obj)]
     raise ClipevalError(f"{origin}: expected a JSON list or object, got {type(obj).__name__}")

@@ -497,3 +497,188 @@ def test_a_sweep_waits_for_a_file_still_growing_or_cut_short(cli, models, lora, 
     assert "cat-step00000012.safetensors is truncated" in result.stderr
     assert _history(tmp_path / "results")["step"].tolist() == [4]
     assert growing.exists()
+
+
+# -- SimpleTuner's config, read as SimpleTuner reads it -------------------------------------------------
+
+def _load(tmp_path, config: dict, name: str = "config.json"):
+    from clipeval import simpletuner
+
+    path = tmp_path / name
+    path.write_text(json.dumps({"--evaluation_type": "clip", **config}))
+    return simpletuner.load(path)
+
+
+def test_simpletuners_validation_defaults_fill_what_the_config_leaves_out(tmp_path):
+    options, notes = _load(tmp_path, {"--pretrained_model_name_or_path": "base", "--output_dir": str(tmp_path / "out")})
+    assert options["steps"] == 30 and options["guidance_scale"] == 7.5 and options["images_per_prompt"] == 1
+    assert (options["width"], options["height"]) == (256, 256)
+    assert options["default_negative_prompt"] == "blurry, cropped, ugly" and "negative_prompt" not in options
+    assert options["clip_model"] == "openai/clip-vit-large-patch14-336" and options["seed"] == 0
+    assert options["report_to"] == "none" and options["project"] == "simpletuner"
+    assert options["logging_dir"] == tmp_path / "out" / "logs"  # SimpleTuner joins it to output_dir
+    assert "prompt_library" not in options and notes == []
+    seeded, _ = _load(tmp_path, {"seed": 42})  # validation_seed or seed or 0, as SimpleTuner seeds its generator
+    assert seeded["seed"] == 42
+    assert _load(tmp_path, {"seed": 42, "validation_seed": 7})[0]["seed"] == 7
+    none, _ = _load(tmp_path, {"validation_negative_prompt": "None"})
+    assert "negative_prompt" not in none and "default_negative_prompt" not in none
+
+
+@pytest.mark.parametrize("family, flavour, base, scheduler", [
+    ("sd1x", None, "Lykon/dreamshaper-8", "ddim"),  # the family's default flavour
+    ("sd1x", "1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "ddim"),
+    ("sd2x", "2.1", "stabilityai/stable-diffusion-2-1", "euler"),
+    ("sdxl", None, "stabilityai/stable-diffusion-xl-base-1.0", "ddim"),
+    ("flux", "dev", "black-forest-labs/flux.1-dev", None),  # as SimpleTuner spells it
+])
+def test_model_family_and_flavour_name_the_base_model_simpletuner_uses(tmp_path, family, flavour, base, scheduler):
+    config = {"model_family": family, **({"model_flavour": flavour} if flavour else {})}
+    options, notes = _load(tmp_path, config)
+    assert options["base_model"] == base and options.get("scheduler") == scheduler
+    assert any(base in n for n in notes)
+    assert _load(tmp_path, {**config, "pretrained_model_name_or_path": "mine"})[0]["base_model"] == "mine"
+
+
+def test_report_to_lists_keywords_and_the_command_line_wins(cli, tmp_path, models):
+    assert _load(tmp_path, {"report_to": "wandb,tensorboard"})[0]["report_to"] == "wandb,tensorboard"
+    assert _load(tmp_path, {"report_to": ["tensorboard"]})[0]["report_to"] == "tensorboard"
+    assert _load(tmp_path, {"report_to": "all"})[0]["report_to"] == "tensorboard,wandb"  # both installed here
+    assert _load(tmp_path, {"report_to": "none"})[0]["report_to"] == "none"
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"evaluation_type": "clip", "pretrained_model_name_or_path": str(models.sd),
+                                  "output_dir": str(models.sd), "report_to": "comet_ml",
+                                  "pretrained_evaluation_model_name_or_path": str(models.clip)}))
+    assert_user_error(cli("run", "--config", config, "--out", tmp_path / "r"), "report_to 'comet_ml'")
+    ok = cli("run", "--config", config, "--out", tmp_path / "r", "--report-to", "none", "--limit", "1", "--steps", "1",
+             "--prompt-library", "smoke",
+             "--width", "64", "--height", "64", "--quiet")
+    assert ok.exit_code == 0, ok.stderr
+
+
+@pytest.mark.parametrize("value", [True, "true", "yes", "on", "1", "default", "image", "images", ""])
+def test_validation_prompt_library_spellings_select_the_builtin_library(tmp_path, value):
+    options, _ = _load(tmp_path, {"validation_prompt_library": value})
+    assert options["prompt_library"] == "simpletuner"
+
+
+@pytest.mark.parametrize("value", [False, "false", "no", "0", "none", "off"])
+def test_validation_prompt_library_spellings_that_turn_it_off(tmp_path, value):
+    assert "prompt_library" not in _load(tmp_path, {"validation_prompt_library": value})[0]
+
+
+def test_an_audio_prompt_library_is_refused(cli, tmp_path):
+    from clipeval.errors import ClipevalError
+
+    with pytest.raises(ClipevalError, match="validation_prompt_library 'audio'"):
+        _load(tmp_path, {"validation_prompt_library": "audio"})
+
+
+def test_builtin_and_user_libraries_and_validation_prompt_are_one_library_in_simpletuners_order(tmp_path, mirror):
+    from clipeval.prompts import load_library
+
+    user = tmp_path / "user.json"
+    user.write_text(json.dumps({"cat": {"prompt": "a cat on a sofa", "adapter_strength": 0.5}, "dog": "a dog"}))
+    options, _ = _load(tmp_path, {"validation_prompt_library": True, "user_prompt_library": user.name,
+                                  "validation_prompt": "a red cube"})
+    library = load_library(options["prompt_library"])
+    names = [p.name for p in library.prompts]
+    assert len(names) == 53 + 2 + 1 and names[0] == "alien_landscape"
+    assert names[-3:] == ["cat", "dog", "validation"]
+    assert [p.prompt for p in library.prompts][-3:] == ["a cat on a sofa", "a dog", "a red cube"]
+    assert [p.prompt_id for p in library.prompts] == list(range(56))
+
+
+def test_user_prompt_library_entries_must_be_prompts(cli, run_tiny, tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"a": {"caption": "a caption"}, "b": {"tags": "red, cube"}, "c": "plain"}))
+    out = tmp_path / "run"
+    assert run_tiny(out, library=good).exit_code == 0
+    assert pd.read_csv(out / "prompts.csv")["prompt"].tolist() == ["a caption", "red, cube", "plain"]
+    for bad in ({"a": 1}, {"a": {"strength": 1}}, {"a": ["x"]}):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        assert_user_error(run_tiny(tmp_path / "r", library=path), "entry 'a'", "text values")
+
+
+@pytest.mark.parametrize("value, size", [("1", 1024), ("1.0", 1024), ("2", 2000), (3, 3000), ("512", 512),
+                                         ("128", 128), ("1024x768", (1024, 768))])
+def test_validation_resolution_in_pixels_or_megapixels(tmp_path, value, size):
+    options, _ = _load(tmp_path, {"validation_resolution": value})
+    width, height = size if isinstance(size, tuple) else (size, size)
+    assert (options["width"], options["height"]) == (width, height)
+
+
+def test_fractional_megapixels_are_refused_with_what_simpletuner_would_do(tmp_path):
+    from clipeval.errors import ClipevalError
+
+    with pytest.raises(ClipevalError, match="0.5.*0 px"):
+        _load(tmp_path, {"validation_resolution": "0.5"})
+
+
+def test_env_placeholders_schedulers_images_and_unhonoured_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+    options, notes = _load(tmp_path, {
+        "output_dir": "{env:RUNS}/lora", "pretrained_model_name_or_path": "{env:NOT_SET_ANYWHERE}base",
+        "num_validation_images": 3, "validation_noise_scheduler": "euler-a",
+        "validation_guidance_rescale": 0.7, "validation_steps": 100, "validation_torch_compile": True,
+        "tracker_project_name": "my-lora", "logging_dir": "tb"})
+    assert options["checkpoint"] == f"{tmp_path}/runs/lora" and options["base_model"] == "base"
+    assert options["images_per_prompt"] == 3 and options["scheduler"] == "euler-a"
+    assert options["project"] == "my-lora" and options["logging_dir"] == tmp_path / "runs" / "lora" / "tb"
+    (note,) = notes
+    assert "validation_guidance_rescale=0.7" in note and "validation_steps" not in note and "torch_compile" not in note
+    _, notes = _load(tmp_path, {"validation_noise_scheduler": "perflow"})
+    assert "validation_noise_scheduler='perflow'" in notes[0]
+
+
+def test_a_config_run_uses_simpletuners_defaults_end_to_end(cli, models, tmp_path):
+    """No validation keys at all: 30 steps, guidance 7.5, the default negative prompt, 256 px, and
+    sd2x's Euler scheduler, as SimpleTuner's own validation of that run."""
+    user = tmp_path / "prompts.json"
+    user.write_text(json.dumps({"cube": "a red cube"}))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"--evaluation_type": "clip", "--model_family": "sd2x",
+                                  "--pretrained_model_name_or_path": str(models.sd), "--output_dir": str(models.sd),
+                                  "--pretrained_evaluation_model_name_or_path": str(models.clip),
+                                  "--user_prompt_library": str(user), "--validation_prompt": "a blue ball"}))
+    out = tmp_path / "run"
+    result = cli("run", "--config", config, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    g = json.loads((out / "manifest.json").read_text())["generation"]
+    assert (g["steps"], g["guidance_scale"], g["width"], g["height"]) == (30, 7.5, 256, 256)
+    assert g["negative_prompt"] == "blurry, cropped, ugly" and g["scheduler"] == "EulerDiscreteScheduler"
+    assert pd.read_csv(out / "prompts.csv")["name"].tolist() == ["cube", "validation"]
+
+
+# -- --scale percent: SimpleTuner's own statistics -------------------------------------------------------
+
+def test_scale_percent_logs_simpletuners_statistics_and_the_files_keep_clipevals(run_tiny, tmp_path):
+    from test_training import _tensorboard
+
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    result = run_tiny(out, "--limit", "4", "--images-per-prompt", "2", "--report-to", "tensorboard",
+                      "--logging-dir", logs, "--step", "3", "--scale", "percent")
+    assert result.exit_code == 0, result.stderr
+    scores = pd.read_csv(out / "scores.csv")
+    # SimpleTuner's evaluate_images: per prompt name, the last image's torchmetrics score (clamped
+    # 100·cos), round(·, 4); np.mean and np.std (ddof 0) over those.
+    last = {row.prompt_id: row.clip_score for row in scores.sort_values(["prompt_id", "sample"]).itertuples()}
+    per = [round(max(100 * c, 0.0), 4) for c in last.values()]
+    events = _tensorboard(logs / "clipeval")
+    logged = {tag: events.Scalars(tag)[0].value for tag in ("clip/mean", "clip/min", "clip/max", "clip/std")}
+    assert logged["clip/mean"] == pytest.approx(np.mean(per), abs=1e-4)
+    assert logged["clip/std"] == pytest.approx(np.std(per), abs=1e-4)
+    assert (logged["clip/min"], logged["clip/max"]) == pytest.approx((min(per), max(per)), abs=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clip/mean"] == pytest.approx(scores["clip_score"].mean(), abs=1e-9)  # all 8 images, in cosine
+    assert abs(np.mean(per) - 100 * summary["clip/mean"]) > 1e-3  # the two really differ here
+
+
+def test_score_takes_scale_percent(cli, run_tiny, models, tmp_path):
+    run = tmp_path / "run"
+    assert run_tiny(run, "--limit", "2").exit_code == 0
+    mean = json.loads((run / "summary.json").read_text())["clip/mean"]
+    result = cli("score", run, "--clip-model", models.clip, "--out", tmp_path / "s", "--scale", "percent", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"clip/mean {100 * mean:.2f} (100 x cosine)")
