@@ -159,7 +159,7 @@ def _evaluation_options(fn):
         click.option("--logging-dir", type=click.Path(path_type=Path), help="Where trackers write [default: OUT/logs, or RESULTS_DIR/logs for sweep]."),
         click.option("--project", default="clipeval", show_default=True, help="Tracker project (wandb)."),
         click.option("--run-name", help="Tracker run name [default: clipeval]."),
-        click.option("--scale", type=click.Choice(["cosine", "percent"]), default="cosine", show_default=True, help="Scale of tracked and printed scores; percent = 100 x cosine, SimpleTuner's. Files stay in cosine."),
+        click.option("--scale", type=click.Choice(["cosine", "percent"]), default="cosine", show_default=True, help="Scale of tracked and printed scores; percent = 100 x cosine, logged with SimpleTuner's own statistics. Files stay in cosine."),
         click.option("--config", "config_file", type=click.Path(path_type=Path), help="A SimpleTuner training config; options given here win over it."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]

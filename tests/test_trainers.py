@@ -682,3 +682,19 @@ def test_score_takes_scale_percent(cli, run_tiny, models, tmp_path):
     result = cli("score", run, "--clip-model", models.clip, "--out", tmp_path / "s", "--scale", "percent", "--quiet")
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith(f"clip/mean {100 * mean:.2f} (100 x cosine)")
+
+
+def test_scheduler_swaps_the_pipelines_and_is_part_of_the_run(run_tiny, models, base_run, tmp_path):
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    out = tmp_path / "euler-a"
+    assert run_tiny(out, "--limit", "3", "--scheduler", "euler-a").exit_code == 0
+    pipe = StableDiffusionPipeline.from_pretrained(models.sd)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "by-hand")
+    reference = tmp_path / "ref"
+    assert run_tiny(reference, "--limit", "3", checkpoint=tmp_path / "by-hand").exit_code == 0
+    assert files_of(out) == files_of(reference) and files_of(out) != files_of(base_run)
+    assert_user_error(run_tiny(out, "--limit", "3", "--scheduler", "ddim"), "scheduler 'ddim' (was 'euler-a')")
+    assert_user_error(run_tiny(tmp_path / "x", "--scheduler", "flow_matching"), "noise-prediction model")
+    assert_user_error(run_tiny(tmp_path / "y", "--scheduler", "lms"), "--scheduler lms: use one of")
