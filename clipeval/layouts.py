@@ -268,9 +268,13 @@ def _is_backup(root: Path, path: Path) -> bool:
     return any(part == "backup" or "-backup-" in part for part in parts)
 
 
+FINAL_FOLDERS = ("pipeline",)  # SimpleTuner writes its final model to OUT/pipeline/
+
+
 def _found(root: Path, path: Path) -> Found:
     relative = path.relative_to(root)
     parts = list(relative.parts)
     if path.is_file():
         parts[-1] = path.stem
-    return Found(path, training_step(path), "__".join(parts))
+    final = len(parts) == 1 and path.is_dir() and path.name in FINAL_FOLDERS
+    return Found(path, training_step(path), "__".join(parts), final=final)

@@ -82,11 +82,11 @@ def peft_file(lora, path: Path, *, prefix: dict[str, str] | None = None) -> Path
     return path
 
 
-def hand_merged(models, lora, target: Path, *, scale: float, alpha: float) -> Path:
-    """The tiny SD with W + scale·alpha/rank·up·down merged by hand, saved as a pipeline folder."""
-    from diffusers import StableDiffusionPipeline
+def hand_merged(models, lora, target: Path, *, scale: float, alpha: float, base: Path | None = None) -> Path:
+    """The tiny SD (or ``base``) with W + scale·alpha/rank·up·down merged by hand, saved as a pipeline folder."""
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(models.sd)
+    pipe = DiffusionPipeline.from_pretrained(base or models.sd)
     with torch.no_grad():
         for component, modules in lora.items():
             named = dict(getattr(pipe, component).named_modules())
@@ -151,6 +151,30 @@ def test_a_lora_file_equals_a_hand_merge_and_scale_zero_is_the_base(run_tiny, mo
     assert files_of(zero) == files_of(base_run)
 
 
+def test_a_flux_lora_in_peft_keys_as_ai_toolkit_writes_it(run_tiny, models, tmp_path):
+    """ai-toolkit's and diffusers' Flux LoRAs: transformer.<module>.lora_A/lora_B."""
+    from diffusers import FluxPipeline
+    from tiny_transformers import build_flux
+
+    flux = build_flux(tmp_path / "flux")
+    pipe = FluxPipeline.from_pretrained(flux)
+    g = torch.Generator().manual_seed(4)
+    lora = {"transformer": {}}
+    for path, m in _targets(pipe.transformer, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_out")).items():
+        lora["transformer"][path] = (0.5 * torch.randn(RANK, m.in_features, generator=g),
+                                     0.5 * torch.randn(m.out_features, RANK, generator=g))
+    file = peft_file(lora, tmp_path / "output" / "flux_lora" / "flux_lora_000000250.safetensors")
+    args = ("--limit", "2", "--height", "32", "--width", "32")
+    run, base, ref = tmp_path / "run", tmp_path / "base", tmp_path / "ref"
+    result = run_tiny(run, *args, "--base-model", flux, checkpoint=file)
+    assert result.exit_code == 0, result.stderr
+    assert run_tiny(base, *args, checkpoint=flux).exit_code == 0
+    merged = hand_merged(models, lora, tmp_path / "merged", scale=1.0, alpha=RANK, base=flux)
+    assert run_tiny(ref, *args, checkpoint=merged).exit_code == 0
+    assert_within_one_level(run, ref)
+    assert np.abs(pixels(run) - pixels(base)).max() > 8
+
+
 def test_a_lora_that_misses_the_text_encoder_modules_is_refused(run_tiny, models, lora, tmp_path):
     """Half the file matching the base is not a LoRA applied: the text encoder's keys here name
     modules of SDXL's second text encoder, which an SD 1.5 pipeline does not have."""
@@ -207,7 +231,7 @@ def test_a_lora_file_without_a_base_model_says_so(run_tiny, lora, tmp_path):
 
 # -- LyCORIS -------------------------------------------------------------------------------------------
 
-def lycoris_checkpoint(models, folder: Path, algo: str, seed: int = 1) -> Path:
+def lycoris_checkpoint(models, folder: Path, algo: str, seed: int = 1, prefix: str = "lycoris_") -> Path:
     """SimpleTuner's layout for lora_type lycoris: checkpoint-N/pytorch_lora_weights.safetensors in
     LyCORIS keys, written by the lycoris package's own save, and lycoris_config.json."""
     from diffusers import UNet2DConditionModel
@@ -221,7 +245,12 @@ def lycoris_checkpoint(models, folder: Path, algo: str, seed: int = 1) -> Path:
         for parameter in network.parameters():
             parameter.copy_(0.3 * torch.randn(parameter.shape, generator=g))
     folder.mkdir(parents=True, exist_ok=True)
-    network.save_weights(str(folder / "pytorch_lora_weights.safetensors"), torch.float32, None)
+    file = folder / "pytorch_lora_weights.safetensors"
+    network.save_weights(str(file), torch.float32, None)
+    if prefix != "lycoris_":  # kohya's LyCORIS network module: lora_unet_<module path>
+        from safetensors.torch import load_file
+
+        save_file({prefix + k.removeprefix("lycoris_"): v for k, v in load_file(str(file)).items()}, str(file))
     (folder / "lycoris_config.json").write_text(json.dumps({"algo": algo, "linear_dim": 4, "linear_alpha": 2}))
     network.restore()
     return folder
@@ -236,13 +265,21 @@ def lycoris_hand_merged(models, file: Path, target: Path, *, scale: float) -> Pa
 
     weights = load_file(str(file))
     pipe = StableDiffusionPipeline.from_pretrained(models.sd)
-    named = {"lycoris_" + n.replace(".", "_"): m for n, m in pipe.unet.named_modules()}
+    prefix = "lora_unet_" if any(k.startswith("lora_unet_") for k in weights) else "lycoris_"
+    named = {prefix + n.replace(".", "_"): m for n, m in pipe.unet.named_modules()}
     modules = {k.split(".")[0] for k in weights}
     with torch.no_grad():
         for name in modules:
             w = {k.split(".", 1)[1]: v for k, v in weights.items() if k.split(".")[0] == name}
-            alpha = float(w["alpha"])
-            if "hada_w1_a" in w:
+            alpha = float(w["alpha"]) if "alpha" in w else None
+            if "diff" in w:  # full: the difference itself (and the bias's)
+                delta = w["diff"]
+                if "diff_b" in w:
+                    named[name].bias += scale * w["diff_b"]
+            elif "lora_down.weight" in w:  # LoCon: up·down · α/r
+                down, up = w["lora_down.weight"], w["lora_up.weight"]
+                delta = (up.flatten(1) @ down.flatten(1)) * alpha / down.shape[0]
+            elif "hada_w1_a" in w:
                 delta = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"]) * alpha / w["hada_w1_b"].shape[0]
             else:
                 w1 = w["lokr_w1"] if "lokr_w1" in w else w["lokr_w1_a"] @ w["lokr_w1_b"]
@@ -257,14 +294,17 @@ def lycoris_hand_merged(models, file: Path, target: Path, *, scale: float) -> Pa
     return target
 
 
-@pytest.mark.parametrize("algo", ["lokr", "loha"])
-def test_lycoris_equals_a_hand_merge_of_the_published_formula(run_tiny, models, base_run, tmp_path, algo):
+@pytest.mark.parametrize("algo, prefix", [("lokr", "lycoris_"), ("loha", "lycoris_"), ("locon", "lycoris_"),
+                                          ("full", "lycoris_"), ("lokr", "lora_unet_")])
+def test_lycoris_equals_a_hand_merge_of_the_published_formula(run_tiny, models, base_run, tmp_path, algo, prefix):
+    """SimpleTuner's LyCORIS checkpoints (lycoris_ keys), and kohya's LyCORIS network module (lora_unet_ keys)."""
     from clipeval.layouts import read_header
 
-    checkpoint = lycoris_checkpoint(models, tmp_path / "checkpoint-40", algo)
+    checkpoint = lycoris_checkpoint(models, tmp_path / "checkpoint-40", algo, prefix=prefix)
     file = checkpoint / "pytorch_lora_weights.safetensors"
     names = read_header(file).tensors
-    assert all(k.startswith("lycoris_") for k in names) and any({"lokr": ".lokr_", "loha": ".hada_"}[algo] in k for k in names)
+    marker = {"lokr": ".lokr_", "loha": ".hada_", "locon": ".lora_down", "full": ".diff"}[algo]
+    assert all(k.startswith(prefix) for k in names) and any(marker in k for k in names)
     run = tmp_path / "run"
     result = run_tiny(run, "--limit", "3", "--base-model", models.sd, "--lora-scale", "0.8", checkpoint=checkpoint)
     assert result.exit_code == 0, result.stderr
@@ -472,6 +512,23 @@ def test_sweep_over_a_diffusers_lora_run_evaluates_the_root_lora(cli, models, lo
     result = sweep(cli, models, out, tmp_path / "results")
     assert result.exit_code == 0, result.stderr
     assert _history(tmp_path / "results")["run"].tolist() == ["checkpoint-100", "checkpoint-200", "final"]
+
+
+def test_sweep_over_simpletuners_lycoris_run_with_its_final_pipeline(cli, models, tmp_path):
+    out = tmp_path / "simpletuner-out"
+    for step in (10, 20):
+        checkpoint = lycoris_checkpoint(models, out / f"checkpoint-{step}", "lokr", seed=step)
+        (checkpoint / "training_state.json").write_text(json.dumps({"global_step": step}))
+    (out / "temporary-30").mkdir()  # a checkpoint being written, before SimpleTuner moves it into place
+    shutil.copytree(models.sd, out / "pipeline")  # its final model
+    results = tmp_path / "results"
+    result = sweep(cli, models, out, results)
+    assert result.exit_code == 0, result.stderr
+    history = _history(results)
+    assert history["run"].tolist() == ["checkpoint-10", "checkpoint-20", "pipeline"]
+    assert history["step"].tolist() == ["10", "20", ""]
+    assert "evaluating pipeline (the training folder's final model" in result.stderr
+    assert json.loads((results / "checkpoint-10" / "manifest.json").read_text())["checkpoint"]["kind"] == "lycoris"
 
 
 def test_a_sweep_that_finds_nothing_exits_2(cli, models, tmp_path):
