@@ -279,9 +279,18 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
     """Evaluate every checkpoint of TRAINING_DIR not evaluated yet, oldest step first (for cron).
 
     \b
+    Checkpoints, 3 levels deep: checkpoint-N/ folders (diffusers, SimpleTuner: LoRA,
+    LyCORIS, unet/ or transformer/ with their _ema/ copies), kohya's NAME-stepNNNNNNNN,
+    NAME-NNNNNN and NAME .safetensors, ai-toolkit's NAME_000000250 files and folders,
+    OneTrainer's save/…-save-STEP-E-S.safetensors and backup/…-backup-STEP-E-S/, and the
+    final model (TRAINING_DIR's own pipeline or LoRA, SimpleTuner's pipeline/), last.
+    Never unet/, vae/, text_encoder/... or kohya's -state/ folders on their own.
+
+    \b
     Exit codes: 0 when nothing failed (also when another sweep is busy with --out),
     1 when --alert-if-worse is given and the newest checkpoint is significantly worse than the best
-    earlier one, 2 when a checkpoint could not be evaluated (the others still are; 2 wins over 1).
+    earlier one, 2 when a checkpoint could not be evaluated (the others still are; 2 wins over 1)
+    or when TRAINING_DIR holds no checkpoint at all.
     """
     from clipeval import sweep as sweeping
 
