@@ -26,3 +26,8 @@ def __getattr__(name: str):
 
         return load_library
     raise AttributeError(f"module 'clipeval' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy names too, so tab completion and ``dir(clipeval)`` find them."""
+    return sorted({*globals(), *__all__})

@@ -1,8 +1,8 @@
 """The ``clipeval`` command: a thin click layer, one library call per command.
 
 Heavy modules are imported inside the commands, so ``clipeval --help`` starts instantly.
-User errors (``ClipevalError``) print one line on stderr and exit 2; Ctrl-C exits 130 and the
-same command resumes; anything else is a bug and keeps its traceback.
+User errors (``ClipevalError``) print one line on stderr and exit 2; Ctrl-C exits 130 and SIGTERM
+143, and the same command resumes; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from clipeval.errors import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_INTERRUPTED, ClipevalError
+from clipeval.errors import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, ClipevalError, Terminated
 
 DEMO_WARNING = "DEMO MODELS: tiny random weights; these scores mean nothing."
 
@@ -29,8 +29,18 @@ def _not_rank_0(command: str) -> bool:
     return world > 1 and rank != 0
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
+        import signal
+        import threading
+
+        installed = threading.current_thread() is threading.main_thread()
+        if installed:  # a CLI command only: a training loop that imports clipeval keeps its own handler
+            previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except ClipevalError as err:
@@ -38,9 +48,16 @@ class _Group(click.Group):
                 raise
             click.echo(f"clipeval: error: {err}", err=True)
             sys.exit(EXIT_ERROR)
+        except Terminated:
+            click.echo("\nclipeval: terminated (SIGTERM); what was finished is kept: run the same command again to "
+                       "resume", err=True)
+            sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.echo("\nclipeval: interrupted; run the same command again to resume", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        finally:
+            if installed:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -50,7 +67,7 @@ def main() -> None:
 
     \b
     Exit codes: 0 success, 1 a quality gate failed, 2 bad input or error,
-    130 interrupted (the same command resumes).
+    130 interrupted (Ctrl-C), 143 terminated (SIGTERM): the same command resumes.
     """
 
 
@@ -104,6 +121,22 @@ def _leave(code) -> None:
     os._exit(code)
 
 
+class Finite(click.FloatRange):
+    """A float that is a number: click's float takes nan and inf, which no threshold or scale can
+    mean (nan makes every comparison false, so a gate could never fail)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            finite = math.isfinite(float(value))
+        except (TypeError, ValueError):
+            finite = True  # not a number at all: click's own message says so
+        if not finite:
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class BatchSize(click.ParamType):
     """A positive integer or ``auto``."""
 
@@ -133,15 +166,15 @@ def _evaluation_options(fn):
         click.option("--clip-model", default="openai/clip-vit-large-patch14-336", show_default=True, help="Scorer: a short name ('clipeval scorers'), a transformers CLIP/SigLIP model id or folder, or 'demo'."),
         click.option("--clip-processor", help="Take the scorer's tokenizer and image processor from this folder or hub id (for models that ship none, e.g. PickScore)."),
         click.option("--base-model", help="Diffusers folder or hub id the checkpoint builds on: for single files, LoRA and LyCORIS weights and fine-tuned unet/transformer folders."),
-        click.option("--lora-scale", type=float, help="Strength of LoRA or LyCORIS weights (0 = the base model).  [default: 1]"),
+        click.option("--lora-scale", type=Finite(), help="Strength of LoRA or LyCORIS weights (0 = the base model).  [default: 1]"),
         click.option("--ema/--no-ema", "ema", default=None, help="Where a checkpoint holds EMA and raw weights (unet_ema/, transformer_ema/, ema/), evaluate the EMA (what trainers ship as the final model) or the raw ones.  [default: --ema]"),
-        click.option("--images-per-prompt", type=click.IntRange(1, 4096), default=1, show_default=True),
+        click.option("--images-per-prompt", type=click.IntRange(1, 4096), default=1, show_default=True, help="Images per prompt, each from its own seed (a function of --seed, prompt_id and sample)."),
         click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Base seed; each image's seed derives from it, its prompt_id and sample."),
         click.option("--batch-size", type=BatchSize(), default="auto", show_default=True, help="Images per generation call. auto: 4 on a CPU; on CUDA from 8, doubled while images/s rises by 5% and memory allows."),
         click.option("--steps", type=click.IntRange(1), help="Denoising steps [default: the pipeline's]."),
-        click.option("--guidance-scale", type=float, help="Classifier-free guidance [default: the pipeline's]."),
-        click.option("--height", type=click.IntRange(8), help="[default: the pipeline's]"),
-        click.option("--width", type=click.IntRange(8), help="[default: the pipeline's]"),
+        click.option("--guidance-scale", type=Finite(0), help="Classifier-free guidance [default: the pipeline's]."),
+        click.option("--height", type=click.IntRange(8), help="Image height in pixels [default: the pipeline's]."),
+        click.option("--width", type=click.IntRange(8), help="Image width in pixels [default: the pipeline's]."),
         click.option("--negative-prompt", help="One negative prompt for every image."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True, help="Generation precision; auto: float32 on CPU, half on GPU."),
@@ -210,7 +243,7 @@ def _run_config(options: dict, **extra):
 @_evaluation_options
 @click.option("--step", type=click.IntRange(0), help="Training step to log at [default: from the checkpoint's name or state file].")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out made with other settings.")
-@click.option("--fail-below", type=float, help="Exit 1 (after writing every file) when clip/mean is below this.")
+@click.option("--fail-below", type=Finite(), help="Exit 1 (after writing every file) when clip/mean is below this, in the scale printed (--scale: cosine, or percent = 100 x cosine).")
 @click.option("--report", "with_report", is_flag=True, help="Also write OUT/report.html.")
 @click.option("--junit-xml", "junit_xml", type=click.Path(path_type=Path), help="Also write the gate's result as JUnit XML (one test case per gate), for CI systems.")
 @click.pass_context
@@ -226,6 +259,7 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
     for note in notes:
         click.echo(f"note: {note}", err=True)
     trackers, scale = _tracking(options, Path(options["out"]) / "logs", step)
+    threshold = _in_cosine(fail_below, scale, "--fail-below", bound=1.0)  # before any model loads
     demo = "demo" in (options["checkpoint"], options["clip_model"])
     if demo:
         click.secho(DEMO_WARNING, fg="yellow", err=True)
@@ -250,10 +284,12 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
     from clipeval import gates
 
     ci = s["clip/mean_ci"]
-    measured = f"clip/mean {s['clip/mean']:.4f}" + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
-    checks = [] if fail_below is None else [gates.Gate(
-        f"clip/mean >= {fail_below:g}", s["clip/mean"] >= fail_below,
-        measured + (" is below " if s["clip/mean"] < fail_below else " is at least ") + f"{fail_below:g}",
+    k, digits = (100.0, 2) if scale == "percent" else (1.0, 4)
+    measured = f"clip/mean {k * s['clip/mean']:.{digits}f}" + (
+        f" [95% CI {k * ci[0]:.{digits}f}, {k * ci[1]:.{digits}f}]" if ci else "")
+    checks = [] if threshold is None else [gates.Gate(
+        f"clip/mean >= {fail_below:g}", s["clip/mean"] >= threshold,
+        measured + (" is below " if s["clip/mean"] < threshold else " is at least ") + f"{fail_below:g}",
         f"{measured} over {s['images']} images of {s['prompts']} prompts; run folder {result.out}")]
     if junit_xml is not None:
         gates.write_junit(junit_xml, "run", checks)
@@ -262,7 +298,8 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
         f"| {gates.cell(result.out)} | {s['clip/mean']:.4f} | " + (f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "") +
         f" | {s['images']} | {s['prompts']} | " + ("" if not checks else "passed" if checks[0].passed else "**failed**") + " |")
     if checks and not checks[0].passed:
-        click.echo(f"clipeval: gate failed: clip/mean {s['clip/mean']:.4f} < --fail-below {fail_below:g}", err=True)
+        click.echo(f"clipeval: gate failed: clip/mean {k * s['clip/mean']:.{digits}f} < --fail-below {fail_below:g}"
+                   + (" (100 x cosine)" if scale == "percent" else ""), err=True)
         sys.exit(EXIT_GATE_FAILED)
 
 
@@ -270,9 +307,9 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
 @click.argument("training_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="RESULTS_DIR: one run folder per checkpoint, and history.csv.")
 @_evaluation_options
-@click.option("--settle", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds a checkpoint must be left untouched before it counts as saved.")
+@click.option("--settle", type=Finite(0), default=60.0, show_default=True, help="Seconds a checkpoint must be left untouched before it counts as saved.")
 @click.option("--junit-xml", "junit_xml", type=click.Path(path_type=Path), help="Also write the gate's result as JUnit XML (one test case per gate), for CI systems.")
-@click.option("--alert-if-worse", "alert_margin", type=float, help="Exit 1 (after writing every file), with an 'alert:' line, when the newest checkpoint is worse than the best earlier one by more than this: the whole CI of the paired delta below -MARGIN.")
+@click.option("--alert-if-worse", "alert_margin", type=Finite(0), help="Exit 1 (after writing every file), with an 'alert:' line, when the newest checkpoint is worse than the best earlier one by more than this: the whole CI of the paired delta below -MARGIN.")
 @click.pass_context
 def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: float, alert_margin: float | None,
           junit_xml: Path | None, **options) -> None:
@@ -303,31 +340,63 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
         raise ClipevalError("--prompt-library is required (or --config)")
     for note in notes:
         click.echo(f"note: {note}", err=True)
-    trackers, _ = _tracking(options, out / "logs", None)
+    trackers, scale = _tracking(options, out / "logs", None)
+    margin = _in_cosine(alert_margin, scale, "--alert-if-worse", bound=2.0)  # deltas of cosines lie in [-2, 2]
     base = _run_config(options, checkpoint="", out=out, trackers=trackers)
-    result = sweeping.sweep(folder, out, base, settle_s=settle, margin=alert_margin or 0.0,
+    result = sweeping.sweep(folder, out, base, settle_s=settle, margin=margin or 0.0,
                             log=lambda m: click.echo(m, err=True))
     if result is None:  # another rank of a multi-process sweep: rank 0 reports
         return
     if result.busy:
         click.echo(result.busy)
         return
+    for line in _evaluated_lines(result, scale):
+        click.echo(line)
     click.echo(
         f"{len(result.evaluated)} evaluated, {len(result.up_to_date)} up to date, {len(result.skipped)} still being "
         f"written, {len(result.failed)} failed → {result.history}"
     )
     newest = result.newest
-    alert = newest is not None and newest["alert"] == "true"
+    alert = margin is not None and newest is not None and newest["alert"] == "true"
     if alert:
+        k = 100.0 if scale == "percent" else 1.0
         click.echo(
             f"alert: step {newest['step']} is worse than the best earlier checkpoint (step {newest['best_step']}): delta "
-            f"{newest['delta_best']:+.4f} [{newest['delta_best_ci_low']:+.4f}, {newest['delta_best_ci_high']:+.4f}], "
-            f"p {newest['p_best']:.3g}, margin {alert_margin or 0:g}", err=True)
-    _sweep_gates(result, alert_margin, junit_xml)
+            f"{k * newest['delta_best']:+.4f} [{k * newest['delta_best_ci_low']:+.4f}, {k * newest['delta_best_ci_high']:+.4f}]"
+            f"{' (100 x cosine)' if k != 1 else ''}, p {newest['p_best']:.3g}, margin {alert_margin:g}", err=True)
+    _sweep_gates(result, margin, junit_xml)
     if result.failed:
         sys.exit(EXIT_ERROR)
-    if alert and alert_margin is not None:
+    if alert:
         sys.exit(EXIT_GATE_FAILED)
+
+
+def _evaluated_lines(result, scale: str) -> list[str]:
+    """One line per checkpoint this sweep evaluated, for a cron log: its step, mean with CI, and
+    the paired delta to the best earlier checkpoint with its CI."""
+    if result.history is None or not result.history.is_file() or not result.evaluated:
+        return []
+    import pandas as pd
+
+    k, digits = (100.0, 2) if scale == "percent" else (1.0, 4)
+    rows = pd.read_csv(result.history, keep_default_na=False)
+    lines = []
+    for _, row in rows[rows["run"].isin(result.evaluated)].iterrows():
+        v = {c: k * float(row[c]) for c in ("clip_mean", "clip_mean_ci_low", "clip_mean_ci_high", "delta_best",
+                                            "delta_best_ci_low", "delta_best_ci_high") if row[c] != ""}
+        where = f"step {row['step']}" if row["step"] != "" else f"{row['run']} (no step)"
+        line = f"{where}: clip/mean {v['clip_mean']:.{digits}f}"
+        if "clip_mean_ci_low" in v:
+            line += f" [{v['clip_mean_ci_low']:.{digits}f}, {v['clip_mean_ci_high']:.{digits}f}]"
+        if row["alert"] != "" and "delta_best" in v:
+            line += f", delta {v['delta_best']:+.{digits}f}"
+            if "delta_best_ci_low" in v:
+                line += f" [{v['delta_best_ci_low']:+.{digits}f}, {v['delta_best_ci_high']:+.{digits}f}]"
+            line += f" to the best earlier (step {row['best_step']})"
+        else:
+            line += ", the first checkpoint"
+        lines.append(line + (" (100 x cosine)" if k != 1 else ""))
+    return lines
 
 
 def _sweep_gates(result, margin: float | None, junit_xml: Path | None) -> None:
@@ -349,6 +418,26 @@ def _sweep_gates(result, margin: float | None, junit_xml: Path | None) -> None:
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(gates.cell(row[c]) for c in columns) + " |" for _, row in rows.iterrows()]
         gates.step_summary("\n".join(lines))
+
+
+def _in_cosine(value: float | None, scale: str, option: str, *, bound: float, scales: bool = True) -> float | None:
+    """A threshold typed in the scale the command prints, as a cosine. One outside the possible
+    range of the score (``bound`` in cosine) is refused, naming the other scale (``scales``: the
+    command has --scale)."""
+    if value is None:
+        return None
+    k = 100.0 if scale == "percent" else 1.0
+    if abs(value) > bound * k:
+        if scale == "cosine" and not scales:
+            hint = f"it reads cosines, not 100 x cosine (torchmetrics' and SimpleTuner's scale): did you mean {value / 100:g}?"
+        elif scale == "cosine":
+            hint = (f"did you mean {value / 100:g}, or --scale percent (100 x cosine, the scale of torchmetrics and "
+                    "SimpleTuner)?")
+        else:
+            hint = "--scale percent reads it as 100 x cosine"
+        raise ClipevalError(f"{option} {value:g} is outside the possible range [{-bound * k:g}, {bound * k:g}] of the "
+                            f"score in {scale}: {hint}")
+    return value / k
 
 
 def _fmt(value: float | None) -> str:
@@ -432,8 +521,8 @@ def scorers() -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv", "json"]), default="text", show_default=True)
 @click.option("--allow-mismatch", is_flag=True, help="Compare runs with another library, seed or CLIP model on what they share.")
 @click.option("--fail-if-worse", is_flag=True, help="Exit 1 when a run is significantly worse than the baseline by more than --margin.")
-@click.option("--margin", type=click.FloatRange(0), default=0.0, show_default=True, help="Tolerated drop of clip/mean.")
-@click.option("--confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True)
+@click.option("--margin", type=Finite(0), default=0.0, show_default=True, help="Tolerated drop of clip/mean, in cosine.")
+@click.option("--confidence", type=Finite(0.5, 0.999), default=0.95, show_default=True)
 @click.option("--resamples", type=click.IntRange(100), default=10_000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--top", type=click.IntRange(0), default=5, show_default=True, help="Groups listed as moving most (text, markdown).")
@@ -442,9 +531,8 @@ def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confi
             junit_xml) -> None:
     """Is a run better than the baseline, or is it noise? Paired by prompt and seed.
 
-    \b
-    A run is worse by more than --margin when the whole confidence interval of its paired
-    delta lies below -margin; --fail-if-worse then exits 1.
+    A run is worse by more than --margin when the whole confidence interval of its paired delta
+    lies below -margin; --fail-if-worse then exits 1.
     """
     if _not_rank_0("compare"):
         return
@@ -456,6 +544,7 @@ def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confi
         paths.insert(0, baseline)
     if len(paths) < 2:
         raise ClipevalError("compare needs at least two runs (RUN_A RUN_B ..., or one run and --baseline)")
+    _in_cosine(margin, "cosine", "--margin", bound=2.0, scales=False)  # a paired delta of cosines lies in [-2, 2]
     loaded = [comparing.load_run(p) for p in paths]
     result = comparing.compare(
         loaded,
@@ -517,9 +606,16 @@ def prompts(library: str) -> None:
     lib = load_library(library)
     writer = csv.writer(sys.stdout, lineterminator="\n")
     named = lib.named
-    writer.writerow(["prompt_id", *(["name"] if named else []), "prompt", "category", "challenge"])
-    for p in lib.prompts:
-        writer.writerow([p.prompt_id, *([p.name] if named else []), p.prompt, p.category, p.challenge])
+    try:
+        writer.writerow(["prompt_id", *(["name"] if named else []), "prompt", "category", "challenge"])
+        for p in lib.prompts:
+            writer.writerow([p.prompt_id, *([p.name] if named else []), p.prompt, p.category, p.challenge])
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `clipeval prompts parti | head -1`: the reader has what it wanted; exit 0 like other Unix tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
 
 
 @main.command()

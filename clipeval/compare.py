@@ -104,9 +104,11 @@ def compare(
     base = runs[baseline]
     others = [r for i, r in enumerate(runs) if i != baseline]
     mismatches = []
+    from clipeval.store import canonical
+
     for run in others:
         for key in MUST_MATCH:
-            if base.settings.get(key) != run.settings.get(key):
+            if canonical(base.settings.get(key)) != canonical(run.settings.get(key)):  # one folder, however spelled
                 mismatches.append(f"{run.name} has {key} {run.settings.get(key)!r}, {base.name} has {base.settings.get(key)!r}")
     if mismatches and not allow_mismatch:
         raise ClipevalError(
@@ -241,7 +243,7 @@ def render(result: Comparison, fmt: str, *, top: int = 5) -> str:
             f"{_f(o.mean)} {_ci(o.mean_ci)}",
             f"{_f(o.delta, True)} {_ci(o.delta_ci, True)}",
             format_p(o.p_value),
-            f"{o.win_rate:.1%}",
+            "n/a (all tied)" if o.tie_rate == 1 else f"{o.win_rate:.1%}",
             verdict(run, result.margin),
         ])
     out = [_table(header, rows, markdown)]
@@ -270,6 +272,9 @@ def power_line(run: RunComparison) -> str | None:
     power = run.overall.power
     if power is None:
         return None
+    if power["prompt_delta_sd"] == 0:
+        return (f"{run.name}: every one of the {power['prompts']} prompts moved by the same amount: there is no "
+                "spread to measure, so no number of prompts to say")
     needed = ", ".join(f"{d} needs {n} prompts" for d, n in power["prompts_needed"].items())
     return (f"{run.name}: with {power['prompts']} prompts the smallest detectable difference is "
             f"±{power['mde']:.4f} (two-sided α {power['alpha']:g}, power {power['power']:g}, per-prompt delta sd "

@@ -233,6 +233,7 @@ def _early_main(paths: list[Path], arena, start: int, end: int, pipe) -> None:
     import numpy as np
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: a child just goes
     parent = os.getppid()
     offset = start
     try:

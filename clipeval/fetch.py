@@ -53,6 +53,12 @@ def fetch(name: str, url: str, sha256: str) -> Path:
             data = response.read()
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or err
+        mirror = os.environ.get("CLIPEVAL_LIBRARY_MIRROR", "").strip()
+        if mirror:  # the mirror is set: say what it lacks, not to set it
+            raise ClipevalError(
+                f"could not get {name} from CLIPEVAL_LIBRARY_MIRROR={mirror} ({src}: {reason}); put the file "
+                f"there (its source: {url}), or pass its path as the prompt library"
+            ) from err
         raise ClipevalError(
             f"could not download {name} from {src} ({reason}); offline? set CLIPEVAL_LIBRARY_MIRROR "
             f"to a folder or URL holding {name}, or pass the file's path as the prompt library"

@@ -89,7 +89,7 @@ class GenerationSettings:
     negative_prompt: str | None
 
 
-def generate(pipe: Any, batch: Sequence[WorkItem], settings: GenerationSettings):
+def generate(pipe: Any, batch: Sequence[WorkItem], settings: GenerationSettings, on_step=None):
     """Images of ``batch`` as uint8 ``(B, 3, H, W)`` on the pipeline's device, as they will be saved,
     and a flag per image: "nan" (non-finite pixels, e.g. a float16 overflow), "nsfw" (the pipeline's
     safety checker blanked it), "black" (every pixel 0), or "" for a usable image."""
@@ -98,6 +98,9 @@ def generate(pipe: Any, batch: Sequence[WorkItem], settings: GenerationSettings)
     kwargs: dict[str, Any] = {}
     if settings.negative_prompt is not None:
         kwargs["negative_prompt"] = [settings.negative_prompt] * len(batch)
+    if on_step is not None and _takes_step_callback(pipe):
+        # ``on_step(step, steps)`` after each denoising step: progress inside a batch
+        kwargs["callback_on_step_end"] = lambda _pipe, i, _t, tensors: (on_step(i + 1, settings.steps), tensors)[1]
     with torch.inference_mode():
         try:
             output = pipe(
@@ -119,6 +122,15 @@ def generate(pipe: Any, batch: Sequence[WorkItem], settings: GenerationSettings)
     black = (pixels.flatten(1).amax(dim=1) == 0).tolist()
     flags = ["nan" if n else "nsfw" if s else "black" if b else "" for n, s, b in zip(nonfinite, nsfw, black)]
     return pixels, flags
+
+
+def _takes_step_callback(pipe) -> bool:
+    import inspect
+
+    try:
+        return "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def to_uint8(images):

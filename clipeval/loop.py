@@ -102,7 +102,7 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, oom) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
 
 
-def generate_adaptive(pipe, batch, gen, adaptive: Adaptive):
+def generate_adaptive(pipe, batch, gen, adaptive: Adaptive, on_step=None):
     """``generate`` in sub-batches of at most ``adaptive.limit`` images, shrinking on OOM."""
     import torch
 
@@ -112,7 +112,7 @@ def generate_adaptive(pipe, batch, gen, adaptive: Adaptive):
     while start < len(batch):
         size = min(adaptive.limit, len(batch) - start)
         try:
-            part, part_flags = generate(pipe, batch[start : start + size], gen)
+            part, part_flags = generate(pipe, batch[start : start + size], gen, on_step=on_step)
         except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
             if not is_out_of_memory(err):
                 raise
@@ -247,6 +247,10 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
                 done[(row["prompt_id"], row["sample"])] = row
             bar.update(len(batch))
 
+    def on_step(step: int, steps: int) -> None:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"denoising step {step}/{steps}")
+
     scoring: Pending | None = None  # generated, being scored
     writing: Pending | None = None  # scored, PNGs being written
 
@@ -266,7 +270,7 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
                 items = [item for batch in group for item in batch]
                 watch = _Watch(device, adaptive.grow)
                 try:
-                    images, flags = generate_adaptive(pipe, items, gen, adaptive)
+                    images, flags = generate_adaptive(pipe, items, gen, adaptive, on_step=on_step)
                 except BaseException:
                     # Ctrl-C or a failure while generating: keep what is already generated (up to
                     # two calls' worth, which under --batch-size auto can be hundreds of images).

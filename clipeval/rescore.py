@@ -169,7 +169,11 @@ def _rows_from_mapping(folder: Path, mapping: Path, records) -> tuple[list[Image
         samples[prompt_id] = sample + 1
         rows.append(ImageRow(prompt_id, sample, "", prompt, category, challenge, name, path))
     rows.sort(key=lambda r: (r.prompt_id, r.sample))
-    return rows, {"missing images": missing}
+    listed = {row.path for row in rows}
+    left_out = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                      and p not in listed)
+    return rows, {"missing images": missing, "images the table leaves out": left_out}
 
 
 def _rows_from_library(folder: Path, library) -> tuple[list[ImageRow], dict[str, list[str]]]:
@@ -228,8 +232,8 @@ def score(config: ScoreConfig):
         source = from_run(source_dir, config.batch_size)
     else:
         source = from_images(source_dir, config.prompts, config.batch_size)
-    settings = {**source.settings, "clip_model": models[0], "clip_models": list(models),
-                "clip_processor": config.clip_processor, "clip_dtype": config.clip_dtype, "preprocess": config.preprocess}
+    settings = {**source.settings, "clip_model": store.canonical(models[0]), "clip_models": list(models),
+                "clip_processor": store.canonical(config.clip_processor), "clip_dtype": config.clip_dtype, "preprocess": config.preprocess}
     rundir = store.RunDir(out)
     rundir.check(settings, overwrite=config.overwrite)
     with Decoder(source.batches, workers=min(32, os.cpu_count() or 1), path=lambda row: row.path) as decoded:  # before torch

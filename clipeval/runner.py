@@ -120,6 +120,9 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
     store.check_parent(out)
     full_library = prompts.load_library(config.prompt_library)
     library = full_library.head(config.limit)
+    if config.limit is not None and config.limit > len(full_library.prompts) and ranks.main:
+        print(f"note: --limit {config.limit} is more than the {len(full_library.prompts)} prompts of "
+              f"{full_library.name}; all of them are evaluated", file=sys.stderr)
     ref = pipelines.resolve_checkpoint(
         config.checkpoint, config.base_model, allow_pickle=config.allow_pickle, revision=config.revision,
         ema=config.ema,
@@ -134,15 +137,15 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
     dtype = pipelines.resolve_dtype(config.dtype, device, ref.model_index)
     items = work_items(library, images_per_prompt=config.images_per_prompt, seed=config.seed)
     settings = {
-        "checkpoint": config.checkpoint,
+        "checkpoint": store.canonical(config.checkpoint),
         "revision": config.revision,
-        "base_model": config.base_model,
+        "base_model": store.canonical(config.base_model),
         "lora_scale": (1.0 if config.lora_scale is None else config.lora_scale) if ref.kind in pipelines.ADAPTERS else None,
         "weights": ref.weights,
         "scheduler": config.scheduler,
         "pipeline": ref.pipeline_class,
-        "clip_model": config.clip_model,
-        "clip_processor": config.clip_processor,
+        "clip_model": store.canonical(config.clip_model),
+        "clip_processor": store.canonical(config.clip_processor),
         "clip_revision": config.clip_revision,
         # The whole library's hash (before --limit): runs with other limits may share a folder.
         "library_sha256": full_library.sha256,
@@ -166,12 +169,22 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
     if config.negative_prompt is None and config.default_negative_prompt is not None:
         del settings["negative_prompt"]  # known once the pipeline says whether it takes one
     rundir = store.RunDir(out, rank=ranks.rank)
-    _check_seed_scheme(rundir.check({**settings, **explicit}, overwrite=config.overwrite), out)
+    moved = _moved_checkpoint(rundir, ref, settings, config.overwrite)
+    previous = rundir.check({**settings, **explicit, **moved}, overwrite=config.overwrite)
+    _check_seed_scheme(previous, out)
+    _check_not_shrunk(previous, out, prompts=len(library.prompts), images_per_prompt=config.images_per_prompt)
 
     # 2. Models, then the settings that depend on them. Nothing is written before they load. In a
     #    multi-process run every rank says whether it loaded, so none waits for a rank that failed.
     load_error = None
+    loud = config.progress and ranks.main
     try:
+        if loud:
+            from clipeval import progress
+
+            what = f"{ref.kind} {ref.location}" if ref.base_model else ref.spec
+            base = f" on base model {ref.base_model} ({progress.size_of(ref.base_model)})" if ref.base_model else ""
+            progress.say(f"loading checkpoint {what} ({progress.size_of(ref.location)}){base} on {device} ...")
         pipe = pipelines.load_pipeline(
             ref, device=device, dtype=dtype, allow_pickle=config.allow_pickle, revision=config.revision,
             lora_scale=config.lora_scale,
@@ -190,6 +203,8 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
                         negative_prompt=gen.negative_prompt)
         from clipeval.scorers import make_scorer
 
+        if loud:
+            progress.say(f"loading CLIP model {config.clip_model} ({progress.size_of(config.clip_model)}) ...")
         scorer = make_scorer(
             config.clip_model, device=device, dtype=config.clip_dtype, preprocess=config.preprocess,
             revision=config.clip_revision, allow_pickle=config.allow_pickle, processor=config.clip_processor,
@@ -201,7 +216,7 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
         load_error = distributed.report(err)
     ranks.all_ok(load_error)
     clock["loaded"] = time.perf_counter()
-    previous = ranks.on_main(lambda: rundir.claim(settings, overwrite=config.overwrite))
+    previous = ranks.on_main(lambda: rundir.claim({**settings, **moved}, overwrite=config.overwrite))
     try:
         prepared = Prepared(config, rundir, ranks, settings, ref, library, items, gen, pipe, scorer, device, clock,
                             adaptive=loop.Adaptive.for_run(config.batch_size, device, log=_say))
@@ -223,6 +238,42 @@ def _say(message: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(f"clipeval: {message}", file=sys.stderr)
+
+
+def _moved_checkpoint(rundir, ref, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """A checkpoint folder or file that moved since the run in ``rundir`` began: recognised as the
+    same when its fingerprint (every file's name and size, and the sha256 of every file up to
+    8 MiB: configs, tokenizers, small weights) equals the one in the run's manifest. Then the
+    run's recorded location stands for the new one, and the run resumes; returns that override."""
+    from clipeval import store
+
+    previous = None if overwrite else rundir.manifest()
+    if not previous or ref.kind == "hub":
+        return {}
+    old = previous.get("settings", {}).get("checkpoint")
+    if store.canonical(old) == settings["checkpoint"] or not isinstance(old, str):
+        return {}
+    recorded = previous.get("checkpoint", {}).get("files")
+    if not recorded or recorded != _fingerprint(ref):
+        return {}
+    print(f"note: the checkpoint moved: {ref.location} holds the same files (names, sizes and hashes) as {old}, "
+          f"which {rundir.path} was made from; resuming", file=sys.stderr)
+    return {"checkpoint": old}
+
+
+def _check_not_shrunk(previous: dict[str, Any] | None, out: Path, *, prompts: int, images_per_prompt: int) -> None:
+    """A smaller --limit or --images-per-prompt into a folder would rewrite its results over fewer
+    images: a typo would lose the summary of the larger run. Only --overwrite does that."""
+    if previous is None:
+        return
+    selection = previous.get("selection", {})
+    had_prompts, had_images = selection.get("prompts", 0), selection.get("images_per_prompt", 0)
+    if had_prompts > prompts or had_images > images_per_prompt:
+        raise ClipevalError(
+            f"{out} holds results for {had_prompts} prompts x {had_images} images; this command asks for "
+            f"{prompts} x {images_per_prompt} and would rewrite them as fewer: give --limit {had_prompts} "
+            f"--images-per-prompt {had_images} (or more) to keep and extend them, another --out, or --overwrite"
+        )
 
 
 def _check_seed_scheme(previous: dict[str, Any] | None, out: Path) -> None:
@@ -333,18 +384,14 @@ def generation_settings(defaults: dict[str, Any], *, steps, guidance_scale, heig
 def _generate_and_score(run: Prepared, mine: list[list], done: dict) -> int:
     """This rank's batches through the hot loop (``clipeval.loop``), under one progress bar."""
     pipe, scorer, gen, items, rundir, config, ranks = run.pipe, run.scorer, run.gen, run.items, run.rundir, run.config, run.ranks
-    from tqdm.auto import tqdm
-
-    from clipeval import loop
+    from clipeval import loop, progress
 
     remaining = sum(1 for item in items if item.key not in done)
-    bar = tqdm(
+    bar = progress.bar(
         total=len(items) if ranks.world == 1 else sum(len(b) for b in mine),
         initial=len(items) - remaining if ranks.world == 1 else 0,
-        unit="img",
         desc="generating + scoring" + (f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""),
-        disable=not config.progress or not ranks.main,
-        dynamic_ncols=True,
+        enabled=config.progress and ranks.main,
     )
     with bar:
         return loop.run_batches(
@@ -499,10 +546,12 @@ def evaluate(
     out: str | Path | None = None,
     progress: bool = False,
     across_ranks: bool = False,
+    limit: int | None = None,
 ) -> Evaluation:
     """The evaluation of ``run`` on a pipeline already in memory, e.g. inside a training loop.
 
-    ``prompts``: a library name or file, a ``PromptLibrary``, or a list of strings. ``clip``: a
+    ``prompts``: a library name or file, a ``PromptLibrary``, or a list of strings, of which
+    ``limit`` takes the first N (as ``run --limit``: a quick look at Parti mid-training). ``clip``: a
     model id or folder, or a ``clipeval.score.ClipScorer`` to reuse across calls (load CLIP once per
     training run, not once per evaluation). Seeds, scores and statistics are those of ``run``.
     Nothing is written unless ``out`` names a folder (then: images, scores.csv, prompts.csv and
@@ -530,6 +579,9 @@ def evaluate(
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ClipevalError("prompts: give a library name or file, or a non-empty list of non-empty strings")
         library = PromptLibrary("in-memory", "prompts given to evaluate()", tuple(Prompt(i, t) for i, t in enumerate(texts)))
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ClipevalError("limit must be a positive integer")
+    library = library.head(limit)
     device = str(getattr(pipe, "device", "cpu"))
     items = work_items(library, images_per_prompt=images_per_prompt, seed=seed)
     rank, world = distributed.joined() if across_ranks else (0, 1)

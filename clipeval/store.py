@@ -375,10 +375,32 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
+# Settings that name a file or folder: the same place is the same setting, however it is spelled.
+PATH_SETTINGS = ("checkpoint", "base_model", "clip_model", "clip_processor", "clip_models")
+
+
+def canonical(spec: Any) -> Any:
+    """A local path as its resolved absolute location (``models/sd-a/``, ``./models/sd-a`` and
+    ``/abs/models/sd-a`` are one); hub ids, ``demo`` and None as they are; a list item by item."""
+    if isinstance(spec, list):
+        return [canonical(item) for item in spec]
+    if not isinstance(spec, str) or spec in ("", "demo"):
+        return spec
+    path = Path(spec).expanduser()
+    try:
+        return str(path.resolve()) if path.exists() else spec
+    except OSError:
+        return spec
+
+
 def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two runs' settings (keys present in ``new``)."""
+    """Human-readable differences between two runs' settings (keys present in ``new``). Paths are
+    compared by location, so a folder run made before paths were resolved still matches."""
     out = []
     for key, value in new.items():
-        if key in old and old[key] != value:
+        if key not in old:
+            continue
+        same = canonical(old[key]) == canonical(value) if key in PATH_SETTINGS else old[key] == value
+        if not same:
             out.append(f"{key} {value!r} (was {old[key]!r})")
     return out

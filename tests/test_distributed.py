@@ -250,6 +250,25 @@ def test_a_rank_killed_mid_run_resumes_with_one_process(reference, run_tiny, mod
     assert files_of(out) == files_of(reference)
 
 
+def test_sigterm_to_torchrun_stops_every_rank_like_ctrl_c_and_the_run_resumes(reference, run_tiny, models, tmp_path):
+    out = tmp_path / "terminated"
+    stopped = launch("torchrun", [str(HERE / "term_rank.py"), "run"],
+                     ["--checkpoint", models.sd, "--clip-model", models.clip, "--out", out, *ARGS], tmp_path)
+    assert stopped.returncode != 0
+    said = [line for line in stopped.stderr.splitlines() if "terminated (SIGTERM)" in line]
+    assert len(said) == 2, stopped.stderr[-5000:]  # each rank, one line each, no traceback
+    # The only traceback is torchrun's own agent's (its SignalException); none from a rank.
+    assert not re.search(r'File ".*[/\\]clipeval[/\\]', stopped.stderr), stopped.stderr[-5000:]
+    assert not (out / "summary.json").exists()
+    kept = sum((out / ".clipeval" / f"journal-{r}.jsonl").read_text().count("\n")
+               for r in (0, 1) if (out / ".clipeval" / f"journal-{r}.jsonl").exists())
+    assert kept >= 1
+    with one_thread():
+        resumed = run_tiny(out, *ARGS[:-3])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert files_of(out) == files_of(reference)
+
+
 def test_rank_0_failing_to_claim_stops_every_rank(models, tmp_path):
     import fcntl
 

@@ -99,7 +99,9 @@ def test_builtin_library_with_a_tampered_mirror_is_an_error(cli, server, fresh_c
 
 def test_unreachable_source_is_one_line_with_what_to_do(cli, fresh_cache, monkeypatch):
     monkeypatch.setenv("CLIPEVAL_LIBRARY_MIRROR", "http://127.0.0.1:9")  # discard port: refused
-    assert_user_error(cli("prompts", "drawbench"), "could not download drawbench.csv", "CLIPEVAL_LIBRARY_MIRROR")
+    result = cli("prompts", "drawbench")
+    assert_user_error(result, "could not get drawbench.csv from CLIPEVAL_LIBRARY_MIRROR=http://127.0.0.1:9")
+    assert "offline? set" not in result.stderr  # it is set: the line says what it lacks
 
 
 def test_mirror_file_url_and_default_cache_location(shared_data, monkeypatch, tmp_path):

@@ -177,7 +177,8 @@ def test_rerun_resumes_without_generating_again(run_tiny, tmp_path, monkeypatch)
     calls = []
     original = clipeval.generate.generate
     monkeypatch.setattr(
-        clipeval.generate, "generate", lambda pipe, batch, s: calls.append([i.key for i in batch]) or original(pipe, batch, s)
+        clipeval.generate, "generate",
+        lambda pipe, batch, s, **kw: calls.append([i.key for i in batch]) or original(pipe, batch, s, **kw)
     )
     assert run_tiny(out, "--limit", "4").exit_code == 0
     assert calls == [] and files_of(out) == before
