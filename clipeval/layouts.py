@@ -79,7 +79,9 @@ def adapter_format(names) -> str | None:
                   for n in names)
     if lycoris:
         return "lycoris"
-    if any(part in name for name in names for part in LORA_PARTS):
+    # Whatever the trainer's naming (kohya, peft, diffusers' old keys, XLabs' ``qkv_lora1``,
+    # DoRA's ``lora_magnitude_vector``), a LoRA's tensors say "lora"; a whole model's never do.
+    if any("lora" in name.lower() for name in names):
         return "lora"
     return None
 
@@ -105,14 +107,13 @@ def adapter_component(module: str) -> tuple[str, str]:
 
 
 def adapter_modules(names) -> dict[str, set[str]]:
-    """The modules a LoRA file names, by component: what loading it must change."""
+    """The modules a LoRA file names, by component: what loading it must change. Only keys of a
+    down or up factor count (not alpha, DoRA's magnitudes, or a naming this does not know)."""
     out: dict[str, set[str]] = {}
     for name in names:
         cut = min((name.find(part) for part in LORA_PARTS if part in name), default=-1)
         if cut < 0:
-            if "." not in name or name.endswith(".alpha"):
-                continue
-            cut = name.find(".")  # LyCORIS: module.param
+            continue
         component, module = adapter_component(name[:cut])
         out.setdefault(component, set()).add(module)
     return out
@@ -276,5 +277,17 @@ def _found(root: Path, path: Path) -> Found:
     parts = list(relative.parts)
     if path.is_file():
         parts[-1] = path.stem
-    final = len(parts) == 1 and path.is_dir() and path.name in FINAL_FOLDERS
+    final = (len(parts) == 1 and path.is_dir() and path.name in FINAL_FOLDERS) or _kohya_final(path)
     return Found(path, training_step(path), "__".join(parts), final=final)
+
+
+def _kohya_final(path: Path) -> bool:
+    """kohya's NAME.safetensors beside its NAME-step00000300 / NAME-000001 files: the final model,
+    placed after a per-step file of the same step."""
+    if not path.is_file() or step_in_name(path.stem) is not None:
+        return False
+    import glob
+
+    stem = path.stem
+    return any(step_in_name(sibling.stem) is not None or KOHYA_EPOCH.match(sibling.stem)
+               for sibling in path.parent.glob(f"{glob.escape(stem)}-*.safetensors"))

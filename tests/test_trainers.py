@@ -417,6 +417,32 @@ def test_steps_from_what_each_trainer_writes(tmp_path, lora):
     assert training_step(state) == 777
 
 
+def test_adapters_are_told_by_their_tensor_names(tmp_path):
+    from clipeval.layouts import adapter_format, adapter_modules
+
+    assert adapter_format(["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]) == "lora"
+    assert adapter_format(["double_blocks.0.processor.qkv_lora1.down.weight"]) == "lora"  # XLabs' Flux LoRAs
+    assert adapter_format(["transformer.blocks.0.attn.to_q.lora_A.weight"]) == "lora"
+    assert adapter_format(["lycoris_down_blocks_0_attentions_0_proj_in.lora_down.weight"]) == "lycoris"
+    assert adapter_format(["lora_unet_down_blocks_0_proj_in.hada_w1_a"]) == "lycoris"
+    assert adapter_format(["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.bias"]) is None
+    named = adapter_modules(["unet.a.b.lora_A.weight", "unet.a.b.lora_B.weight", "unet.a.b.lora_magnitude_vector",
+                             "lora_te_text_model_x.lora_down.weight", "lora_te_text_model_x.alpha"])
+    assert named == {"denoiser": {"a.b"}, "text_encoder": {"text_model_x"}}  # magnitudes and alphas are no module
+
+
+def test_kohyas_final_file_comes_after_the_step_file_of_its_step(lora, tmp_path):
+    from clipeval.layouts import find_checkpoints
+
+    out = tmp_path / "out"
+    kohya_file(lora, out / "cat-step00000010.safetensors")
+    kohya_file(lora, out / "cat.safetensors", metadata={"ss_steps": "10"})
+    kohya_file(lora, out / "dog.safetensors", metadata={"ss_steps": "5"})  # no siblings: not cat's final
+    found = find_checkpoints(out)
+    assert [(f.name, f.step, f.final) for f in found] == [("dog", 5, False), ("cat-step00000010", 10, False),
+                                                         ("cat", 10, True)]
+
+
 def test_run_with_report_to_and_no_step_says_so_and_step_overrides(run_tiny, models, lora, tmp_path):
     file = kohya_file(lora, tmp_path / "plain.safetensors")
     logs = tmp_path / "logs"
