@@ -94,6 +94,8 @@ def figure_svg(draw, *, width: float, height: float) -> str:
 
 
 def _histogram(runs: list[ReportRun]) -> str:
+    from matplotlib.ticker import MaxNLocator
+
     def draw(fig):
         ax = fig.subplots()
         values = [r.scores.loc[r.scores["flag"] == "", "clip_score"].dropna() for r in runs]
@@ -105,6 +107,7 @@ def _histogram(runs: list[ReportRun]) -> str:
                     linewidth=1.5, alpha=0.9, label=Path(run.name).name or run.name)
         ax.set_xlabel("CLIP score (cosine)")
         ax.set_ylabel("images")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # images come whole
         if len(runs) > 1:
             ax.legend()
 
@@ -123,12 +126,18 @@ def _group_bars(summary: dict[str, Any], key: str) -> str | None:
         errors = [[m - (groups[g]["ci"] or [m, m])[0] for g, m in zip(labels, means)],
                   [(groups[g]["ci"] or [m, m])[1] - m for g, m in zip(labels, means)]]
         colors = ["#c9c9c9" if groups[g]["few_prompts"] else "#4c72b0" for g in labels]
-        ax.barh(range(len(labels)), means, xerr=errors, color=colors, capsize=2)
+        bars = ax.barh(range(len(labels)), means, xerr=errors, color=colors, capsize=2)
+        for i, bar in enumerate(bars):
+            bar.set_gid(f"{key}-bar-{i}")  # so a browser test can measure each bar
         ax.set_yticks(range(len(labels)), [f"{g} ({groups[g]['prompts']})" for g in labels])
         ax.invert_yaxis()
-        ax.set_xlabel("mean CLIP score, 95% CI (grey: fewer than 10 prompts)")
+        ax.set_xlabel("mean CLIP score from 0, 95% CI (grey: fewer than 10 prompts)")
+        # A bar's length is its value: the axis starts at 0 (below it only for negative means),
+        # never at the smallest mean, where 0.29 would look half of 0.43.
         lows = [m - lo for m, lo in zip(means, errors[0])]
-        ax.set_xlim(min(lows) - 0.01, max(m + hi for m, hi in zip(means, errors[1])) + 0.01)
+        highs = [m + hi for m, hi in zip(means, errors[1])]
+        span = max(max(highs), 0) - min(min(lows), 0) or 1.0
+        ax.set_xlim(min(min(lows), 0) - (0.02 * span if min(lows) < 0 else 0), max(max(highs), 0) + 0.02 * span)
 
     return figure_svg(draw, width=6.4, height=0.9 + 0.28 * len(labels))
 
@@ -161,6 +170,42 @@ def _delta_bars(comparison, kind: str) -> str | None:
             ax.legend()
 
     return figure_svg(draw, width=6.4, height=0.9 + 0.3 * len(labels) * max(1, len(runs) * 0.6))
+
+
+def _is_demo(run: ReportRun) -> bool:
+    m = run.manifest
+    settings = m.get("settings", {})
+    return (m.get("checkpoint") or {}).get("kind") == "demo" or "demo" in (settings.get("checkpoint"), settings.get("clip_model"))
+
+
+def _demo_warning(runs) -> str:
+    return "<p class='warn big' id='demo-warning'>DEMO MODELS: tiny random weights; these scores mean nothing.</p>"
+
+
+DIFFERENCE_KEYS = (
+    ("settings", "checkpoint"), ("settings", "base_model"), ("settings", "weights"), ("settings", "lora_scale"),
+    ("settings", "clip_model"), ("settings", "library_sha256"), ("generation", "seed"), ("generation", "steps"),
+    ("generation", "guidance_scale"), ("generation", "width"), ("generation", "height"),
+    ("generation", "negative_prompt"), ("generation", "scheduler"), ("settings", "dtype"),
+    ("settings", "clip_dtype"), ("settings", "preprocess"), ("settings", "device_type"),
+    ("selection", "images_per_prompt"), ("selection", "prompts"),
+)
+
+
+def _differences(runs: list[ReportRun]) -> str:
+    """The settings in which the runs differ, first: a guidance of 7.5 against 3.0 explains a
+    difference the tables below only measure."""
+    rows = []
+    for block, key in DIFFERENCE_KEYS:
+        values = [(r.manifest.get(block) or {}).get(key) for r in runs]
+        if any(v is not None for v in values) and len({json.dumps(v, sort_keys=True) for v in values}) > 1:
+            rows.append(f"<tr><th>{e(key)}</th>" + "".join(f"<td>{e('—' if v is None else v)}</td>" for v in values) + "</tr>")
+    names = "".join(f"<th>{e(Path(r.name).name or r.name)}</th>" for r in runs)
+    if not rows:
+        return ("<section id='differences'><h2>What differs</h2><p class='meta'>The runs share every recorded "
+                "setting: what differs is the checkpoint's weights.</p></section>")
+    return (f"<section id='differences'><h2>What differs</h2><table class='compare'><tr><th>setting</th>{names}</tr>"
+            f"{''.join(rows)}</table></section>")
 
 
 def _headline(run: ReportRun) -> str:
@@ -207,10 +252,21 @@ def _prompt_cards(run: ReportRun, prompt_ids: list[int], title: str) -> str:
             f"<figcaption>{_f(r.clip_score)}{' · ' + e(r.flag) if r.flag else ''}<br>seed {e(r.seed)}</figcaption></figure>"
             for r in rows.itertuples()
         )
-        cards.append(f"<div class='card'><p class='prompt'>{e(first.prompt)}</p>"
+        cards.append(f"<div class='card'>{_prompt_text(first.prompt)}"
                      f"<p class='meta'>#{pid} · {e(first.category) or '—'} · mean {_f(usable.mean() if len(usable) else None)}</p>"
                      f"<div class='images'>{images}</div></div>")
     return f"<section><h2>{e(title)}</h2><div class='cards'>{''.join(cards)}</div></section>"
+
+
+FOLD_AT = 280  # characters of a prompt shown before it folds
+
+
+def _prompt_text(prompt: str) -> str:
+    """A prompt, folded past FOLD_AT characters (a 3,000-character prompt filled a screen)."""
+    if len(prompt) <= FOLD_AT:
+        return f"<p class='prompt'>{e(prompt)}</p>"
+    return (f"<details class='prompt'><summary>{e(prompt[:FOLD_AT])}… <span class='meta'>({len(prompt)} characters: "
+            f"show all)</span></summary>{e(prompt)}</details>")
 
 
 def _best_worst(run: ReportRun) -> str:
@@ -268,7 +324,7 @@ def _side_by_side(runs: list[ReportRun], comparison, top: int) -> str:
                              f"<div>{_f(r.clip_score)}{' · ' + e(r.flag) if r.flag else ''}</div>"
                              f"<div class='seed'>seed {e(r.seed)}</div></td>")
             body.append(f"<tr><th>sample {sample}</th>{''.join(cells)}</tr>")
-        blocks.append(f"<div class='card wide'><p class='prompt'>{e(prompt)}</p><p class='meta'>#{pid} · delta "
+        blocks.append(f"<div class='card wide'>{_prompt_text(prompt)}<p class='meta'>#{pid} · delta "
                       f"{_f(float(moved[pid]), True)}</p><table class='side'><tr><th></th>{header}</tr>{''.join(body)}</table></div>")
     same = base.scores.set_index(["prompt_id", "sample"])["seed"].reindex(
         other.scores.set_index(["prompt_id", "sample"]).index).eq(other.scores["seed"].to_numpy()).all()
@@ -311,8 +367,9 @@ def build(paths: list[str | Path], *, baseline: str | Path | None = None, allow_
     if baseline is not None:
         order = [baseline] + [p for p in order if p != baseline]
     runs = [load(p) for p in order]
-    sections = []
+    sections = [_demo_warning(runs)] if any(_is_demo(r) for r in runs) else []
     if len(runs) > 1:
+        sections.append(_differences(runs))
         comparison = comparing.compare([comparing.load_run(p) for p in order], allow_mismatch=allow_mismatch,
                                        boot=stats.Bootstrap())
         sections.append(_comparison_table(comparison))
@@ -376,6 +433,8 @@ def build_training(results_dir: str | Path, *, top: int = 12) -> str:
     if small:
         sections.append(f"<section><h2>Per-category curves</h2><div class='figure'>{small}</div></section>")
     sections.append(_history_table(history))
+    if any(_is_demo(r) for r in runs.values()):
+        sections.insert(0, _demo_warning(list(runs.values())))
     shown = [runs[best_name]] + ([runs[newest_name]] if newest_name != best_name else [])
     if len(shown) == 2:
         comparison = comparing.compare([comparing.load_run(folder / best_name), comparing.load_run(folder / newest_name)],
@@ -404,7 +463,8 @@ def _curve(history, best_name: str) -> str:
 
     def draw(fig):
         ax = fig.subplots()
-        ax.fill_between(steps, lows, highs, color="#4c72b0", alpha=0.2, linewidth=0, label="95% CI")
+        band = ax.fill_between(steps, lows, highs, color="#4c72b0", alpha=0.2, linewidth=0, label="95% CI")
+        band.set_gid("ci-band")
         ax.plot(steps, means, marker="o", color="#4c72b0", label="clip/mean")
         ax.plot([steps[best]], [means[best]], marker="*", markersize=16, color="#d4a017", linestyle="none", label="best")
         if alerts:
@@ -412,9 +472,10 @@ def _curve(history, best_name: str) -> str:
                     linestyle="none", label="alert: worse than the best earlier")
         ax.set_xlabel("step")
         ax.set_ylabel("mean CLIP score")
-        ax.legend(loc="best")
+        # Beside the axes, never over them: "best" placement still covered the CI band.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0).set_gid("curve-legend")
 
-    return figure_svg(draw, width=7.2, height=3.2)
+    return figure_svg(draw, width=8.4, height=3.2)
 
 
 def _category_curves(history, runs: dict) -> str | None:
@@ -442,21 +503,28 @@ def _category_curves(history, runs: dict) -> str | None:
 
 
 def _history_table(history) -> str:
-    columns = ["step", "run", "clip_mean", "clip_mean_ci_low", "clip_mean_ci_high", "best_step", "delta_best",
-               "delta_best_ci_low", "delta_best_ci_high", "p_best", "alert"]
-    head = "".join(f"<th>{e(c)}</th>" for c in columns if c in history.columns)
+    """One row per checkpoint; each interval beside its value, so the table (and its alert column)
+    fits a laptop's width."""
     from clipeval.compare import format_p
 
-    def shown(column: str, value: Any) -> str:
-        if value == "" or column in ("step", "run", "best_step", "alert"):
-            return str(value)
-        if column == "p_best":
-            return format_p(float(value))
-        return _f(float(value), signed=column.startswith("delta"))
+    def number(row, column: str, signed: bool = False) -> str:
+        return "" if row.get(column, "") == "" else _f(float(row[column]), signed=signed)
 
-    body = "".join("<tr>" + "".join(f"<td>{e(shown(c, row[c]))}</td>" for c in columns if c in history.columns) + "</tr>"
-                   for _, row in history.iterrows())
-    return f"<section><h2>History</h2><table class='compare' id='history'><tr>{head}</tr>{body}</table></section>"
+    def interval(row, low: str, high: str, signed: bool = False) -> str:
+        return "" if row.get(low, "") == "" else f"[{number(row, low, signed)}, {number(row, high, signed)}]"
+
+    head = "".join(f"<th>{e(c)}</th>" for c in ("step", "run", "clip_mean", "95% CI", "best earlier step",
+                                                  "delta to it", "95% CI", "p", "alert", "weights"))
+    body = []
+    for _, row in history.iterrows():
+        cells = [row["step"], row["run"], number(row, "clip_mean"), interval(row, "clip_mean_ci_low", "clip_mean_ci_high"),
+                 row.get("best_step", ""), number(row, "delta_best", True),
+                 interval(row, "delta_best_ci_low", "delta_best_ci_high", True),
+                 "" if row.get("p_best", "") == "" else format_p(float(row["p_best"])), row.get("alert", ""),
+                 row.get("weights", "")]
+        body.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
+    return (f"<section><h2>History</h2><table class='compare' id='history'><tr>{head}</tr>{''.join(body)}</table>"
+            "</section>")
 
 
 def write(paths: list[str | Path], out: str | Path, **kwargs) -> Path:
@@ -480,7 +548,8 @@ table{border-collapse:collapse}td,th{padding:.2rem .5rem;text-align:left;vertica
 .facts th{color:#555;font-weight:normal}.compare td,.compare th{border-bottom:1px solid #eee}
 .figure svg{max-width:100%;height:auto}.cards{display:flex;flex-wrap:wrap;gap:1rem}
 .card{border:1px solid #ddd;border-radius:6px;padding:.6rem;max-width:560px}.card.wide{max-width:none;margin-bottom:1rem}
-.prompt{font-weight:600;white-space:pre-wrap;margin:.2rem 0}.meta{color:#666;margin:.2rem 0}
+.prompt{font-weight:600;white-space:pre-wrap;margin:.2rem 0;overflow-wrap:anywhere}.meta{color:#666;margin:.2rem 0}
+details.prompt summary{cursor:pointer}#history td:nth-child(2){overflow-wrap:anywhere;max-width:22rem}
 .images{display:flex;flex-wrap:wrap;gap:.4rem}figure{margin:0}figcaption{font-size:.8rem;color:#555}
 .missing{display:flex;align-items:center;justify-content:center;background:#f0f0f0;color:#999;font-size:.8rem}
 #controls{display:flex;gap:.6rem;align-items:center;margin:.6rem 0}#prompts th{cursor:pointer;position:sticky;top:0;background:#fff}
@@ -509,7 +578,15 @@ SCRIPT = r"""
     add(String(r.id));
     var cell = add("");
     if (r.thumb) { var im = document.createElement("img"); im.src = r.thumb; im.alt = "prompt " + r.id; cell.appendChild(im); }
-    add(r.prompt, "text");
+    if (r.prompt.length > 280) {  // folded past 280 characters, as in the cards
+      var folded = add("", "text"), details = document.createElement("details"), summary = document.createElement("summary");
+      summary.textContent = r.prompt.slice(0, 280) + "\u2026";
+      details.appendChild(summary);
+      details.appendChild(document.createTextNode(r.prompt));
+      folded.appendChild(details);
+    } else {
+      add(r.prompt, "text");
+    }
     add(r.category);
     add(r.challenge);
     add(String(r.n));

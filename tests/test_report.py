@@ -363,3 +363,109 @@ def test_the_training_report_in_chromium(cli, sweep_results, tmp_path, browser):
     assert page.locator("#history tr").count() == 4  # header and three checkpoints
     assert page.inner_text("#count") == "60 of 60 prompts"
     _artifact(page, "training-report.png")
+
+
+# -- charts that do not mislead ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke_run(models, tmp_path_factory):
+    from click.testing import CliRunner
+
+    from clipeval.cli import main
+
+    out = tmp_path_factory.mktemp("smoke-run") / "run"
+    result = CliRunner().invoke(main, ["run", "--checkpoint", str(models.sd), "--clip-model", str(models.clip),
+                                       "--prompt-library", "smoke", "--steps", "2", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_category_bars_start_at_zero_so_a_bars_length_is_its_value(cli, smoke_run, tmp_path, browser):
+    out = tmp_path / "report.html"
+    assert cli("report", smoke_run, "--out", out).exit_code == 0
+    page, problems = _open(browser, out)
+    assert problems == []
+    groups = json.loads((smoke_run / "summary.json").read_text())["by_category"]
+    boxes = [page.locator(f"#by_category-bar-{i}").bounding_box() for i in range(len(groups))]
+    means = [g["mean"] for g in groups.values()]
+    assert all(b is not None and b["width"] > 0 for b in boxes)
+    assert max(b["x"] for b in boxes) - min(b["x"] for b in boxes) < 1.0  # every bar starts at the same 0
+    for box, mean in zip(boxes, means):
+        assert box["width"] / boxes[0]["width"] == pytest.approx(mean / means[0], rel=0.02)
+    _artifact(page, "report-category-bars.png")
+
+
+def test_the_histogram_counts_whole_images(smoke_run, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from clipeval import report
+
+    figures = []
+    real = report.figure_svg
+
+    def keep(draw, **size):
+        fig = Figure()
+        draw(fig)
+        figures.append(fig)
+        return real(draw, **size)
+
+    monkeypatch.setattr(report, "figure_svg", keep)
+    report._histogram([report.load(smoke_run)])
+    ticks = figures[0].axes[0].get_yticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
+def test_a_comparison_report_says_first_which_settings_differ(cli, run_tiny, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_tiny(a, "--limit", "3", "--guidance-scale", "7.5").exit_code == 0
+    assert run_tiny(b, "--limit", "3", "--guidance-scale", "3").exit_code == 0
+    out = tmp_path / "r.html"
+    assert cli("report", a, b, "--out", out).exit_code == 0
+    text = out.read_text()
+    assert text.index("What differs") < text.index("<table class='compare'><tr><th>run")
+    row = text[text.index("<th>guidance_scale</th>"):].split("</tr>")[0]
+    assert "<td>7.5</td>" in row and "<td>3.0</td>" in row
+    assert "<th>steps</th>" not in text.split("What differs")[1].split("</section>")[0]  # the same: not listed
+
+
+def test_the_demo_report_keeps_the_demo_warning(cli, tmp_path):
+    out = tmp_path / "demo"
+    result = cli("run", "--checkpoint", "demo", "--clip-model", "demo", "--prompt-library", "smoke", "--limit", "2",
+                 "--steps", "1", "--quiet", "--out", out, "--report")
+    assert result.exit_code == 0, result.stderr
+    assert "DEMO MODELS: tiny random weights; these scores mean nothing." in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_very_long_prompt_is_folded(cli, run_tiny, tmp_path, browser):
+    library = tmp_path / "long.txt"
+    long_prompt = ("a very detailed scene of a harbour at dawn with boats, gulls and fishermen " * 45)[:3364]
+    library.write_text(long_prompt + "\na cat\n")
+    run = tmp_path / "run"
+    assert run_tiny(run, library=library).exit_code == 0
+    out = tmp_path / "r.html"
+    assert cli("report", run, "--out", out).exit_code == 0
+    page, problems = _open(browser, out)
+    assert problems == []
+    heights = page.evaluate("() => Array.from(document.querySelectorAll('.card')).map(c => c.getBoundingClientRect().height)")
+    assert heights and max(heights) < 400
+    rows = page.evaluate("() => Array.from(document.querySelectorAll('#prompts tbody tr')).map(r => r.getBoundingClientRect().height)")
+    assert max(rows) < 200
+    page.click(".card details.prompt summary")  # unfolded on request, whole
+    assert long_prompt in page.inner_text(".card details.prompt")
+
+
+@pytest.mark.slow
+def test_the_training_report_fits_1400_px_and_its_legend_leaves_the_band_free(cli, sweep_results, tmp_path, browser):
+    out = tmp_path / "training.html"
+    assert cli("report", sweep_results, "--out", out).exit_code == 0
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(out.as_uri())
+    page.wait_for_load_state("load")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 1400
+    alert = page.locator("#history th", has_text="alert").bounding_box()
+    assert alert is not None and alert["x"] + alert["width"] <= 1400
+    band, legend = page.locator("#ci-band").bounding_box(), page.locator("#curve-legend").bounding_box()
+    assert band["x"] + band["width"] <= legend["x"] or legend["y"] >= band["y"] + band["height"]  # no overlap
+    _artifact(page, "training-report-1400.png")
