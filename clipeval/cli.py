@@ -316,7 +316,7 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
     """Evaluate every checkpoint of TRAINING_DIR not evaluated yet, oldest step first (for cron).
 
     \b
-    Checkpoints, 3 levels deep: checkpoint-N/ folders (diffusers, SimpleTuner: LoRA,
+    Checkpoints, in TRAINING_DIR and two levels below: checkpoint-N/ folders (diffusers, SimpleTuner: LoRA,
     LyCORIS, unet/ or transformer/ with their _ema/ copies), kohya's NAME-stepNNNNNNNN,
     NAME-NNNNNN and NAME .safetensors, ai-toolkit's NAME_000000250 files and folders,
     OneTrainer's save/…-save-STEP-E-S.safetensors and backup/…-backup-STEP-E-S/, and the

@@ -56,7 +56,7 @@ def find_checkpoints(training_dir: Path) -> list:
         raise ClipevalError(
             f"{training_dir}: no checkpoint found (looked for checkpoint-N/ folders, diffusers pipelines, "
             "LoRA/LyCORIS files and folders, fine-tuned unet/ or transformer/ folders, and per-step .safetensors "
-            "files as kohya, ai-toolkit and OneTrainer write them, 3 levels deep)"
+            "files as kohya, ai-toolkit and OneTrainer write them, in the folder and two levels below it)"
         )
     return found
 
