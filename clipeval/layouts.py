@@ -75,8 +75,7 @@ def adapter_format(names) -> str | None:
     prefix), ``"lora"`` (kohya's lora_down/lora_up, peft's lora_A/lora_B, older diffusers keys), or
     None: a whole model."""
     names = list(names)
-    lycoris = any(n.startswith("lycoris_") or LYCORIS_PARAMS.match(n.rsplit(".", 1)[-1] if "." in n else "")
-                  for n in names)
+    lycoris = any(n.startswith("lycoris_") or LYCORIS_PARAMS.match(n.rsplit(".", 1)[-1]) for n in names)
     if lycoris:
         return "lycoris"
     # Whatever the trainer's naming (kohya, peft, diffusers' old keys, XLabs' ``qkv_lora1``,
@@ -130,7 +129,7 @@ def training_step(checkpoint: str | Path) -> int | None:
     if step is not None:
         return step
     if path.is_file():
-        header = read_header(path) if path.suffix.lower() == ".safetensors" else None
+        header = read_header(path)  # None for anything but a safetensors file
         value = (header.metadata if header else {}).get("ss_steps")
         if isinstance(value, str) and value.isdigit():
             return int(value)
@@ -265,7 +264,7 @@ def find_checkpoints(root: Path, *, depth: int = 3) -> list[Found]:
 
 def _is_backup(root: Path, path: Path) -> bool:
     """OneTrainer's workspace/backup/{date}-backup-{step}-{epoch}-{epoch_step}/."""
-    parts = path.relative_to(root).parts if path != root else ()
+    parts = path.relative_to(root).parts
     return any(part == "backup" or "-backup-" in part for part in parts)
 
 

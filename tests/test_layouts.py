@@ -64,6 +64,37 @@ def test_a_header_is_read_and_a_cut_file_is_incomplete(tmp_path):
     assert layouts.safetensors_complete(path)
 
 
+def test_odd_headers_are_read_as_far_as_they_are_safetensors(tmp_path):
+    def raw(header: dict, tail: bytes = b"", length: int | None = None) -> Path:
+        text = json.dumps(header).encode()
+        path = tmp_path / "odd.safetensors"
+        path.write_bytes((len(text) if length is None else length).to_bytes(8, "little") + text + tail)
+        return path
+
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty), metadata={"ss_steps": "3"})  # metadata alone, no tensor: a whole file
+    header = layouts.read_header(empty)
+    assert header is not None and header.tensors == {} and header.complete and header.metadata == {"ss_steps": "3"}
+    assert layouts.read_header(raw({}, length=len(b"{}") + 8)) is None  # the header says more than the file holds
+    odd = layouts.read_header(raw({"__metadata__": [1], "junk": {"a": 1}, "w": {"dtype": "F32", "shape": [1],
+                                                                            "data_offsets": [0, 4]}}, b"\0" * 4))
+    assert odd.metadata == {} and set(odd.tensors) == {"w"} and odd.complete
+
+
+def test_adapters_are_told_by_their_tensor_names():
+    from clipeval.layouts import adapter_format, adapter_modules
+
+    assert adapter_format(["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]) == "lora"
+    assert adapter_format(["double_blocks.0.processor.qkv_lora1.down.weight"]) == "lora"  # XLabs' Flux LoRAs
+    assert adapter_format(["transformer.blocks.0.attn.to_q.lora_A.weight"]) == "lora"
+    assert adapter_format(["lycoris_down_blocks_0_attentions_0_proj_in.lora_down.weight"]) == "lycoris"
+    assert adapter_format(["lora_unet_down_blocks_0_proj_in.hada_w1_a"]) == "lycoris"
+    assert adapter_format(["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.bias"]) is None
+    named = adapter_modules(["unet.a.b.lora_A.weight", "unet.a.b.lora_B.weight", "unet.a.b.lora_magnitude_vector",
+                             "lora_te_text_model_x.lora_down.weight", "lora_te_text_model_x.alpha"])
+    assert named == {"denoiser": {"a.b"}, "text_encoder": {"text_model_x"}}  # magnitudes and alphas are no module
+
+
 def test_the_component_a_key_prefix_addresses():
     c = layouts.adapter_component
     assert c("lora_unet_down_blocks_0") == ("denoiser", "down_blocks_0")
@@ -106,6 +137,25 @@ def test_state_files_name_the_step_by_each_trainers_key(tmp_path):
     assert layouts.training_step(odd) is None
     (odd / "trainer_state.json").write_text("{not json")
     assert layouts.training_step(odd) is None
+
+
+def test_steps_that_are_not_there_are_none_and_a_dotted_folder_keeps_its_name(tmp_path):
+    garbage = tmp_path / "x.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    assert layouts.training_step(garbage) is None
+    dotted = tmp_path / "sd-v1.5-checkpoint-300"
+    dotted.mkdir()
+    assert layouts.training_step(dotted) == 300  # a folder's whole name, not its "stem" sd-v1
+    deep = lora(tmp_path / "checkpoint-5" / "a" / "b" / "c" / "x.safetensors")
+    assert layouts.training_step(deep) is None  # three folders up at most
+    assert layouts.training_step(lora(tmp_path / "checkpoint-6" / "a" / "b" / "x.safetensors")) == 6
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "trainer_state.json").write_text("{not json")
+    (broken / "training_state.json").write_text(json.dumps({"global_step": 9}))  # the next file is still read
+    assert layouts.training_step(broken) == 9
+    (broken / "trainer_state.json").write_text("[1, 2]")  # valid JSON, but no object
+    assert layouts.training_step(broken) == 9
 
 
 def test_a_files_step_its_name_first_then_its_metadata_then_a_state_folder_then_its_folders(tmp_path):
@@ -230,6 +280,48 @@ def test_diffusers_lora_training_and_its_root_lora(tmp_path):
     lora(out / "final" / "pytorch_lora_weights.safetensors", kind="peft", prefix="unet.a")
     assert [(f.name, f.final) for f in layouts.find_checkpoints(out)] == [
         ("checkpoint-100", False), ("checkpoint-200", False), ("final", False), ("final-model", True)]
+
+
+def test_sorting_by_step_then_name_and_the_finals_own_step(tmp_path):
+    out = tmp_path / "out"
+    lora(out / "b-step00000000.safetensors")
+    lora(out / "a-step00000001.safetensors")
+    assert [f.step for f in layouts.find_checkpoints(out)] == [0, 1]
+    root = pipeline(tmp_path / "trained")
+    (root / "training_state.json").write_text(json.dumps({"global_step": 50}))
+    denoiser(root / "checkpoint-40" / "unet")
+    assert found(root) == [("checkpoint-40", 40, False), ("final", 50, True)]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "model_index.json").write_text("{}")  # a pipeline's index alone still marks a checkpoint
+    assert layouts.is_checkpoint_folder(alone)
+    hidden = tmp_path / "hidden"
+    lora(hidden / ".cache" / "x-step00000001.safetensors")
+    lora(hidden / "y-step00000002.safetensors")
+    assert [f.step for f in layouts.find_checkpoints(hidden)] == [2]
+
+
+def test_onetrainer_backups_are_told_by_their_folder_or_their_name(tmp_path):
+    ws = tmp_path / "ws"
+    lora(ws / "save" / "x-save-30-1-1.safetensors")
+    backup = ws / "backup" / "checkpoint-30"  # under backup/, without -backup- in its name
+    lora(backup / "lora" / "lora.safetensors")
+    elsewhere = ws / "other" / "2026-12-01_20-18-00-backup-30-7-2"  # -backup- in its name, not under backup/
+    lora(elsewhere / "lora" / "lora.safetensors")
+    assert [f.name for f in layouts.find_checkpoints(ws)] == ["save__x-save-30-1-1"]
+
+
+def test_kohyas_final_file_needs_a_per_step_or_epoch_sibling(tmp_path):
+    out = tmp_path / "out"
+    lora(out / "ep.safetensors")
+    lora(out / "ep-000001.safetensors", metadata={"ss_steps": "4"})
+    lora(out / "dog.safetensors", metadata={"ss_steps": "5"})
+    lora(out / "dog-notes.safetensors", metadata={"ss_steps": "6"})  # no step, no epoch: not dog's step file
+    pipeline(out / "job")
+    lora(out / "job-step00000010.safetensors")
+    finals = {f.name: f.final for f in layouts.find_checkpoints(out)}
+    assert finals == {"ep-000001": False, "dog": False, "dog-notes": False, "job-step00000010": False, "job": False,
+                      "ep": True}
 
 
 def test_three_levels_deep_and_no_deeper(tmp_path):

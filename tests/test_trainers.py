@@ -417,20 +417,6 @@ def test_steps_from_what_each_trainer_writes(tmp_path, lora):
     assert training_step(state) == 777
 
 
-def test_adapters_are_told_by_their_tensor_names(tmp_path):
-    from clipeval.layouts import adapter_format, adapter_modules
-
-    assert adapter_format(["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]) == "lora"
-    assert adapter_format(["double_blocks.0.processor.qkv_lora1.down.weight"]) == "lora"  # XLabs' Flux LoRAs
-    assert adapter_format(["transformer.blocks.0.attn.to_q.lora_A.weight"]) == "lora"
-    assert adapter_format(["lycoris_down_blocks_0_attentions_0_proj_in.lora_down.weight"]) == "lycoris"
-    assert adapter_format(["lora_unet_down_blocks_0_proj_in.hada_w1_a"]) == "lycoris"
-    assert adapter_format(["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.bias"]) is None
-    named = adapter_modules(["unet.a.b.lora_A.weight", "unet.a.b.lora_B.weight", "unet.a.b.lora_magnitude_vector",
-                             "lora_te_text_model_x.lora_down.weight", "lora_te_text_model_x.alpha"])
-    assert named == {"denoiser": {"a.b"}, "text_encoder": {"text_model_x"}}  # magnitudes and alphas are no module
-
-
 def test_kohyas_final_file_comes_after_the_step_file_of_its_step(lora, tmp_path):
     from clipeval.layouts import find_checkpoints
 
