@@ -435,8 +435,9 @@ def _in_cosine(value: float | None, scale: str, option: str, *, bound: float, sc
                     "SimpleTuner)?")
         else:
             hint = "--scale percent reads it as 100 x cosine"
-        raise ClipevalError(f"{option} {value:g} is outside the possible range [{-bound * k:g}, {bound * k:g}] of the "
-                            f"score in {scale}: {hint}")
+        what = "score" if bound == 1.0 else "difference of two scores"
+        raise ClipevalError(f"{option} {value:g} is outside the possible range [{-bound * k:g}, {bound * k:g}] of a "
+                            f"{what} in {scale}: {hint}")
     return value / k
 
 
