@@ -276,3 +276,32 @@ def test_how_many_prompts_a_difference_needs(cli, tmp_path):
     assert "> b: with 100 prompts" in cli("compare", a, b, "--format", "markdown", "--resamples", "200").stdout.replace(str(tmp_path) + "/", "")
     rows = list(csv.DictReader(io.StringIO(cli("compare", a, b, "--format", "csv", "--resamples", "200").stdout)))
     assert rows[0]["prompts_for_0.005"] == "127" and rows[0]["prompts_for_0.01"] == "32"
+
+
+def test_prompts_needed_is_rounded_up_just_above_an_integer():
+    """((z·sd/d)² = 50.1 needs 51 prompts: ceil, not round."""
+    import math
+
+    from scipy.stats import norm
+
+    from clipeval.stats import power_analysis
+
+    z = norm.ppf(0.975) + norm.ppf(0.8)
+    n = 40
+    sd = math.sqrt(50.1) * 0.005 / z
+    a = sd * math.sqrt((n - 1) / n)  # ±a, n values: sample std (ddof 1) = sd
+    power = power_analysis([a, -a] * (n // 2))
+    assert power["prompts_needed"]["0.005"] == 51
+
+
+def test_a_foreign_prompts_csv_alone_is_refused(tmp_path):
+    from test_health import make_run
+
+    from clipeval import store
+    from clipeval.errors import ClipevalError
+
+    run = make_run(tmp_path / "run", base_scores(prompts=6))
+    other = make_run(tmp_path / "other", base_scores(prompts=6, seed=3))
+    (run / "prompts.csv").write_bytes((other / "prompts.csv").read_bytes())
+    with pytest.raises(ClipevalError, match="prompts.csv does not belong with manifest.json"):
+        store.load_run(run)

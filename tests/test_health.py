@@ -148,3 +148,33 @@ def test_a_tick_with_nothing_new_reads_each_finished_run_once(cli, tmp_path, mon
     assert sweep(cli, training, results).exit_code == 0
     assert sorted(reads) == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
     assert len(pd.read_csv(results / "history.csv")) == 3
+
+
+# -- data built to separate right from wrong (mutation testing found these rules untested) ---------------
+
+def test_the_best_earlier_checkpoint_is_the_best_not_the_previous(cli, tmp_path):
+    """300 is below 200, and 400 is compared with 200 (the best earlier), not with 300 (the previous)."""
+    training, results = _training(tmp_path, {100: 0.0, 200: 0.03, 300: 0.01, 400: 0.015})
+    assert sweep(cli, training, results).exit_code == 0
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    assert history["best_step"].tolist() == ["", "100", "200", "200"]
+    compared = json.loads(cli("compare", results / "checkpoint-200", results / "checkpoint-400", "--format",
+                              "json").stdout)["runs"][0]["overall"]
+    assert float(history.iloc[3]["delta_best"]) == pytest.approx(compared["delta"], abs=1e-12) and compared["delta"] < 0
+
+
+def test_a_dip_whose_point_is_below_the_margin_but_whose_interval_is_not_raises_no_alert(cli, tmp_path):
+    """The rule is the whole interval below -MARGIN, not the point estimate."""
+    training, results = _training(tmp_path, {100: 0.0, 200: -0.008}, noise=0.03)
+    result = sweep(cli, training, results, "--alert-if-worse", "0.005")
+    row = pd.read_csv(results / "history.csv", keep_default_na=False).iloc[1]
+    delta, low, high = (float(row[c]) for c in ("delta_best", "delta_best_ci_low", "delta_best_ci_high"))
+    assert delta < -0.005 < high and low < -0.005  # the data separate the two rules
+    assert row["alert"] == "false" and result.exit_code == 0 and "alert:" not in result.stderr
+
+
+def test_alert_if_worse_0_still_writes_its_test_case(cli, tmp_path):
+    training, results = _training(tmp_path, {100: 0.0, 200: 0.02})
+    assert sweep(cli, training, results, "--alert-if-worse", "0", "--junit-xml", tmp_path / "sweep.xml").exit_code == 0
+    root, suite, cases = _junit(tmp_path / "sweep.xml")
+    assert root.get("tests") == "1" and len(cases) == 1 and cases[0].find("failure") is None
