@@ -204,7 +204,12 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
         from clipeval.scorers import make_scorer
 
         if loud:
-            progress.say(f"loading CLIP model {config.clip_model} ({progress.size_of(config.clip_model)}) ...")
+            where = config.clip_model
+            if where == "demo":
+                from clipeval import demo
+
+                where = str(demo.demo_clip_dir())  # built on the spot: its size, not "from the hub"
+            progress.say(f"loading CLIP model {config.clip_model} ({progress.size_of(where)}) ...")
         scorer = make_scorer(
             config.clip_model, device=device, dtype=config.clip_dtype, preprocess=config.preprocess,
             revision=config.clip_revision, allow_pickle=config.allow_pickle, processor=config.clip_processor,
