@@ -284,7 +284,7 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
     from clipeval import gates
 
     ci = s["clip/mean_ci"]
-    k, digits = (100.0, 2) if scale == "percent" else (1.0, 4)
+    k, digits = _printed(scale)
     measured = f"clip/mean {k * s['clip/mean']:.{digits}f}" + (
         f" [95% CI {k * ci[0]:.{digits}f}, {k * ci[1]:.{digits}f}]" if ci else "")
     checks = [] if threshold is None else [gates.Gate(
@@ -359,7 +359,7 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
     newest = result.newest
     alert = margin is not None and newest is not None and newest["alert"] == "true"
     if alert:
-        k = 100.0 if scale == "percent" else 1.0
+        k = _printed(scale)[0]
         click.echo(
             f"alert: step {newest['step']} is worse than the best earlier checkpoint (step {newest['best_step']}): delta "
             f"{k * newest['delta_best']:+.4f} [{k * newest['delta_best_ci_low']:+.4f}, {k * newest['delta_best_ci_high']:+.4f}]"
@@ -378,7 +378,7 @@ def _evaluated_lines(result, scale: str) -> list[str]:
         return []
     import pandas as pd
 
-    k, digits = (100.0, 2) if scale == "percent" else (1.0, 4)
+    k, digits = _printed(scale)
     rows = pd.read_csv(result.history, keep_default_na=False)
     lines = []
     for _, row in rows[rows["run"].isin(result.evaluated)].iterrows():
@@ -426,7 +426,7 @@ def _in_cosine(value: float | None, scale: str, option: str, *, bound: float, sc
     command has --scale)."""
     if value is None:
         return None
-    k = 100.0 if scale == "percent" else 1.0
+    k = _printed(scale)[0]
     if abs(value) > bound * k:
         if scale == "cosine" and not scales:
             hint = f"it reads cosines, not 100 x cosine (torchmetrics' and SimpleTuner's scale): did you mean {value / 100:g}?"
@@ -453,10 +453,15 @@ def _warn_flagged(s: dict) -> None:
                    "see the flag column of scores.csv", err=True)
 
 
+def _printed(scale: str) -> tuple[float, int]:
+    """The factor and the digits a score is printed with: percent is 100 x cosine, to 2 decimals."""
+    return (100.0, 2) if scale == "percent" else (1.0, 4)
+
+
 def _closing_line(s: dict, out: Path, label: str = "clip/mean", scale: str = "cosine") -> str:
     ci = s["clip/mean_ci"]
     level = int(round(s["ci"]["level"] * 100))
-    k, digits = (100.0, 2) if scale == "percent" else (1.0, 4)
+    k, digits = _printed(scale)
 
     def f(x):
         return "n/a" if x is None else f"{x * k:.{digits}f}"

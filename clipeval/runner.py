@@ -195,9 +195,10 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
             pipelines.set_scheduler(pipe, config.scheduler)
         if config.compile:
             pipelines.compile_denoiser(pipe)
+        defaults = pipelines.call_defaults(pipe)
         gen = generation_settings(
-            pipelines.call_defaults(pipe), steps=config.steps, guidance_scale=config.guidance_scale,
-            height=config.height, width=config.width, negative_prompt=_negative_prompt(config, pipe),
+            defaults, steps=config.steps, guidance_scale=config.guidance_scale,
+            height=config.height, width=config.width, negative_prompt=_negative_prompt(config, defaults),
         )
         settings.update(steps=gen.steps, guidance_scale=gen.guidance_scale, height=gen.height, width=gen.width,
                         negative_prompt=gen.negative_prompt)
@@ -230,12 +231,11 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
         rundir.release()
 
 
-def _negative_prompt(config: RunConfig, pipe) -> str | None:
+def _negative_prompt(config: RunConfig, defaults: dict[str, Any]) -> str | None:
+    """The one asked for, else a default's (SimpleTuner's) where the pipeline takes one."""
     if config.negative_prompt is not None or config.default_negative_prompt is None:
         return config.negative_prompt
-    import inspect
-
-    return config.default_negative_prompt if "negative_prompt" in inspect.signature(pipe.__call__).parameters else None
+    return config.default_negative_prompt if defaults["takes_negative_prompt"] else None
 
 
 def _say(message: str) -> None:
