@@ -78,7 +78,8 @@ class LogLines:
         say(f"{self.desc}: {self.n}/{self.total} images ({share:.0f}%), {rate:.2f} img/s, ETA {eta}{extra}")
 
     def close(self) -> None:
-        if self.n != getattr(self, "_closed_at", None):
+        # Once, and only when something was done: a resume with nothing left said it at the start.
+        if self.n != getattr(self, "_closed_at", None) and self.n > self.start_n:
             self._closed_at = self.n
             self.postfix = ""
             self._maybe_say(force=True)

@@ -250,6 +250,10 @@ def test_progress_in_a_log_says_what_loads_and_moves_within_a_batch(cli, models,
     assert lines.index(next(line for line in lines if "loading checkpoint" in line)) < lines.index(steps[0])
     assert any(re.fullmatch(r"clipeval: generating \+ scoring: 3/3 images \(100%\), \d+\.\d\d img/s, ETA 0s", line)
                for line in lines)
+    again = cli("run", "--checkpoint", models.sd, "--clip-model", models.clip, "--prompt-library", "smoke",
+                "--limit", "3", "--steps", "3", "--batch-size", "2", "--out", tmp_path / "run")
+    assert again.exit_code == 0 and "3/3 images to start with" in again.stderr
+    assert "img/s" not in again.stderr  # nothing left to do: no rate of nothing
     quiet = cli("run", "--checkpoint", models.sd, "--clip-model", models.clip, "--prompt-library", "smoke",
                 "--limit", "3", "--steps", "3", "--out", tmp_path / "quiet", "--quiet")
     assert "clipeval:" not in quiet.stderr
