@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import math
 
 import numpy as np
@@ -98,6 +99,19 @@ def test_a_run_against_itself(cli, tmp_path):
     assert overall["p_value"] == 1.0 and overall["win_rate"] == 0 and overall["tie_rate"] == 1
     assert data["runs"][0]["worse"] is False and data["failed"] == []
     assert data["runs"][0]["paired_images"] == 80
+
+
+def test_the_text_of_a_comparison_where_every_prompt_ties(cli, tmp_path):
+    a = make_run(tmp_path / "a", base_scores())
+    b = make_run(tmp_path / "b", base_scores())
+    text = cli("compare", a, b).stdout
+    assert "n/a (all tied)" in text and "0.0%" not in text
+    assert "every one of the 40 prompts moved by the same amount: there is no spread to measure" in text
+    assert "needs 2 prompts" not in text
+    shifted = make_run(tmp_path / "c", base_scores().assign(clip_score=lambda f: f["clip_score"] + 0.01 * (f["prompt_id"] % 3)))
+    text = cli("compare", a, shifted).stdout
+    assert "no spread to measure" not in text and "all tied" not in text
+    assert re.search(r"; 0\.005 needs \d+ prompts, 0\.01 needs \d+ prompts\n", text)
 
 
 def test_a_constant_shift_gives_that_delta_exactly_and_a_tiny_p(cli, tmp_path):

@@ -274,3 +274,37 @@ def test_libraries_lists_every_builtin_with_count(cli):
         line = next(line for line in result.stdout.splitlines() if line.split()[0] == name)
         assert str(desc.count) in line.split()
     assert "smoke" in result.stdout and "shipped" in result.stdout
+
+
+def test_a_name_map_takes_simpletuner_entry_objects_and_refuses_anything_else(tmp_path):
+    """{name: prompt}, or {name: {"prompt"|"caption"|"tags": text, ...}} as SimpleTuner's PromptLibraryEntry."""
+    from clipeval.errors import ClipevalError
+    from clipeval.prompts import load_library
+
+    path = tmp_path / "lib.json"
+    path.write_text(json.dumps({"a": {"prompt": "p", "caption": "not this"}, "b": {"caption": "c", "tags": "no"},
+                                "c": {"tags": "t", "adapter_strength": 0.5}, "d": "plain"}))
+    library = load_library(str(path))
+    assert [(p.name, p.prompt) for p in library.prompts] == [("a", "p"), ("b", "c"), ("c", "t"), ("d", "plain")]
+    for bad in ({"a": 1}, {"a": {"strength": 1}}, {"a": {"prompt": 3}}, {"a": ["x"]}, {"a": None}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ClipevalError, match="entry 'a': a {name: prompt} map needs text values, or objects "
+                                                "with a \"prompt\" \\(or \"caption\", \"tags\"\\) text"):
+            load_library(str(path))
+
+
+def test_combined_libraries_are_one_library_in_order_with_their_files(tmp_path):
+    """SimpleTuner's validation set: libraries one after the other, then single named prompts;
+    prompt_ids renumbered from 0, names and categories kept, every source file listed."""
+    from clipeval.prompts import Combined, load_library
+
+    first, second = tmp_path / "a.tsv", tmp_path / "b.json"
+    first.write_text("prompt\tcategory\ncat\tAnimals\ndog\tAnimals\n")
+    second.write_text(json.dumps({"car": "a red car"}))
+    library = load_library(Combined((str(first), str(second)), (("validation", "a blue ball"),)))
+    assert [(p.prompt_id, p.prompt, p.category, p.challenge, p.name) for p in library.prompts] == [
+        (0, "cat", "Animals", "", ""), (1, "dog", "Animals", "", ""), (2, "a red car", "", "", "car"),
+        (3, "a blue ball", "", "", "validation")]
+    assert library.name == f"{first} + {second} + 'validation'" and library.description.startswith(library.name)
+    assert [f.name for f in library.files] == ["a.tsv", "b.json"]
+    assert load_library(Combined((str(first),))).sha256 == load_library(str(first)).sha256  # one part: the same rows
