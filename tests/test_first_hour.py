@@ -292,9 +292,11 @@ def test_help_has_text_for_every_generation_option_and_compare_wraps(cli):
 
 
 def test_the_mirror_error_says_what_the_mirror_lacks(cli, tmp_path, monkeypatch):
-    monkeypatch.setenv("CLIPEVAL_LIBRARY_MIRROR", str(tmp_path))
+    monkeypatch.setenv("CLIPEVAL_CACHE_DIR", str(tmp_path / "cache"))  # not a copy another test left cached
+    monkeypatch.setenv("CLIPEVAL_LIBRARY_MIRROR", str(tmp_path / "mirror"))
     result = cli("prompts", "parti")
-    assert_user_error(result, f"could not get PartiPrompts.tsv from CLIPEVAL_LIBRARY_MIRROR={tmp_path}", "put the file there")
+    assert_user_error(result, f"could not get PartiPrompts.tsv from CLIPEVAL_LIBRARY_MIRROR={tmp_path / 'mirror'}",
+                      "put the file there")
     assert "offline? set" not in result.stderr
 
 
