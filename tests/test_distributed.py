@@ -135,6 +135,32 @@ def test_two_processes_equal_one(launcher, reference, models, tmp_path):
     assert result.stdout.count("clip/mean") == 1  # rank 0 reports, rank 1 stays quiet
 
 
+def test_a_default_thread_run_is_within_a_uint8_level_of_one_thread(reference, models, tmp_path):
+    """The README's statement about threads: a run with torch's default thread count (2 on the test
+    machines) differs from the 1-thread reference (what each launched process runs) by at most one
+    uint8 level per pixel, and its scores by float rounding."""
+    import numpy as np
+    import torch
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from clipeval.cli import main
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one CPU thread: nothing to compare")
+    out = tmp_path / "threads"
+    result = CliRunner().invoke(main, ["run", "--checkpoint", str(models.sd), "--clip-model", str(models.clip),
+                                       "--out", str(out), *ARGS])
+    assert result.exit_code == 0, result.stderr
+    images = sorted(p.name for p in (reference / "images").glob("*.png"))
+    assert images == sorted(p.name for p in (out / "images").glob("*.png")) and len(images) == 14
+    for name in images:
+        a, b = (np.asarray(Image.open(run / "images" / name), dtype=int) for run in (reference, out))
+        assert np.abs(a - b).max() <= 1, name
+    ours, theirs = (pd.read_csv(run / "scores.csv") for run in (out, reference))
+    assert np.abs(ours["clip_score"] - theirs["clip_score"]).max() < 1e-4
+
+
 @pytest.mark.parametrize("form_group", [True, False], ids=["own-group", "no-group"])
 def test_a_training_script_evaluates_twice_under_torchrun(form_group, models, tmp_path):
     """``clipeval.run`` from a training script, between steps, on every rank. A group the script

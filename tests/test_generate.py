@@ -26,16 +26,6 @@ def test_seed_formula_known_values():
         image_seed(0, 0, 4096)
 
 
-def test_every_bit_of_a_seed_reaches_the_cpu_generator():
-    """The bug this scheme fixes: a CPU Generator drops bits above 32, so a formula that put the
-    base seed there gave every --seed the noise of seed 0."""
-    def noise(seed):
-        return torch.randn(8, generator=torch.Generator("cpu").manual_seed(seed))
-
-    assert torch.equal(noise(2**32 + 7), noise(7))  # the generator's behaviour
-    assert not torch.equal(noise(image_seed(1, 0, 0)), noise(image_seed(0, 0, 0)))
-
-
 @pytest.mark.parametrize("a,b,prompts", [(0, 1, 4096), (41, 42, 4096), (0, 255, 4096), (7, 200, 4096), (0, 2**12, 2)])
 def test_runs_with_different_base_seeds_share_no_seed(a, b, prompts):
     """Seeds below 256 are disjoint for every built-in library (≤ 4,096 prompts), at the most
@@ -45,6 +35,23 @@ def test_runs_with_different_base_seeds_share_no_seed(a, b, prompts):
     second = {image_seed(b, p, s) for p in range(prompts) for s in range(k)}
     assert len(first) == len(second) == prompts * k
     assert not first & second
+
+
+@pytest.mark.parametrize("a", [0, 1, 2, 41, 254, 2**30 - 1, 2**31 - 2])
+def test_consecutive_base_seeds_share_no_seed_below_524288_prompts(a):
+    """The README's bound, at its edge: a run's seeds all carry one value in bit 31 (its base seed's
+    lowest bit, reversed) as long as prompt_id < 2**19 = 524,288, so runs a and a + 1 (lowest differing
+    bit 0) cannot share a seed there; at prompt 524,288 they do, so the bound is exact. Enumerating
+    2**31 seeds would take minutes; the first and last index of the range carry the whole argument,
+    since a seed is its index XOR a constant."""
+    b = a + 1
+    top = [image_seed(base, p, s) >> 31 for base in (a, b) for p, s in ((0, 0), (2**19 - 1, 4095))]
+    assert top[0] == top[1] != top[2] == top[3]
+    # The first prompt past the bound already collides with a seed of the other run: the image of run b
+    # whose index is that seed XOR b's reversed bits (below 2**31, so a prompt below the bound).
+    collision = image_seed(a, 2**19, 0)
+    index = collision ^ int(f"{b:032b}"[::-1], 2)
+    assert index < 2**31 and image_seed(b, index >> 12, index & 4095) == collision
 
 
 def test_seeds_do_not_depend_on_images_per_prompt_or_limit():
@@ -89,6 +96,16 @@ def test_an_image_does_not_depend_on_its_batch(pipe):
         # Float noise (≤ 2e-6) can move a value across a rounding boundary: one level, rarely.
         assert diff.max() <= 1
         assert (diff > 0).float().mean() < 1e-3
+
+
+def test_every_base_seed_gives_its_own_pixels(pipe):
+    """The bug the seed scheme fixes: a CPU Generator drops bits above 32, so clipeval 0.1.0's
+    formula (base seed in those bits) gave every --seed the images of --seed 0. Here the images of
+    one prompt under base seeds that differ only in a low bit, only in a high bit, and at the top."""
+    lib = PromptLibrary("t", "", (Prompt(0, "a red cube"),))
+    images = [generate(pipe, work_items(lib, images_per_prompt=1, seed=s), SETTINGS)[0]
+              for s in (0, 1, 2**30, 2**31 - 1)]
+    assert all(not torch.equal(images[i], images[j]) for i in range(4) for j in range(i + 1, 4))
 
 
 def test_different_seeds_differ(pipe):

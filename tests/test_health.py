@@ -178,3 +178,20 @@ def test_alert_if_worse_0_still_writes_its_test_case(cli, tmp_path):
     assert sweep(cli, training, results, "--alert-if-worse", "0", "--junit-xml", tmp_path / "sweep.xml").exit_code == 0
     root, suite, cases = _junit(tmp_path / "sweep.xml")
     assert root.get("tests") == "1" and len(cases) == 1 and cases[0].find("failure") is None
+
+
+def test_a_failed_checkpoint_wins_over_an_alert(cli, tmp_path):
+    """Exit 2 (a checkpoint could not be evaluated) beats exit 1 (an alert on the newest): cron must
+    hear about a broken checkpoint even when the training also got worse. The alert is still said
+    and the history still written."""
+    training, results = _training(tmp_path, {100: 0.0, 200: 0.02, 300: -0.03})
+    broken = training / "checkpoint-150"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                         "unet": ["evil_module", "EvilUNet"]}))
+    (broken / "unet").mkdir()
+    result = sweep(cli, training, results, "--alert-if-worse", "0.01", "--settle", "0")
+    assert result.exit_code == 2, result.stderr
+    assert "checkpoint-150 failed" in result.stderr and "alert: step 300" in result.stderr
+    assert "0 evaluated, 3 up to date, 0 still being written, 1 failed" in result.stdout
+    assert pd.read_csv(results / "history.csv", keep_default_na=False)["alert"].tolist() == ["", "false", "true"]

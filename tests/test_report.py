@@ -350,8 +350,16 @@ def test_a_sweep_folder_gets_a_training_report(cli, sweep_results, tmp_path):
     data = json.loads(page.scripts[0])
     assert HOSTILE_CATEGORY in {r["category"] for r in data["rows"]}  # carried as data, never as markup
     assert len([a for t, a in page.tags if t == "svg"]) >= 2  # the curve and the small multiples
+    # The history table holds history.csv's rows, in its order, with their numbers.
+    import html
+    import re
+
     history = pd.read_csv(sweep_results / "history.csv", keep_default_na=False)
-    assert visible.count("checkpoint-") >= len(history)
+    table = out.read_text(encoding="utf-8").split("id='history'>", 1)[1].split("</table>", 1)[0]
+    rows = [[html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", r)] for r in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
+    assert [(r[0], r[1], r[2], r[8]) for r in rows] == [
+        (str(h["step"]), h["run"], f"{float(h['clip_mean']):.4f}", h["alert"]) for _, h in history.iterrows()]
+    assert rows[-1][5] == f"{float(history['delta_best'].iloc[-1]):+.4f}" and rows[0][5] == ""
 
 
 @pytest.mark.slow
