@@ -84,14 +84,13 @@ class PromptLibrary:
 
 @dataclass(frozen=True)
 class Descriptor:
-    """A built-in library as declared in ``prompts/<name>.toml``."""
+    """A built-in library as declared in ``prompts/<name>.toml`` (whose homepage and license are
+    for people reading the file; nothing here uses them)."""
 
     name: str
     description: str
     count: int
-    homepage: str
-    license: str
-    files: tuple[dict[str, Any], ...]
+    files: tuple[dict[str, Any], ...]  # each file's name, format, columns; url and sha256 when downloaded
 
     @property
     def downloaded(self) -> bool:
@@ -114,8 +113,6 @@ def builtin_descriptors() -> dict[str, Descriptor]:
                 name=name,
                 description=raw["description"],
                 count=int(raw["count"]),
-                homepage=raw.get("homepage", ""),
-                license=raw.get("license", ""),
                 files=tuple(raw["files"]),
             )
         except (KeyError, ValueError, tomllib.TOMLDecodeError) as err:

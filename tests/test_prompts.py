@@ -268,12 +268,25 @@ def test_unknown_library_suggests_close_names(cli):
 
 
 def test_libraries_lists_every_builtin_with_count(cli):
+    """Each descriptor file of prompts/, read here with tomllib: its name, count, where its file comes
+    from and its description, one line each in name order."""
+    import re
+    import tomllib
+    from pathlib import Path
+    from urllib.parse import urlparse
+
     result = cli("libraries")
     assert result.exit_code == 0
-    for name, desc in builtin_descriptors().items():
-        line = next(line for line in result.stdout.splitlines() if line.split()[0] == name)
-        assert str(desc.count) in line.split()
-    assert "smoke" in result.stdout and "shipped" in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["name", "prompts", "source", "description"]
+    files = sorted((Path(__file__).parents[1] / "prompts").glob("*.toml"))
+    assert len(lines) == 1 + len(files) and len(files) >= 10
+    for line, path in zip(lines[1:], files):
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        url = raw["files"][0].get("url")
+        source = "download: " + urlparse(url).netloc if url else "shipped"
+        assert re.fullmatch(rf"{re.escape(path.stem)} +{raw['count']}  {re.escape(source)} *  {re.escape(raw['description'])}",
+                            line), line
 
 
 def test_a_name_map_takes_simpletuner_entry_objects_and_refuses_anything_else(tmp_path):

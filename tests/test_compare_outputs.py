@@ -1,0 +1,231 @@
+"""Every number and line ``clipeval compare`` prints, in each format, against an independent
+computation of the same comparison (numpy, scipy's Wilcoxon and bootstrap, the power formula),
+on runs built so that each rule has something to separate: tied prompts, an image that does not
+pair, groups of different sizes, a label with characters markdown must escape, a margin."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+from test_compare import make_run
+
+PROMPTS, SAMPLES, RESAMPLES = 14, 2, 500
+ODD = "food | drink \\ misc"  # a pipe and a backslash: both must be escaped in markdown
+
+
+def _scores(shift: np.ndarray | None = None) -> pd.DataFrame:
+    rng = np.random.default_rng(5)
+    rows = []
+    for p in range(PROMPTS):
+        level = 0.3 + 0.03 * rng.standard_normal()
+        for s in range(SAMPLES):
+            rows.append({"prompt_id": p, "sample": s, "seed": p * 4096 + s, "prompt": f"prompt {p}",
+                         "category": "animals" if p % 2 == 0 else ODD,
+                         "challenge": "Basic" if p < 5 else "",  # unlabelled prompts form no group
+                         "clip_score": round(level + 0.01 * rng.standard_normal(), 8), "truncated": False,
+                         "image": f"images/{p:05d}_{s:02d}.png"})
+    return pd.DataFrame(rows)
+
+
+# Per-prompt shifts of run B: two tied prompts (0 and 1), the rest a noisy drop of about 0.01.
+SHIFTS = np.round(np.where(np.arange(PROMPTS) < 2, 0.0, -0.01 + 0.006 * np.sin(np.arange(PROMPTS) * 1.7)), 8)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outputs")
+    a = _scores()
+    b = a.assign(clip_score=(a["clip_score"] + SHIFTS[a["prompt_id"]]).round(8))
+    b = b[~((b["prompt_id"] == 13) & (b["sample"] == 1))]  # one image of B missing: 27 of 28 pair
+    return make_run(root / "a", a), make_run(root / "b", b.reset_index(drop=True)), a, b
+
+
+def _reference(a: pd.DataFrame, b: pd.DataFrame, margin: float) -> dict:
+    """The comparison computed from scratch: per-prompt sums over paired images, scipy's
+    statistics on them, and the groups sorted by how far they moved."""
+    paired = a.merge(b[["prompt_id", "sample", "clip_score"]], on=["prompt_id", "sample"], suffixes=("_a", "_b"))
+
+    def group(part: pd.DataFrame, kind: str, label: str) -> dict:
+        per = part.groupby("prompt_id").agg(a=("clip_score_a", "sum"), b=("clip_score_b", "sum"),
+                                            n=("clip_score_a", "size"))
+        deltas = ((per["b"] - per["a"]) / per["n"]).to_numpy()
+
+        def ci(sums):
+            result = sps.bootstrap((sums, per["n"].to_numpy(float)), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis),
+                                   paired=True, vectorized=True, n_resamples=RESAMPLES, batch=1000, method="BCa",
+                                   rng=np.random.default_rng(0)).confidence_interval
+            return [float(result.low), float(result.high)]
+
+        n = per["n"].sum()
+        return {"kind": kind, "label": label, "prompts": len(per), "images": int(n),
+                "baseline_mean": per["a"].sum() / n, "mean": per["b"].sum() / n,
+                "mean_ci": ci(per["b"].to_numpy()), "delta": (per["b"] - per["a"]).sum() / n,
+                "delta_ci": ci((per["b"] - per["a"]).to_numpy()),
+                "p": None if len(per) < 2 else float(sps.wilcoxon(deltas).pvalue),
+                "win": float(np.mean(deltas > 0)), "tie": float(np.mean(deltas == 0)), "few": len(per) < 10,
+                "deltas": deltas}
+
+    overall = group(paired, "overall", "all")
+    groups = [group(part, kind, str(label)) for kind in ("category", "challenge")
+              for label, part in paired[paired[kind] != ""].groupby(kind)]
+    groups.sort(key=lambda g: (-abs(g["delta"]), g["kind"], g["label"]))
+    sd = float(np.std(overall["deltas"], ddof=1))
+    z = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
+    overall["power"] = {"sd": sd, "mde": z * sd / math.sqrt(PROMPTS),
+                        "needed": {d: max(2, math.ceil((z * sd / d) ** 2)) for d in (0.005, 0.01)}}
+    base = a.groupby("prompt_id")["clip_score"].agg(["sum", "size"])
+    result = sps.bootstrap((base["sum"].to_numpy(), base["size"].to_numpy(float)),
+                           lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True, vectorized=True,
+                           n_resamples=RESAMPLES, batch=1000, method="BCa", rng=np.random.default_rng(0))
+    return {"overall": overall, "groups": groups, "baseline_mean": a["clip_score"].mean(),
+            "baseline_ci": [result.confidence_interval.low, result.confidence_interval.high],
+            "worse": overall["delta_ci"][1] < -margin}
+
+
+MARGIN = 0.002
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    return _reference(runs[2], runs[3], MARGIN)
+
+
+def _compare(cli, runs, fmt: str, *extra):
+    result = cli("compare", runs[0], runs[1], "--format", fmt, "--resamples", RESAMPLES, "--fail-if-worse",
+                 "--margin", MARGIN, *extra)
+    return result
+
+
+def test_the_reference_data_separate_the_rules(reference):
+    """The data must make each rule matter: ties, a worse verdict beyond the margin, groups that
+    move by different amounts, a group with few prompts."""
+    o = reference["overall"]
+    assert 0 < o["tie"] < 1 and o["win"] < 0.5 and reference["worse"]
+    assert len({round(abs(g["delta"]), 6) for g in reference["groups"]}) == len(reference["groups"]) == 3
+    assert all(g["few"] for g in reference["groups"]) and not o["few"]
+
+
+def test_json_carries_every_number_of_the_reference(cli, runs, reference):
+    result = _compare(cli, runs, "json")
+    assert result.exit_code == 1  # the gate: worse by more than the margin
+    data = json.loads(result.stdout)
+    assert data["baseline"] == str(runs[0]) and data["baseline_images"] == 28 and data["margin"] == MARGIN
+    assert data["baseline_mean"] == pytest.approx(reference["baseline_mean"], abs=1e-12)
+    assert data["baseline_ci"] == pytest.approx(reference["baseline_ci"], abs=1e-12)
+    assert data["failed"] == [str(runs[1])] and data["mismatches"] == []
+    run = data["runs"][0]
+    assert (run["paired_images"], run["run_images"], run["baseline_images"], run["worse"]) == (27, 27, 28, True)
+    for got, want in zip([run["overall"], *run["groups"]], [reference["overall"], *reference["groups"]]):
+        assert (got["kind"], got["label"], got["prompts"], got["images"], got["few_prompts"]) == (
+            want["kind"], want["label"], want["prompts"], want["images"], want["few"])
+        for key in ("baseline_mean", "mean", "delta"):
+            assert got[key] == pytest.approx(want[key], abs=1e-12), key
+        assert got["mean_ci"] == pytest.approx(want["mean_ci"], abs=1e-12)
+        assert got["delta_ci"] == pytest.approx(want["delta_ci"], abs=1e-12)
+        assert got["p_value"] == pytest.approx(want["p"], abs=1e-12)
+        assert (got["win_rate"], got["tie_rate"]) == (want["win"], want["tie"])
+    assert len(run["groups"]) == len(reference["groups"])
+    power, want = run["overall"]["power"], reference["overall"]["power"]
+    assert power["prompt_delta_sd"] == pytest.approx(want["sd"], rel=1e-9)
+    assert power["mde"] == pytest.approx(want["mde"], rel=1e-9)
+    assert power["prompts_needed"] == {"0.005": want["needed"][0.005], "0.01": want["needed"][0.01]}
+    assert all(g["power"] is None for g in run["groups"])
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.4f}"
+
+
+def test_text_is_the_reference_table_line_for_line(cli, runs, reference):
+    o, a, b = reference["overall"], str(runs[0]), str(runs[1])
+    rows = [["run", "images", "mean [95% CI]", "delta [95% CI]", "p (Wilcoxon)", "win rate", "verdict"],
+            [f"{a} (baseline)", "28", f"{reference['baseline_mean']:.4f} [{reference['baseline_ci'][0]:.4f}, "
+             f"{reference['baseline_ci'][1]:.4f}]", "", "", "", ""],
+            [b, "27/27", f"{o['mean']:.4f} [{o['mean_ci'][0]:.4f}, {o['mean_ci'][1]:.4f}]",
+             f"{_signed(o['delta'])} [{_signed(o['delta_ci'][0])}, {_signed(o['delta_ci'][1])}]",
+             f"{o['p']:.3f}" if o["p"] >= 1e-3 else f"{o['p']:.2e}", f"{o['win']:.1%}", f"worse by > {MARGIN:g}"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(7)]
+    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    power = o["power"]
+    lines = [*table,
+             f"{b}: with {PROMPTS} prompts the smallest detectable difference is ±{power['mde']:.4f} (two-sided α 0.05, "
+             f"power 0.8, per-prompt delta sd {power['sd']:.4f}); 0.005 needs {power['needed'][0.005]} prompts, "
+             f"0.01 needs {power['needed'][0.01]} prompts",
+             f"{b}: 27 images paired of 27 (run) and 28 (baseline)",
+             "", f"Groups that moved most, {b} vs {a}:"]
+    group_rows = [["group", "name", "prompts", "delta [95% CI]", "p"]]
+    for g in reference["groups"]:
+        group_rows.append([g["kind"], g["label"] + " (few prompts)", str(g["prompts"]),
+                           f"{_signed(g['delta'])} [{_signed(g['delta_ci'][0])}, {_signed(g['delta_ci'][1])}]",
+                           f"{g['p']:.3f}" if g["p"] >= 1e-3 else f"{g['p']:.2e}"])
+    widths = [max(len(r[i]) for r in group_rows) for i in range(5)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in group_rows]
+    result = _compare(cli, runs, "text")
+    assert result.exit_code == 1
+    assert result.stdout == "\n".join(lines) + "\n"
+    # --top limits the groups, most moved first
+    top = _compare(cli, runs, "text", "--top", "1").stdout.splitlines()
+    assert top[-2].startswith("group") and top[-1].startswith(reference["groups"][0]["kind"])
+
+
+def test_markdown_is_the_same_table_escaped(cli, runs, reference):
+    out = _compare(cli, runs, "markdown").stdout
+    lines = out.splitlines()
+    assert lines[0] == "| run | images | mean [95% CI] | delta [95% CI] | p (Wilcoxon) | win rate | verdict |"
+    assert lines[1] == "|---|---|---|---|---|---|---|"
+    assert lines[2].startswith(f"| {runs[0]} (baseline) | 28 | ") and lines[2].endswith(" |  |  |  |  |")
+    assert lines[3].startswith(f"| {runs[1]} | 27/27 | ") and lines[3].endswith(f"| worse by > {MARGIN:g} |")
+    assert lines[4].startswith(f"> {runs[1]}: with {PROMPTS} prompts the smallest detectable difference")
+    assert lines[5] == f"> {runs[1]}: 27 images paired of 27 (run) and 28 (baseline)"
+    assert lines[6:9] == ["", f"**Groups that moved most, {runs[1]} vs {runs[0]}:**", ""]
+    assert lines[9] == "| group | name | prompts | delta [95% CI] | p |" and lines[10] == "|---|---|---|---|---|"
+    odd = [line for line in lines[11:] if "food" in line]
+    assert odd == [f"| category | food \\| drink \\\\ misc (few prompts) | 7 | "
+                   + next(f"{_signed(g['delta'])} [{_signed(g['delta_ci'][0])}, {_signed(g['delta_ci'][1])}]"
+                          for g in reference["groups"] if g["label"] == ODD) + " | "
+                   + next(f"{g['p']:.3f}" for g in reference["groups"] if g["label"] == ODD) + " |"]
+    assert len(lines) == 11 + len(reference["groups"])
+
+
+def test_csv_rows_are_the_reference(cli, runs, reference):
+    out = _compare(cli, runs, "csv").stdout
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0] == ["run", "baseline", "kind", "group", "prompts", "images", "baseline_mean", "mean", "mean_ci_low",
+                       "mean_ci_high", "delta", "delta_ci_low", "delta_ci_high", "p_value", "win_rate", "tie_rate",
+                       "few_prompts", "worse", "mde", "prompts_for_0.005", "prompts_for_0.01"]
+    assert len(rows) == 2 + len(reference["groups"])
+    for row, want in zip(rows[1:], [reference["overall"], *reference["groups"]]):
+        got = dict(zip(rows[0], row))
+        assert (got["run"], got["baseline"], got["kind"], got["group"]) == (str(runs[1]), str(runs[0]), want["kind"],
+                                                                          want["label"])
+        assert (int(got["prompts"]), int(got["images"]), got["few_prompts"]) == (want["prompts"], want["images"],
+                                                                                 str(want["few"]))
+        numbers = [float(got[k]) for k in ("baseline_mean", "mean", "mean_ci_low", "mean_ci_high", "delta",
+                                           "delta_ci_low", "delta_ci_high", "p_value", "win_rate", "tie_rate")]
+        assert numbers == pytest.approx([want["baseline_mean"], want["mean"], *want["mean_ci"], want["delta"],
+                                         *want["delta_ci"], want["p"], want["win"], want["tie"]], abs=1e-12)
+        if want["kind"] == "overall":
+            power = want["power"]
+            assert got["worse"] == "True"
+            assert float(got["mde"]) == pytest.approx(power["mde"], rel=1e-9)
+            assert (got["prompts_for_0.005"], got["prompts_for_0.01"]) == (str(power["needed"][0.005]),
+                                                                          str(power["needed"][0.01]))
+        else:
+            assert got["worse"] == got["mde"] == got["prompts_for_0.005"] == got["prompts_for_0.01"] == ""
+
+
+def test_without_a_margin_the_verdict_and_exit_code_follow_the_interval(cli, runs, reference):
+    """Without --fail-if-worse the exit code is 0 whatever the verdict; the verdict says 'worse'
+    without a margin; a better run is 'better'."""
+    result = cli("compare", runs[0], runs[1], "--resamples", RESAMPLES)
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[2].rstrip().endswith("worse")
+    flipped = cli("compare", runs[1], runs[0], "--resamples", RESAMPLES)
+    assert flipped.exit_code == 0 and flipped.stdout.splitlines()[2].rstrip().endswith("better")
