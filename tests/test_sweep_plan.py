@@ -1,0 +1,197 @@
+"""What a sweep decides and says, with the evaluation itself replaced by a stand-in that writes a
+finished run folder: which checkpoints it evaluates, in which order, into which folders, what
+it skips and why, what a failure does to the rest, what reaches the trackers, and the lines a
+cron log shows. (The stand-in is the only fake: history, pairing and alerts are the real code.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from test_compare import base_scores
+from test_health import make_run
+
+from clipeval.errors import ClipevalError
+
+SHIFTS = {"checkpoint-100": 0.0, "checkpoint-200": 0.03, "checkpoint-300": -0.02, "final": 0.01, "my-model": 0.0}
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """runner.run replaced: each call is recorded with the history.csv it found, and writes a run
+    whose scores are the base scores shifted by SHIFTS[name]; a name in ``failing`` fails."""
+    from clipeval import runner
+
+    calls, failing = [], set()
+    scores = base_scores(prompts=30)
+
+    def run(config):
+        out = Path(config.out)
+        history = out.parent / "history.csv"
+        calls.append(SimpleNamespace(checkpoint=config.checkpoint, out=out, trackers=config.trackers,
+                                     history=pd.read_csv(history, keep_default_na=False) if history.is_file() else None))
+        if out.name in failing:
+            raise ClipevalError("the unet would not load")
+        shifted = scores.assign(clip_score=(scores["clip_score"] + SHIFTS[out.name] + 0.002 * (scores["sample"] - 0.5)).round(8))
+        make_run(out, shifted, checkpoint=config.checkpoint)
+        from clipeval.store import load_run
+
+        record = load_run(out)
+        return SimpleNamespace(summary=record.summary, scores=record.scores, out=out)
+
+    monkeypatch.setattr(runner, "run", run)
+    return SimpleNamespace(calls=calls, failing=failing)
+
+
+def _pipeline(path: Path, age_s: float = 3600) -> Path:
+    path.mkdir(parents=True)
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    old = time.time() - age_s
+    for p in (path / "model_index.json", path):
+        os.utime(p, (old, old))
+    return path
+
+
+def _sweep(cli, training, results, *extra):
+    return cli("sweep", training, "--out", results, "--prompt-library", "smoke", *extra)
+
+
+def test_checkpoints_are_evaluated_in_step_order_each_into_its_folder(cli, stand_in, tmp_path):
+    training, results = tmp_path / "train", tmp_path / "deep" / "results"  # --out's parents are made
+    for name in ("checkpoint-300", "checkpoint-100", "checkpoint-200", "my-model"):
+        _pipeline(training / name)
+    (training / "model_index.json").write_text("{}")  # the training folder's own final model
+    os.utime(training / "model_index.json", (time.time() - 3600,) * 2)
+    stand_in.failing.add("checkpoint-200")
+    result = _sweep(cli, training, results)
+    assert result.exit_code == 2, result.stderr  # one checkpoint failed; the others were evaluated
+    order = ["checkpoint-100", "checkpoint-200", "checkpoint-300", "my-model", "final"]
+    assert [c.out for c in stand_in.calls] == [results / n for n in order]
+    assert [c.checkpoint for c in stand_in.calls] == [str(training / n) for n in order[:4]] + [str(training)]
+    assert all(c.trackers is None for c in stand_in.calls)  # the sweep logs, once the history row exists
+    # history.csv is rebuilt after each evaluated checkpoint: each evaluation finds its predecessors' rows
+    assert stand_in.calls[0].history is None
+    assert stand_in.calls[2].history["run"].tolist() == ["checkpoint-100"]  # 200 failed and wrote nothing
+    assert stand_in.calls[4].history["run"].tolist() == ["checkpoint-100", "checkpoint-300", "my-model"]
+    assert result.stderr.splitlines() == [
+        "evaluating checkpoint-100 (step 100)",
+        "evaluating checkpoint-200 (step 200)",
+        "checkpoint-200 failed: the unet would not load",
+        "evaluating checkpoint-300 (step 300)",
+        "evaluating my-model (no training step in its name, metadata or state file; it comes after every numbered "
+        "step and has no step in history.csv)",
+        "evaluating final (the training folder's final model; it comes after every numbered step and has no step "
+        "in history.csv)",
+    ]
+    assert result.stdout.splitlines()[-1] == (f"4 evaluated, 0 up to date, 0 still being written, 1 failed → "
+                                               f"{results / 'history.csv'}")
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    assert history["run"].tolist() == ["checkpoint-100", "checkpoint-300", "final", "my-model"]
+    assert history["step"].tolist() == ["100", "300", "", ""]
+    # The next tick evaluates what failed, and only that.
+    stand_in.failing.clear()
+    stand_in.calls.clear()
+    again = _sweep(cli, training, results)
+    assert again.exit_code == 0 and [c.out.name for c in stand_in.calls] == ["checkpoint-200"]
+    assert again.stdout.splitlines()[-1].startswith("1 evaluated, 4 up to date, 0 still being written, 0 failed")
+    assert pd.read_csv(results / "history.csv", keep_default_na=False)["run"].tolist()[:3] == [
+        "checkpoint-100", "checkpoint-200", "checkpoint-300"]
+
+
+def test_a_checkpoint_still_being_written_is_skipped_with_its_reason(cli, stand_in, tmp_path):
+    training, results = tmp_path / "train", tmp_path / "results"
+    _pipeline(training / "checkpoint-100")
+    _pipeline(training / "checkpoint-200", age_s=0)
+    result = _sweep(cli, training, results, "--settle", "600")
+    assert result.exit_code == 0
+    assert [c.out.name for c in stand_in.calls] == ["checkpoint-100"]
+    skipped = result.stderr.splitlines()[1]
+    assert skipped.startswith("skipping checkpoint-200: modified ") and skipped.endswith(
+        " s ago (waiting 600 s for writes to settle); it will be evaluated by a later sweep")
+    assert "1 evaluated, 0 up to date, 1 still being written, 0 failed" in result.stdout
+    # Settled (or --settle 0): the next tick takes it.
+    assert _sweep(cli, training, results, "--settle", "0").exit_code == 0
+    assert [c.out.name for c in stand_in.calls] == ["checkpoint-100", "checkpoint-200"]
+
+
+def test_trackers_get_each_step_and_its_delta_to_the_best_earlier(cli, stand_in, tmp_path, monkeypatch):
+    from clipeval import trackers
+
+    logged, checked = [], []
+    monkeypatch.setattr(trackers, "_require", lambda target: None)
+    monkeypatch.setattr(trackers.Tracking, "log", lambda self, result, *, checkpoint, extra=None: (
+        logged.append((self.step, checkpoint, extra, result.out.name)) or f"logged step {self.step}"))
+    original = trackers.Tracking.check
+    monkeypatch.setattr(trackers.Tracking, "check", lambda self, checkpoint: (checked.append((self.step, checkpoint)),
+                                                                              original(self, checkpoint))[1])
+    training, results = tmp_path / "train", tmp_path / "results"
+    for name in ("checkpoint-100", "checkpoint-200", "checkpoint-300"):
+        _pipeline(training / name)
+    (training / "model_index.json").write_text("{}")
+    os.utime(training / "model_index.json", (time.time() - 3600,) * 2)
+    result = _sweep(cli, training, results, "--report-to", "tensorboard")
+    assert result.exit_code == 0, result.stderr
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    assert [(s, c) for s, c, _, _ in logged] == [(n, str(training / f"checkpoint-{n}")) for n in (100, 200, 300)]
+    assert checked == [(n, str(training / f"checkpoint-{n}")) for n in (100, 200, 300)]  # before each evaluation
+    assert logged[0][2] == {"clip/delta_best": None}  # the first has nothing earlier
+    for (_, _, extra, name), (_, row) in zip(logged[1:], history.iloc[1:3].iterrows()):
+        assert row["run"] == name and extra == {"clip/delta_best": float(row["delta_best"])}
+    assert logged[2][2]["clip/delta_best"] == pytest.approx(-0.05, abs=0.003)  # 300 against 200, the best
+    assert "note: final is not logged to tensorboard: it has no training step" in result.stderr.splitlines()
+    assert "logged step 300" in result.stderr.splitlines()
+
+
+def test_the_lock_names_its_holder_and_a_finished_sweep_leaves_its_pid(cli, stand_in, tmp_path):
+    import fcntl
+
+    training, results = tmp_path / "train", tmp_path / "results"
+    _pipeline(training / "checkpoint-100")
+    results.mkdir()
+    (results / ".clipeval-sweep.lock").write_text("99999999999 (a longer, older pid)")
+    assert _sweep(cli, training, results).exit_code == 0
+    assert (results / ".clipeval-sweep.lock").read_text() == str(os.getpid())  # rewritten whole, not overlaid
+    with open(results / ".clipeval-sweep.lock", "r+") as lock:
+        lock.seek(0)
+        lock.truncate()
+        lock.write("4242")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _pipeline(training / "checkpoint-200")
+        busy = _sweep(cli, training, results)
+    assert busy.exit_code == 0 and busy.stdout == f"another sweep (pid 4242) is working on {results}; nothing to do\n"
+    assert len(stand_in.calls) == 1  # nothing evaluated while another sweep held the folder
+
+
+def test_history_takes_the_step_of_a_run_whose_checkpoint_is_gone(cli, stand_in, tmp_path):
+    """A results folder may hold runs of checkpoints the trainer has since deleted (save_total_limit):
+    they keep their row, with the step read from the checkpoint path in their manifest."""
+    training, results = tmp_path / "train", tmp_path / "results"
+    _pipeline(training / "checkpoint-300")
+    scores = base_scores(prompts=30)
+    make_run(results / "old-run", scores, checkpoint=str(training / "checkpoint-100"))
+    assert _sweep(cli, training, results).exit_code == 0
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    assert history[["step", "run", "best_step"]].values.tolist() == [[100, "old-run", ""], [300, "checkpoint-300", "100"]]
+    summary = json.loads((results / "old-run" / "summary.json").read_text())
+    assert [history.iloc[0]["clip_mean_ci_low"], history.iloc[0]["clip_mean_ci_high"]] == summary["clip/mean_ci"]
+    assert history.iloc[0]["checkpoint"] == str(training / "checkpoint-100")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: None, "{t}: no such training output folder"),
+    (lambda t: (t / "notes").mkdir(parents=True), "{t}: no checkpoint found (looked for checkpoint-N/ folders, diffusers "
+     "pipelines, LoRA/LyCORIS files and folders, fine-tuned unet/ or transformer/ folders, and per-step .safetensors "
+     "files as kohya, ai-toolkit and OneTrainer write them, in the folder and two levels below it)"),
+])
+def test_a_training_folder_with_nothing_to_evaluate_fails(cli, stand_in, tmp_path, make, message):
+    training = tmp_path / "train"
+    make(training)
+    result = _sweep(cli, training, tmp_path / "results")
+    assert result.exit_code == 2 and result.stderr == f"clipeval: error: {message.format(t=training)}\n"
+    assert stand_in.calls == []
