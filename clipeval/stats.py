@@ -174,7 +174,8 @@ def summarize(scores, boot: Bootstrap = Bootstrap()) -> dict[str, Any]:
     if good.empty:
         from clipeval.errors import ClipevalError
 
-        raise ClipevalError(f"no usable image: all {len(scores)} are flagged ({_counts(flagged)}); see scores.csv")
+        counts = ", ".join(f"{flag}: {n}" for flag, n in _counts(flagged).items())
+        raise ClipevalError(f"no usable image: all {len(scores)} are flagged ({counts}); see scores.csv")
     values = good["clip_score"]
     prompts = int(good["prompt_id"].nunique())
     return {

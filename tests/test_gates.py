@@ -12,7 +12,7 @@ from clipeval.errors import ClipevalError
 
 
 def test_junit_has_one_case_per_gate_with_the_failure_as_pytest_writes_it(tmp_path):
-    path = tmp_path / "ci" / "gates.xml"
+    path = tmp_path / "ci" / "reports" / "gates.xml"  # folders made as needed
     gates.write_junit(path, "compare", [
         gates.Gate("b not worse than a by more than 0.005", True, "delta +0.0010 [-0.0005, +0.0025]"),
         gates.Gate("c not worse than a by more than 0.005", False, "delta -0.0200 [-0.0300, -0.0100]",
@@ -37,6 +37,18 @@ def test_junit_has_one_case_per_gate_with_the_failure_as_pytest_writes_it(tmp_pa
     assert failure.text == "c against a: delta -0.0200, p 1e-05"
     assert cases[2].find("failure").text == "no details"  # the message stands in for missing details
     assert b"d &amp; &lt;e&gt;" in data
+    import datetime
+
+    stamp = datetime.datetime.strptime(suite.attrib["timestamp"], "%Y-%m-%dT%H:%M:%S")  # ISO 8601, local time
+    assert abs((datetime.datetime.now() - stamp).total_seconds()) < 120
+
+
+def test_junit_is_utf_8_text_and_times_zero_by_default(tmp_path):
+    path = tmp_path / "gates.xml"
+    gates.write_junit(path, "sweep", [gates.Gate("clip/mean of café ≥ 0.3", True, "东京 0.31")])
+    data = path.read_bytes()
+    assert "café ≥ 0.3".encode() in data and "东京 0.31".encode() in data  # UTF-8 bytes, not character references
+    assert ET.fromstring(data)[0].attrib["time"] == "0.000"
 
 
 def test_junit_with_no_gate_is_an_empty_suite(tmp_path):
