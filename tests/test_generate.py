@@ -63,8 +63,35 @@ def test_seeds_do_not_depend_on_images_per_prompt_or_limit():
 
 
 def test_to_uint8_matches_diffusers_rounding_and_maps_nan_to_zero():
-    x = torch.tensor([0.0, 0.5, 1.0, 0.0019, 0.002, float("nan"), 1.2, -0.1])
-    assert to_uint8(x).tolist() == [0, 128, 255, 0, 1, 0, 255, 0]
+    x = torch.tensor([0.0, 0.5, 1.0, 0.0019, 0.002, float("nan"), 1.2, -0.1, 0.6])
+    got = to_uint8(x)
+    assert got.dtype == torch.uint8 and got.tolist() == [0, 128, 255, 0, 1, 0, 255, 0, 153]
+
+
+def test_to_uint8_equals_the_pixels_diffusers_saves():
+    """diffusers' own conversion to PIL (what a user's `pipe(...).images[0].save()` writes) on a grid
+    of values, every rounding boundary of the 256 levels included."""
+    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
+
+    values = torch.cat([torch.linspace(0, 1, 4097), (torch.arange(256) + 0.5) / 255]).clamp(0, 1)
+    images = values.view(1, 1, 1, -1).expand(1, 3, 1, -1).contiguous()
+    theirs = np.asarray(VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))[0])
+    assert np.array_equal(to_uint8(images)[0].permute(1, 2, 0).numpy(), theirs)
+
+
+def test_work_items_carry_each_prompt_and_refuse_a_library_past_the_seed_range():
+    lib = PromptLibrary("t", "", (Prompt(0, "a cat", "animals", "basic"), Prompt(1, "a dog", "", "hard")))
+    items = work_items(lib, images_per_prompt=2, seed=9)
+    assert [(i.prompt_id, i.sample, i.seed, i.prompt, i.category, i.challenge) for i in items] == [
+        (0, 0, image_seed(9, 0, 0), "a cat", "animals", "basic"), (0, 1, image_seed(9, 0, 1), "a cat", "animals", "basic"),
+        (1, 0, image_seed(9, 1, 0), "a dog", "", "hard"), (1, 1, image_seed(9, 1, 1), "a dog", "", "hard")]
+    from clipeval.generate import MAX_PROMPTS
+
+    at_cap = PromptLibrary("big", "", (Prompt(0, "x"),) * MAX_PROMPTS)
+    assert work_items(at_cap, images_per_prompt=0, seed=0) == []  # 2**20 prompts still fit
+    with pytest.raises(ValueError, match=rf"^at most {MAX_PROMPTS} prompts$"):
+        work_items(PromptLibrary("big", "", (Prompt(0, "x"),) * (MAX_PROMPTS + 1)), images_per_prompt=0, seed=0)
 
 
 @pytest.fixture(scope="module")
