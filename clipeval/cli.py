@@ -246,6 +246,10 @@ def _run_config(options: dict, **extra):
 @click.option("--fail-below", type=Finite(), help="Exit 1 (after writing every file) when clip/mean is below this, in the scale printed (--scale: cosine, or percent = 100 x cosine).")
 @click.option("--report", "with_report", is_flag=True, help="Also write OUT/report.html.")
 @click.option("--junit-xml", "junit_xml", type=click.Path(path_type=Path), help="Also write the gate's result as JUnit XML (one test case per gate), for CI systems.")
+@click.option("--baseline", type=click.Path(path_type=Path), help="With --until-decided: the run folder (same library, seed and scorer) this checkpoint is decided against.")
+@click.option("--until-decided", "until_decided", is_flag=True, help="Generate the library in one seeded order and stop as soon as an anytime-valid confidence sequence for the mean paired delta against --baseline lies wholly below -MARGIN (worse), above +MARGIN (better) or inside them; the folder stays resumable and extendable.")
+@click.option("--margin", "margin", type=Finite(0), default=0.005, show_default=True, help="With --until-decided: the difference of clip/mean that matters, in the scale printed.")
+@click.option("--sequence", type=click.Choice(["asymptotic", "betting"]), default="asymptotic", show_default=True, help="With --until-decided: the confidence sequence; betting is exact for any library but needs far more prompts (README).")
 @click.pass_context
 def run(ctx: click.Context, step: int | None, fail_below: float | None, with_report: bool, junit_xml: Path | None,
         **options) -> None:
@@ -260,6 +264,7 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
         click.echo(f"note: {note}", err=True)
     trackers, scale = _tracking(options, Path(options["out"]) / "logs", step)
     threshold = _in_cosine(fail_below, scale, "--fail-below", bound=1.0)  # before any model loads
+    options["margin"] = _in_cosine(options["margin"], scale, "--margin", bound=2.0)
     demo = "demo" in (options["checkpoint"], options["clip_model"])
     if demo:
         click.secho(DEMO_WARNING, fg="yellow", err=True)
@@ -268,6 +273,8 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
         return
     s = result.summary
     click.echo(_closing_line(s, result.out, scale=scale))
+    if "sequential" in s:
+        click.echo(sequential_line(s["sequential"], scale, images_per_prompt=options["images_per_prompt"]))
     _warn_flagged(s)
     if s["few_prompts"]:
         click.echo(f"note: only {s['prompts']} prompts; the interval says little below {s['few_prompts_threshold']}", err=True)
@@ -456,6 +463,23 @@ def _warn_flagged(s: dict) -> None:
 def _printed(scale: str) -> tuple[float, int]:
     """The factor and the digits a score is printed with: percent is 100 x cosine, to 2 decimals."""
     return (100.0, 2) if scale == "percent" else (1.0, 4)
+
+
+def sequential_line(q: dict, scale: str = "cosine", images_per_prompt: int | None = None) -> str:
+    """What a sequential run decided, in how many prompts, and what the whole library would cost."""
+    k, digits = _printed(scale)
+    unit = " (100 x cosine)" if k != 1 else ""
+    low, high = q["mean_delta_ci"]
+    share = q["prompts_used"] / q["library_prompts"]
+    sequence = (f"mean paired delta {k * q['mean_delta']:+.{digits}f}, {int(round(100 * (1 - q['alpha'])))}% confidence "
+                f"sequence [{k * low:+.{digits}f}, {k * high:+.{digits}f}]{unit}") if q["mean_delta"] is not None else "no prompt paired"
+    images = f" ({images_per_prompt} image{'s' if images_per_prompt != 1 else ''} each)" if images_per_prompt else ""
+    if q["decided"]:
+        return (f"sequential: {q['verdict']} (margin {k * q['margin']:g}{unit}) after {q['prompts_used']} of "
+                f"{q['library_prompts']} prompts ({share:.0%}){images}: {sequence} against {q['baseline']}; the whole "
+                f"library would have cost {q['library_prompts'] - q['prompts_used']} more prompts")
+    return (f"sequential: undecided after {q['prompts_used']} of {q['library_prompts']} prompts: {sequence} against "
+            f"{q['baseline']}; compare the two runs for the fixed-size answer")
 
 
 def _closing_line(s: dict, out: Path, label: str = "clip/mean", scale: str = "cosine") -> str:

@@ -12,7 +12,7 @@ import hashlib
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,11 @@ class RunConfig:
     attention: str | None = None  # the denoiser's attention backend; None keeps the pipeline's
     scheduler: str | None = None  # a noise scheduler by name (pipelines.SCHEDULERS); None keeps the pipeline's
     trackers: "Any" = None  # clipeval.trackers.Tracking: where and at which step to log the summary
+    baseline: str | Path | None = None  # the run folder --until-decided decides against
+    until_decided: bool = False  # the library in its seeded order, until the sequence decides (clipeval.decide)
+    margin: float = 0.005  # in cosine: the difference that matters to --until-decided
+    sequence: str = "asymptotic"  # clipeval.sequential.METHODS
+    order_prefix: int | None = None  # exactly the first N prompts of the seeded order (a sweep extending a baseline)
     progress: bool = True
     command: list[str] | None = None  # recorded in the manifest
 
@@ -77,6 +82,7 @@ class Prepared:
     device: str
     clock: dict[str, float]
     adaptive: Any = None  # loop.Adaptive: images per generation call, as the run found it
+    decider: Any = None  # decide.Decider under --until-decided: the order, the baseline, when to stop
 
 
 @dataclass
@@ -123,6 +129,12 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
     if config.limit is not None and config.limit > len(full_library.prompts) and ranks.main:
         print(f"note: --limit {config.limit} is more than the {len(full_library.prompts)} prompts of "
               f"{full_library.name}; all of them are evaluated", file=sys.stderr)
+    from clipeval import decide
+
+    decider = decide.prepare(config, library, ranks)
+    if decider is not None:  # the library in its seeded order: the work items, their batches and the stops follow it
+        by_id = {p.prompt_id: p for p in library.prompts}
+        library = replace(library, prompts=tuple(by_id[p] for p in decider.order))
     ref = pipelines.resolve_checkpoint(
         config.checkpoint, config.base_model, allow_pickle=config.allow_pickle, revision=config.revision,
         ema=config.ema,
@@ -225,7 +237,7 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
     previous = ranks.on_main(lambda: rundir.claim({**settings, **moved}, overwrite=config.overwrite))
     try:
         prepared = Prepared(config, rundir, ranks, settings, ref, library, items, gen, pipe, scorer, device, clock,
-                            adaptive=loop.Adaptive.for_run(config.batch_size, device, log=_say))
+                            adaptive=loop.Adaptive.for_run(config.batch_size, device, log=_say), decider=decider)
         return _generate_and_write(prepared, previous)
     finally:
         rundir.release()
@@ -337,6 +349,10 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
     from clipeval import stats
 
     done = rundir.done()
+    if run.decider is not None:  # a prefix of the seeded order: what was generated before the sequence decided
+        items = [item for item in items if item.key in done]
+        manifest["selection"].update(prompts=len({item.prompt_id for item in items}), images=len(items),
+                                     order=run.decider.order_name, library_prompts=run.decider.population)
 
     scores = stats.scores_table([done[item.key] for item in items])
     per_prompt = stats.prompts_table(scores, {p.prompt_id: p.name for p in run.library.prompts})
@@ -357,8 +373,15 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
             "write_s": round(time.perf_counter() - clock["looped"], 3),
         },
     )
+    decided = None
+    if run.decider is not None:
+        decided = run.decider.sequential_block(done, out)
+        if decided is not None:
+            summary["sequential"] = decided
     manifest = rundir.finish(scores=scores, prompts=per_prompt, summary=summary, manifest=manifest)
     result = RunResult(out, summary, manifest, scores)
+    if decided is not None:
+        run.decider.check_reached(done, decided)  # every file is written first
     if config.trackers is not None:  # after every file is written: a tracker problem loses nothing
         result.notes["tracking"] = [config.trackers.log(result, checkpoint=config.checkpoint)]
     return result
@@ -401,7 +424,9 @@ def _generate_and_score(run: Prepared, mine: list[list], done: dict) -> int:
     with bar:
         return loop.run_batches(
             mine, pipe=pipe, scorer=scorer, gen=gen, rundir=rundir, done=done, save_images=config.save_images,
-            batch_size=config.batch_size, bar=bar, log=_say, stop=rundir.peer_failed if ranks.world > 1 else None,
+            batch_size=config.batch_size, bar=bar, log=_say,
+            stop=(lambda: run.decider.should_stop(done)) if run.decider is not None else
+            rundir.peer_failed if ranks.world > 1 else None,
             adaptive=run.adaptive,
         )
 

@@ -65,6 +65,12 @@ def usable(scores):
     return scores[keep]
 
 
+def usable_row(row: dict[str, Any]) -> bool:
+    """``usable`` for one journal row."""
+    score = row.get("clip_score")
+    return score is not None and score == score and not row.get("flag")
+
+
 def prompts_table(scores, names: dict[int, str] | None = None):
     """One row per prompt, over its usable images (n = 0 and empty means when none is usable).
     ``names`` (a {name: prompt} library's keys) adds a ``name`` column after prompt_id."""
