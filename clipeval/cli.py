@@ -317,9 +317,11 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
 @click.option("--settle", type=Finite(0), default=60.0, show_default=True, help="Seconds a checkpoint must be left untouched before it counts as saved.")
 @click.option("--junit-xml", "junit_xml", type=click.Path(path_type=Path), help="Also write the gate's result as JUnit XML (one test case per gate), for CI systems.")
 @click.option("--alert-if-worse", "alert_margin", type=Finite(0), help="Exit 1 (after writing every file), with an 'alert:' line, when the newest checkpoint is worse than the best earlier one by more than this: the whole CI of the paired delta below -MARGIN.")
+@click.option("--until-decided", "until_decided", is_flag=True, help="Generate each checkpoint in the seeded order only until a confidence sequence decides it against the best earlier one (worse, better, or within --alert-if-worse), extending that one as needed; history.csv says the prompts used and the verdict.")
+@click.option("--sequence", type=click.Choice(["asymptotic", "betting"]), default="asymptotic", show_default=True, help="With --until-decided: the confidence sequence.")
 @click.pass_context
 def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: float, alert_margin: float | None,
-          junit_xml: Path | None, **options) -> None:
+          junit_xml: Path | None, until_decided: bool, sequence: str, **options) -> None:
     """Evaluate every checkpoint of TRAINING_DIR not evaluated yet, oldest step first (for cron).
 
     \b
@@ -349,8 +351,10 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
         click.echo(f"note: {note}", err=True)
     trackers, scale = _tracking(options, out / "logs", None)
     margin = _in_cosine(alert_margin, scale, "--alert-if-worse", bound=2.0)  # deltas of cosines lie in [-2, 2]
-    base = _run_config(options, checkpoint="", out=out, trackers=trackers)
-    result = sweeping.sweep(folder, out, base, settle_s=settle, margin=margin or 0.0,
+    if until_decided and margin is None:
+        raise ClipevalError("--until-decided needs --alert-if-worse MARGIN: the difference each decision is about")
+    base = _run_config(options, checkpoint="", out=out, trackers=trackers, sequence=sequence)
+    result = sweeping.sweep(folder, out, base, settle_s=settle, margin=margin or 0.0, until_decided=until_decided,
                             log=lambda m: click.echo(m, err=True))
     if result is None:  # another rank of a multi-process sweep: rank 0 reports
         return
@@ -557,8 +561,10 @@ def scorers() -> None:
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--top", type=click.IntRange(0), default=5, show_default=True, help="Groups listed as moving most (text, markdown).")
 @click.option("--junit-xml", "junit_xml", type=click.Path(path_type=Path), help="Also write the gate's result as JUnit XML (one test case per gate), for CI systems.")
+@click.option("--sequential", "sequence", flag_value="asymptotic", help="Also say after how many prompts of the seeded order (that of run --until-decided) a confidence sequence would have decided, with --margin.")
+@click.option("--sequence", "sequence", type=click.Choice(["asymptotic", "betting"]), help="As --sequential, with this confidence sequence.")
 def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confidence, resamples, seed, top,
-            junit_xml) -> None:
+            junit_xml, sequence) -> None:
     """Is a run better than the baseline, or is it noise? Paired by prompt and seed.
 
     A run is worse by more than --margin when the whole confidence interval of its paired delta
@@ -582,6 +588,7 @@ def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confi
         allow_mismatch=allow_mismatch,
         margin=margin,
         boot=Bootstrap(confidence=confidence, resamples=resamples, seed=seed),
+        sequence=sequence,
     )
     click.echo(comparing.render(result, fmt, top=top), nl=False)
     from clipeval import gates

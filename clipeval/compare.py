@@ -36,6 +36,7 @@ class RunScores:
     path: Path
     settings: dict[str, Any]
     scores: Any  # DataFrame, the run's scores.csv
+    library_prompts: int | None = None  # a run --until-decided stopped: the prompts of its whole library
 
 
 def load_run(path: str | Path) -> RunScores:
@@ -43,7 +44,8 @@ def load_run(path: str | Path) -> RunScores:
     from clipeval.store import load_run as load
 
     record = load(path)
-    return RunScores(str(path), record.path, record.settings, usable(record.scores))  # flagged images never pair
+    library = (record.manifest.get("selection") or {}).get("library_prompts")
+    return RunScores(str(path), record.path, record.settings, usable(record.scores), library)  # flagged images never pair
 
 
 @dataclass
@@ -73,6 +75,7 @@ class RunComparison:
     overall: GroupDelta
     groups: list[GroupDelta] = field(default_factory=list)
     worse: bool = False
+    sequential: dict[str, Any] | None = None  # compare --sequential: when the seeded order would have decided
 
 
 @dataclass
@@ -98,6 +101,7 @@ def compare(
     allow_mismatch: bool = False,
     margin: float = 0.0,
     boot: Bootstrap = Bootstrap(),
+    sequence: str | None = None,
 ) -> Comparison:
     if len(runs) < 2:
         raise ClipevalError("compare needs at least two runs")
@@ -117,6 +121,9 @@ def compare(
         )
     base_sums = _prompt_means(base.scores)
     results = [_compare_one(base, run, margin, boot) for run in others]
+    if sequence is not None:
+        for run, result in zip(others, results):
+            result.sequential = sequential_result(base, run, margin, sequence)
     return Comparison(
         baseline=base.name,
         baseline_mean=float(base.scores["clip_score"].mean()),
@@ -132,6 +139,22 @@ def compare(
 def _prompt_means(scores):
     grouped = scores.groupby("prompt_id", sort=True)["clip_score"]
     return grouped.agg(sum="sum", n="size")
+
+
+def sequential_result(base: RunScores, run: RunScores, margin: float, method: str) -> dict[str, Any]:
+    """After how many prompts of the seeded order (the one ``run --until-decided`` follows) the
+    confidence sequence would have decided, on the prompts the two runs pair. The library is the
+    population: the whole library where a run was stopped early (its prefix is the start of the
+    order), else the prompts paired."""
+    from clipeval import sequential
+
+    keys = ["prompt_id", "sample", "prompt"]
+    paired = base.scores[keys + ["clip_score"]].merge(run.scores[keys + ["clip_score"]], on=keys, suffixes=("_a", "_b"))
+    per_prompt = paired.groupby("prompt_id", sort=True)[["clip_score_a", "clip_score_b"]].mean()
+    deltas = dict(zip(per_prompt.index, per_prompt["clip_score_b"] - per_prompt["clip_score_a"]))
+    population = max([len(deltas)] + [r.library_prompts for r in (base, run) if r.library_prompts])
+    ordered = [float(deltas[p]) for p in sequential.order(list(deltas), int(base.settings.get("seed") or 0))]
+    return sequential.summarize(ordered, population, margin, method=method, baseline=base.name)
 
 
 def _compare_one(base: RunScores, run: RunScores, margin: float, boot: Bootstrap) -> RunComparison:
@@ -253,6 +276,8 @@ def render(result: Comparison, fmt: str, *, top: int = 5) -> str:
         line = power_line(run)
         if line:
             out.append(f"{'> ' if markdown else ''}{line}")
+        if run.sequential is not None:
+            out.append(f"{'> ' if markdown else ''}{sequential_line(run)}")
     for run in result.runs:
         if run.paired_images < max(run.run_images, run.baseline_images):
             out.append(f"{'> ' if markdown else ''}{run.name}: {run.paired_images} images paired "
@@ -281,6 +306,18 @@ def power_line(run: RunComparison) -> str | None:
             f"{power['prompt_delta_sd']:.4f}); {needed}")
 
 
+def sequential_line(run: RunComparison) -> str:
+    """What the seeded order would have cost: the verdict of the sequence and its prompts."""
+    q = run.sequential
+    low, high = q["mean_delta_ci"]
+    head = f"{run.name}: sequential ({q['method']}, margin {q['margin']:g}, α {q['alpha']:g})"
+    if not q["decided"]:
+        return (f"{head}: undecided after all {q['prompts_used']} prompts of the seeded order; the fixed-size "
+                "answer above stands")
+    return (f"{head}: {q['verdict']} after {q['prompts_used']} of {q['library_prompts']} prompts of the seeded order "
+            f"({q['prompts_used'] / q['library_prompts']:.0%}), sequence [{low:+.4f}, {high:+.4f}]")
+
+
 def verdict(run: RunComparison, margin: float) -> str:
     ci = run.overall.delta_ci
     if ci is None:
@@ -305,7 +342,8 @@ def _csv(result: Comparison) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["run", "baseline", "kind", "group", "prompts", "images", "baseline_mean", "mean",
                      "mean_ci_low", "mean_ci_high", "delta", "delta_ci_low", "delta_ci_high", "p_value",
-                     "win_rate", "tie_rate", "few_prompts", "worse", "mde", "prompts_for_0.005", "prompts_for_0.01"])
+                     "win_rate", "tie_rate", "few_prompts", "worse", "mde", "prompts_for_0.005", "prompts_for_0.01",
+                     "sequential_verdict", "sequential_prompts"])
     for run in result.runs:
         for g in [run.overall, *run.groups]:
             writer.writerow([
@@ -315,5 +353,7 @@ def _csv(result: Comparison) -> str:
                 run.worse if g.kind == "overall" else "",
                 *((g.power["mde"], g.power["prompts_needed"]["0.005"], g.power["prompts_needed"]["0.01"])
                   if g.power else ("", "", "")),
+                *((run.sequential["verdict"], run.sequential["prompts_used"])
+                  if run.sequential and g.kind == "overall" else ("", "")),
             ])
     return buffer.getvalue()

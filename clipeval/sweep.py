@@ -31,7 +31,8 @@ from clipeval.errors import ClipevalError
 
 HISTORY_COLUMNS = ["step", "checkpoint", "clip_mean", "clip_mean_ci_low", "clip_mean_ci_high", "clip_std", "clip_median",
                    "clip_min", "clip_max", "images", "prompts", "flagged_images", "finished_at", "run",
-                   "best_step", "delta_best", "delta_best_ci_low", "delta_best_ci_high", "p_best", "alert", "weights"]
+                   "best_step", "delta_best", "delta_best_ci_low", "delta_best_ci_high", "p_best", "alert", "weights",
+                   "prompts_used", "verdict"]
 
 
 @dataclass
@@ -97,9 +98,11 @@ class Plan:
 
 
 def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float = 60.0, margin: float = 0.0,
-          log=print) -> SweepResult | None:
+          until_decided: bool = False, log=print) -> SweepResult | None:
     """``base`` is a ``RunConfig`` carrying the settings; its checkpoint and out are replaced.
-    ``margin``: the alert rule's, as ``compare --fail-if-worse --margin``.
+    ``margin``: the alert rule's, as ``compare --fail-if-worse --margin``. ``until_decided``: each
+    checkpoint is generated in the seeded order only until the confidence sequence decides it
+    against the best earlier one (``clipeval.decide``), that one extended when it is too short.
 
     Under ``torchrun`` or ``accelerate launch`` rank 0 plans (it holds the lock, reads the finished
     runs and decides what to evaluate), every rank evaluates each checkpoint together, as ``run``
@@ -142,8 +145,11 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
                 # Before the GPU work, as run does; its verdict reaches every rank.
                 ranks.on_main(lambda: trackers.check(str(checkpoint.path)) if trackers is not None else None)
                 # Logged here, once its history row (and so clip/delta_best) exists, not by run.
-                evaluated = runner.run(replace(base, checkpoint=str(checkpoint.path), out=results_dir / name,
-                                               trackers=None))
+                config = replace(base, checkpoint=str(checkpoint.path), out=results_dir / name, trackers=None)
+                if until_decided:
+                    evaluated = _decided(config, checkpoint, results_dir, plan.steps, margin, read, say)
+                else:
+                    evaluated = runner.run(config)
                 if ranks.main:
                     history = write_history(results_dir, plan.steps, margin=margin, read=read)
                 if trackers is not None and evaluated is not None:
@@ -164,6 +170,43 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
     finally:
         for fd in held:
             os.close(fd)
+
+
+def first_prefix(prompts: int) -> int:
+    """How much of the seeded order a sweep's first checkpoint gets, with nothing to decide it
+    against yet: later checkpoints extend it as far as their decisions need."""
+    from clipeval.sequential import BURN_IN
+
+    return min(prompts, max(2 * BURN_IN, -(-prompts // 8)))
+
+
+def _decided(config, checkpoint, results_dir: Path, steps: dict, margin: float, read: dict, say):
+    """Evaluate one checkpoint --until-decided against the best earlier one (the highest clip_mean at
+    a smaller step, over what each generated), extending that one's prefix of the order while the
+    decision needs prompts it lacks. The first checkpoint gets ``first_prefix`` of the order."""
+    import pandas as pd
+
+    from clipeval import decide, prompts, runner
+
+    history = write_history(results_dir, steps, margin=margin, read=read)
+    history = history[history["run"] != checkpoint.name]
+    if checkpoint.step is not None:
+        history = history[history["step"].notna() & (history["step"] < checkpoint.step)]
+    if history.empty:
+        size = len(prompts.load_library(config.prompt_library).prompts)
+        return runner.run(replace(config, order_prefix=first_prefix(size)))
+    best = history.loc[pd.to_numeric(history["clip_mean"]).idxmax()]
+    baseline = results_dir / best["run"]
+    while True:
+        try:
+            return runner.run(replace(config, until_decided=True, baseline=baseline, margin=margin))
+        except decide.BaselineTooShort as short:
+            size = len(prompts.load_library(config.prompt_library).prompts)
+            grow = min(size, 2 * short.prompts)
+            say(f"extending {best['run']} to {grow} prompts of the seeded order: {checkpoint.name} needs more of it "
+                "to be decided")
+            runner.run(replace(config, checkpoint=best["checkpoint"], out=baseline, order_prefix=grow))
+            read.pop(best["run"], None)  # its files changed
 
 
 def _plan(training_dir: Path, results_dir: Path, read: dict[str, Any], held: list[int]) -> Plan:
@@ -238,11 +281,14 @@ def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: fl
             "flagged_images": sum((summary.get("flagged_images") or {}).values()),
             "finished_at": manifest.get("finished_at"), "run": out.name,
             "weights": (manifest.get("checkpoint") or {}).get("weights") or "",
+            "prompts_used": (summary.get("sequential") or {}).get("prompts_used", summary["prompts"]),
+            "verdict": (summary.get("sequential") or {}).get("verdict", ""),
         })
     frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
     frame["step"] = frame["step"].astype("Int64")
     frame = frame.sort_values(["step", "run"], na_position="last", kind="stable").reset_index(drop=True)
     _against_best(frame, records, results_dir, margin)
+    frame["prompts_used"] = frame["prompts_used"].astype("Int64")
     write_csv(results_dir / "history.csv", frame)
     return frame
 
@@ -274,5 +320,9 @@ def _against_best(frame, records: dict, results_dir: Path, margin: float) -> Non
         ci = result.overall.delta_ci or (None, None)
         frame.loc[i, ["best_step", "delta_best", "delta_best_ci_low", "delta_best_ci_high", "p_best"]] = [
             best["step"], result.overall.delta, ci[0], ci[1], result.overall.p_value]
-        frame.at[i, "alert"] = "true" if result.worse else "false"
+        worse = result.worse
+        decided = (records[names[1]].summary or {}).get("sequential")
+        if decided and decided.get("decided") and Path(decided["baseline"]).name == best["run"]:
+            worse = decided["verdict"] == "worse"  # decided against this very run: the sequence's verdict is the rule
+        frame.at[i, "alert"] = "true" if worse else "false"
     frame["best_step"] = frame["best_step"].astype("Int64")
