@@ -232,7 +232,21 @@ def _headline(run: ReportRun) -> str:
     few = " <span class='warn'>few prompts: the interval says little</span>" if s.get("few_prompts") else ""
     return (f"<section class='headline'><h2>{e(run.name)}</h2>"
             f"<p class='big'>clip/mean <b>{_f(s.get('clip/mean'))}</b>{ci_text}{few}</p>"
-            f"<table class='facts'>{rows}</table></section>")
+            f"{_sequential(s.get('sequential'))}<table class='facts'>{rows}</table></section>")
+
+
+def _sequential(q: dict[str, Any] | None) -> str:
+    """A run stopped by --until-decided: its verdict, how many prompts of the seeded order it took."""
+    if not q:
+        return ""
+    low, high = q["mean_delta_ci"]
+    level = int(round(100 * (1 - q["alpha"])))
+    verdict = (f"<b>{e(q['verdict'])}</b> (margin {q['margin']:g}) after {q['prompts_used']} of {q['library_prompts']} "
+               "prompts" if q["decided"] else f"<b>undecided</b> after {q['prompts_used']} of {q['library_prompts']} prompts")
+    return (f"<p class='sequential'>Sequential decision against {e(q['baseline'])}: {verdict}; mean paired delta "
+            f"{_f(q['mean_delta'], True)}, {level}% confidence sequence [{_f(low, True)}, {_f(high, True)}] "
+            f"({e(q['method'])}). The statistics below cover the {q['prompts_seen']} prompts generated, the start "
+            "of the seeded order.</p>")
 
 
 def _f(x: Any, signed: bool = False) -> str:

@@ -87,6 +87,10 @@ class Tracking:
             scalars.update(simpletuner_statistics(scores))
         for name, group in summary.get("by_category", {}).items():
             scalars[f"clip/category/{name}"] = group["mean"] * factor
+        decided = summary.get("sequential")
+        if decided:  # --until-decided: what it took, and the verdict as -1 worse, +1 better, 0 otherwise
+            scalars["clip/sequential_prompts"] = float(decided["prompts_used"])
+            scalars["clip/sequential_verdict"] = {"worse": -1.0, "better": 1.0}.get(decided["verdict"], 0.0)
         return scalars
 
     def log(self, result, *, checkpoint: str, extra: dict[str, float] | None = None) -> str:

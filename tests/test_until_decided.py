@@ -1,0 +1,157 @@
+"""``run --baseline RUN --until-decided`` end to end on the tiny models: a checkpoint made clearly
+worse (its VAE decodes every image darker) is called worse after part of the library, the images
+it made are exactly the first prompts of the seeded order, the folder is an ordinary run that
+compare and report read, a rerun resumes, and extending it without --until-decided gives the
+files of a plain full run. Then the bad inputs, one line each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import assert_user_error, files_of
+
+from clipeval import sequential
+
+PROMPTS = 64
+WORDS = "cat dog red blue house tree car sky river mountain bird flower city night sun moon boat horse chair table".split()
+
+
+def _darker(source: Path, target: Path, shift: float = -2.0) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = next((target / "vae").glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors["decoder.conv_out.bias"] = tensors["decoder.conv_out.bias"] + shift
+    save_file(tensors, weights)
+    return target
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, models):
+    """A library, a baseline over all of it, a darker checkpoint, and that checkpoint's plain full run."""
+    import random
+
+    from click.testing import CliRunner
+
+    from clipeval.cli import main
+
+    root = tmp_path_factory.mktemp("decided")
+    rng = random.Random(4)
+    library = root / "library.txt"
+    library.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(5)) for _ in range(PROMPTS)) + "\n")
+    dark = _darker(models.sd, root / "dark")
+
+    def run(checkpoint, out, *extra):
+        result = CliRunner().invoke(main, ["run", "--checkpoint", str(checkpoint), "--clip-model", str(models.clip),
+                                           "--prompt-library", str(library), "--out", str(out), "--steps", "2",
+                                           "--batch-size", "1", "--quiet", *map(str, extra)])
+        return result
+
+    base = root / "base"
+    assert run(models.sd, base, "--batch-size", "8").exit_code == 0  # compared by value only: any batches
+    full = root / "dark-full"
+    assert run(dark, full).exit_code == 0
+    return type("World", (), {"root": root, "library": library, "dark": dark, "base": base, "full": full, "run": staticmethod(run)})
+
+
+@pytest.fixture(scope="module")
+def decided(world):
+    out = world.root / "dark-decided"
+    result = world.run(world.dark, out, "--baseline", world.base, "--until-decided")
+    assert result.exit_code == 0, result.stderr
+    return out, result
+
+
+def test_a_clearly_worse_checkpoint_is_called_worse_after_part_of_the_library(world, decided):
+    out, result = decided
+    summary = json.loads((out / "summary.json").read_text())
+    q = summary["sequential"]
+    truth = pd.read_csv(world.full / "prompts.csv")["clip_mean"].mean() - pd.read_csv(world.base / "prompts.csv")["clip_mean"].mean()
+    assert truth < -0.02  # the darker checkpoint really is worse over the whole library
+    assert (q["decided"], q["verdict"], q["prompts_used"], q["library_prompts"]) == (True, "worse", sequential.BURN_IN, PROMPTS)
+    assert q["mean_delta_ci"][1] < -q["margin"] and q["baseline"] == str(world.base) and q["method"] == "asymptotic"
+    line = [x for x in result.stdout.splitlines() if x.startswith("sequential:")]
+    assert line == [f"sequential: worse (margin 0.005) after {sequential.BURN_IN} of {PROMPTS} prompts "
+                    f"({sequential.BURN_IN / PROMPTS:.0%}) (1 image each): mean paired delta {q['mean_delta']:+.4f}, 95% "
+                    f"confidence sequence [{q['mean_delta_ci'][0]:+.4f}, {q['mean_delta_ci'][1]:+.4f}] against "
+                    f"{world.base}; the whole library would have cost {PROMPTS - sequential.BURN_IN} more prompts"]
+
+
+def test_the_images_made_are_the_first_prompts_of_the_seeded_order(world, decided):
+    out, _ = decided
+    made = sorted(int(p.name[:5]) for p in (out / "images").glob("*.png"))
+    order = sequential.order(list(range(PROMPTS)), 0)
+    assert sequential.BURN_IN <= len(made) < PROMPTS
+    assert made == sorted(order[:len(made)])  # a prefix of the order, whatever the batches in flight
+    scores = pd.read_csv(out / "scores.csv")
+    plain = pd.read_csv(world.full / "scores.csv").set_index("prompt_id").loc[scores["prompt_id"]].reset_index()
+    assert scores["clip_score"].tolist() == plain["clip_score"].tolist()  # the same images as the plain run's
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["selection"]["prompts"] == len(made) and manifest["selection"]["library_prompts"] == PROMPTS
+
+
+def test_a_stopped_run_is_a_run_folder_for_compare_and_report(cli, world, decided):
+    out, _ = decided
+    compared = cli("compare", world.base, out, "--sequential", "--margin", "0.005", "--resamples", "500")
+    assert compared.exit_code == 0, compared.stderr
+    line = [x for x in compared.stdout.splitlines() if "sequential (asymptotic" in x]
+    assert len(line) == 1 and f"worse after {sequential.BURN_IN} of {PROMPTS} prompts of the seeded order" in line[0]
+    report = cli("report", out, "--out", world.root / "decided.html")
+    assert report.exit_code == 0, report.stderr
+    assert "sequential" in (world.root / "decided.html").read_text().lower()
+
+
+def test_a_rerun_resumes_and_without_the_flag_extends_to_the_plain_full_run(world, decided):
+    out, _ = decided
+    copy = world.root / "dark-extended"
+    shutil.copytree(out, copy)
+    again = world.run(world.dark, copy, "--baseline", world.base, "--until-decided")
+    assert again.exit_code == 0
+    assert json.loads((copy / "manifest.json").read_text())["timings"]["images_generated"] == 0
+    assert json.loads((copy / "summary.json").read_text())["sequential"] == json.loads((out / "summary.json").read_text())["sequential"]
+    extended = world.run(world.dark, copy)
+    assert extended.exit_code == 0, extended.stderr
+    assert files_of(copy) == files_of(world.full)  # every byte of the tables, the summary and the images
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--until-decided"], "--until-decided needs --baseline RUN"),
+    (["--baseline", "{base}"], "--baseline is the run --until-decided decides against; add --until-decided"),
+    (["--baseline", "{base}", "--until-decided", "--limit", "10"], "--limit and --until-decided exclude each other"),
+    (["--baseline", "{base}", "--until-decided", "--seed", "1"], "was made with another --seed"),
+    (["--baseline", "{base}", "--until-decided", "--images-per-prompt", "2"], "has 1 images per prompt, this run 2"),
+    (["--baseline", "{root}/nowhere", "--until-decided"], "nowhere"),
+])
+def test_bad_sequential_options_are_one_line(world, extra, needle):
+    out = world.root / "bad"
+    result = world.run(world.dark, out, *[e.format(base=world.base, root=world.root) for e in extra])
+    assert_user_error(result, needle)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_baseline_of_another_library_or_scorer_is_refused(world, models, cli, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("a cat\na dog\n")
+    result = cli("run", "--checkpoint", world.dark, "--clip-model", models.clip, "--prompt-library", other, "--out",
+                 tmp_path / "x", "--steps", "2", "--quiet", "--baseline", world.base, "--until-decided")
+    assert_user_error(result, "was made with another prompt library")
+    result = cli("run", "--checkpoint", world.dark, "--clip-model", models.clip2, "--prompt-library", world.library,
+                 "--out", tmp_path / "y", "--steps", "2", "--quiet", "--baseline", world.base, "--until-decided")
+    assert_user_error(result, "was made with another scorer")
+
+
+def test_a_baseline_shorter_than_the_decision_needs_is_one_line_after_the_files(world, decided):
+    """The same checkpoint against its own stopped run, margin 0: identical images, a delta of exactly
+    0, which no sequence can place below or above 0; the baseline runs out first."""
+    short, _ = decided
+    out = world.root / "against-short"
+    result = world.run(world.dark, out, "--baseline", short, "--until-decided", "--margin", "0", "--batch-size", "8")
+    assert_user_error(result, f"--baseline {short} holds", "prompts of the seeded order and the sequence has not decided")
+    summary = json.loads((out / "summary.json").read_text())  # every file written first
+    assert summary["sequential"]["verdict"] == "undecided"
+    assert summary["sequential"]["mean_delta"] == 0.0
