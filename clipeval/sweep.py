@@ -201,8 +201,10 @@ def _decided(config, checkpoint, results_dir: Path, steps: dict, margin: float, 
         try:
             return runner.run(replace(config, until_decided=True, baseline=baseline, margin=margin))
         except decide.BaselineTooShort as short:
+            from clipeval.sequential import BURN_IN
+
             size = len(prompts.load_library(config.prompt_library).prompts)
-            grow = min(size, 2 * short.prompts)
+            grow = min(size, max(2 * short.prompts, BURN_IN))  # no decision comes before the burn-in
             say(f"extending {best['run']} to {grow} prompts of the seeded order: {checkpoint.name} needs more of it "
                 "to be decided")
             runner.run(replace(config, checkpoint=best["checkpoint"], out=baseline, order_prefix=grow))

@@ -155,3 +155,43 @@ def test_a_baseline_shorter_than_the_decision_needs_is_one_line_after_the_files(
     summary = json.loads((out / "summary.json").read_text())  # every file written first
     assert summary["sequential"]["verdict"] == "undecided"
     assert summary["sequential"]["mean_delta"] == 0.0
+
+
+def test_a_sweep_decides_each_checkpoint_against_the_best_earlier_extending_it(world, models, cli, tmp_path, monkeypatch):
+    """The first checkpoint gets a short prefix of the order (20 prompts here); the darker second one
+    needs 50 to be decided, so the sweep extends the first one's prefix, then calls the second worse:
+    an alert, with prompts_used and the verdict in history.csv."""
+    import os
+    import time
+
+    from clipeval import sweep
+
+    monkeypatch.setattr(sweep, "first_prefix", lambda prompts: 20)
+    training = tmp_path / "train"
+    shutil.copytree(models.sd, training / "checkpoint-100")
+    shutil.copytree(world.dark, training / "checkpoint-200")
+    old = time.time() - 3600
+    for path in training.rglob("*"):
+        os.utime(path, (old, old))
+    results = tmp_path / "results"
+    result = cli("sweep", training, "--out", results, "--clip-model", models.clip, "--prompt-library", world.library,
+                 "--steps", "2", "--batch-size", "4", "--quiet", "--alert-if-worse", "0.005", "--until-decided")
+    assert result.exit_code == 1, result.stderr  # the alert
+    said = result.stderr.splitlines()
+    extended = [line for line in said if line.startswith("extending checkpoint-100 to ")]
+    assert extended and all("checkpoint-200 needs more of it to be decided" in line for line in extended)
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    assert history["run"].tolist() == ["checkpoint-100", "checkpoint-200"]
+    assert history["verdict"].tolist() == ["", "worse"] and history["alert"].tolist() == ["", "true"]
+    assert history["prompts_used"].tolist()[1] == sequential.BURN_IN
+    first = json.loads((results / "checkpoint-100" / "manifest.json").read_text())["selection"]["prompts"]
+    # Extended once, to twice what it had (up to two generation calls more were in flight each time).
+    assert len(extended) == 1 and sequential.BURN_IN <= int(extended[0].split()[3]) <= first
+    made = sorted(int(p.name[:5]) for p in (results / "checkpoint-100" / "images").glob("*.png"))
+    assert made == sorted(sequential.order(list(range(PROMPTS)), 0)[:first])
+    assert any(line.startswith("alert: step 200 is worse") for line in said)
+
+
+def test_until_decided_in_a_sweep_needs_the_alert_margin(cli, world, tmp_path):
+    result = cli("sweep", tmp_path, "--out", tmp_path / "r", "--prompt-library", world.library, "--until-decided")
+    assert_user_error(result, "--until-decided needs --alert-if-worse MARGIN")
