@@ -113,7 +113,7 @@ def compare(
     for run in others:
         for key in MUST_MATCH:
             if canonical(base.settings.get(key)) != canonical(run.settings.get(key)):  # one folder, however spelled
-                mismatches.append(f"{run.name} has {key} {run.settings.get(key)!r}, {base.name} has {base.settings.get(key)!r}")
+                mismatches.append(f"{run.name} has {key} {run.settings.get(key)!r}, {base.name} has {key} {base.settings.get(key)!r}")
     if mismatches and not allow_mismatch:
         raise ClipevalError(
             f"runs differ in what must match ({'; '.join(mismatches)}); "

@@ -251,8 +251,7 @@ def _record(out: Path):
         return None
 
 
-def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: float = 0.0,
-                  read: dict[str, Any] | None = None):
+def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: float, read: dict[str, Any]):
     """history.csv from every finished run in ``results_dir``: derived, so never a duplicate row.
     Each checkpoint is compared with the best earlier one (the highest clip_mean at a smaller step)
     exactly as ``clipeval compare BEST THIS`` does; ``alert`` is the ``--fail-if-worse --margin``
@@ -264,7 +263,6 @@ def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: fl
     from clipeval.trackers import training_step
 
     rows, records = [], {}
-    read = {} if read is None else read
     for out in sorted(p for p in results_dir.iterdir() if p.is_dir()):
         record = read[out.name] if out.name in read else _record(out)
         if record is not None:

@@ -17,7 +17,9 @@ from types import SimpleNamespace
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Beside the checkout; mutation testing runs the suite from mutants/, one level deeper.
+SHARED_DATA = next((p for p in (REPO.parent / "shared" / "data", REPO.parent.parent / "shared" / "data") if p.is_dir()),
+                   REPO.parent / "shared" / "data")
 
 # Before anything imports huggingface_hub: never reach the network, never touch ~/.cache.
 os.environ["HF_HUB_OFFLINE"] = "1"

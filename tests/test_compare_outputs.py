@@ -199,7 +199,8 @@ def test_csv_rows_are_the_reference(cli, runs, reference):
     rows = list(csv.reader(io.StringIO(out)))
     assert rows[0] == ["run", "baseline", "kind", "group", "prompts", "images", "baseline_mean", "mean", "mean_ci_low",
                        "mean_ci_high", "delta", "delta_ci_low", "delta_ci_high", "p_value", "win_rate", "tie_rate",
-                       "few_prompts", "worse", "mde", "prompts_for_0.005", "prompts_for_0.01"]
+                       "few_prompts", "worse", "mde", "prompts_for_0.005", "prompts_for_0.01", "sequential_verdict",
+                       "sequential_prompts"]
     assert len(rows) == 2 + len(reference["groups"])
     for row, want in zip(rows[1:], [reference["overall"], *reference["groups"]]):
         got = dict(zip(rows[0], row))
@@ -219,6 +220,7 @@ def test_csv_rows_are_the_reference(cli, runs, reference):
                                                                           str(power["needed"][0.01]))
         else:
             assert got["worse"] == got["mde"] == got["prompts_for_0.005"] == got["prompts_for_0.01"] == ""
+        assert got["sequential_verdict"] == got["sequential_prompts"] == ""  # only with --sequential
 
 
 def test_without_a_margin_the_verdict_and_exit_code_follow_the_interval(cli, runs, reference):
@@ -229,3 +231,46 @@ def test_without_a_margin_the_verdict_and_exit_code_follow_the_interval(cli, run
     assert result.stdout.splitlines()[2].rstrip().endswith("worse")
     flipped = cli("compare", runs[1], runs[0], "--resamples", RESAMPLES)
     assert flipped.exit_code == 0 and flipped.stdout.splitlines()[2].rstrip().endswith("better")
+
+
+def test_the_edges_of_a_comparison_read_as_such(cli, tmp_path):
+    """One prompt: no interval, no p, 'too few prompts'; two prompts: a p-value; ten prompts: not few;
+    a run against itself: 'no significant change' (an interval of [0, 0] is not better); a run folder
+    with a non-ASCII name stays readable in JSON, indented."""
+    from test_compare import base_scores
+
+    one = base_scores(prompts=1)
+    a, b = make_run(tmp_path / "a1", one), make_run(tmp_path / "café", one.assign(clip_score=one["clip_score"] + 0.01))
+    text = cli("compare", a, b, "--resamples", "200").stdout.splitlines()
+    assert text[1].rstrip().endswith("0.3" + text[1].rstrip().split("0.3", 1)[1]) and "[" not in text[1]  # no CI
+    row = text[2].split()
+    assert row[-3:] == ["too", "few", "prompts"] and "n/a" in row and "[" not in text[2]
+    data = json.loads(raw := cli("compare", a, b, "--format", "json", "--resamples", "200").stdout)
+    assert raw.startswith('{\n  "baseline": ') and "café" in raw  # indented, UTF-8 kept
+    o = data["runs"][0]["overall"]
+    assert o["p_value"] is None and o["delta_ci"] is None and o["few_prompts"] is True
+    csv_row = list(csv.reader(io.StringIO(cli("compare", a, b, "--format", "csv", "--resamples", "200").stdout)))[1]
+    assert csv_row[8:10] == ["", ""] and csv_row[11:14] == ["", "", ""]  # no mean CI, no delta CI, no p
+    two = base_scores(prompts=2)
+    shifted = two.assign(clip_score=two["clip_score"] + [0.01, 0.02, 0.03, 0.01])
+    data = json.loads(cli("compare", make_run(tmp_path / "a2", two), make_run(tmp_path / "b2", shifted),
+                          "--format", "json", "--resamples", "200").stdout)
+    assert isinstance(data["runs"][0]["overall"]["p_value"], float)
+    ten = base_scores(prompts=10)
+    data = json.loads(cli("compare", make_run(tmp_path / "a10", ten), make_run(tmp_path / "b10", ten),
+                          "--format", "json", "--resamples", "200").stdout)
+    assert data["runs"][0]["overall"]["few_prompts"] is False
+    same = cli("compare", tmp_path / "a10", tmp_path / "b10", "--resamples", "200").stdout.splitlines()
+    assert same[2].rstrip().endswith("no significant change")
+
+
+def test_allowed_mismatches_are_said_in_every_text_format(cli, tmp_path):
+    from test_compare import base_scores
+
+    scores = base_scores(prompts=12)
+    a = make_run(tmp_path / "a", scores)
+    b = make_run(tmp_path / "b", scores.assign(clip_score=scores["clip_score"] + 0.001), seed=3)
+    text = cli("compare", a, b, "--allow-mismatch", "--resamples", "200").stdout
+    line = f"mismatch (allowed): {b} has seed 3, {a} has seed 0"
+    assert line in text.splitlines()
+    assert f"> {line}" in cli("compare", a, b, "--allow-mismatch", "--format", "markdown", "--resamples", "200").stdout.splitlines()

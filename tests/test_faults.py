@@ -183,7 +183,7 @@ def test_a_failed_final_write_leaves_the_old_set_or_a_folder_every_reader_refuse
     assert not list(out.glob(".*.tmp"))
 
     after = {n: (out / n).read_bytes() if (out / n).exists() else None for n in before}
-    sweep.write_history(results, {})
+    sweep.write_history(results, {}, margin=0.0, read={})
     history = pd.read_csv(results / "history.csv")
     if after == before:  # the old set, whole: every reader still reads it
         assert cli("compare", out, out, "--resamples", "200").exit_code == 0
@@ -198,7 +198,7 @@ def test_a_failed_final_write_leaves_the_old_set_or_a_folder_every_reader_refuse
     assert run_tiny(out, "--limit", "3").exit_code == 0  # the same command completes it
     assert files_of(out) == files_of(extended_reference)
     assert cli("compare", out, extended_reference, "--resamples", "200").exit_code == 0
-    sweep.write_history(results, {})
+    sweep.write_history(results, {}, margin=0.0, read={})
     assert pd.read_csv(results / "history.csv")["images"].tolist() == [3]
 
 

@@ -20,11 +20,18 @@ def test_every_builtin_library_resolves_to_its_declared_count(name, mirror):
     assert len(lib.prompts) == desc.count
     assert [p.prompt_id for p in lib.prompts] == list(range(desc.count))
     assert all(p.prompt.strip() for p in lib.prompts)
-    assert desc.description and desc.license
+    assert desc.description and lib.description == desc.description and lib.name == name
+    assert len(lib.files) == len(desc.files)
     for spec, source in zip(desc.files, lib.files):
-        assert source.name == spec["name"]
+        assert source.name == spec["name"] and source.url == spec.get("url", "")
         if "url" in spec:
             assert spec["url"].startswith("https://") and source.sha256 == spec["sha256"]
+        else:  # shipped beside the descriptor: the hash of the file itself
+            import hashlib
+            from pathlib import Path
+
+            shipped = Path(__file__).parents[1] / "prompts" / spec["name"]
+            assert source.sha256 == hashlib.sha256(shipped.read_bytes()).hexdigest()
 
 
 def test_parti_parses_unquoted_with_categories_and_challenges(mirror):

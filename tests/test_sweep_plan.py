@@ -171,16 +171,30 @@ def test_the_lock_names_its_holder_and_a_finished_sweep_leaves_its_pid(cli, stan
 def test_history_takes_the_step_of_a_run_whose_checkpoint_is_gone(cli, stand_in, tmp_path):
     """A results folder may hold runs of checkpoints the trainer has since deleted (save_total_limit):
     they keep their row, with the step read from the checkpoint path in their manifest."""
+    from clipeval import stats, store
+    from test_compare import SETTINGS
+
     training, results = tmp_path / "train", tmp_path / "results"
     _pipeline(training / "checkpoint-300")
-    scores = base_scores(prompts=30)
-    make_run(results / "old-run", scores, checkpoint=str(training / "checkpoint-100"))
+    scores = base_scores(prompts=30).assign(flag="")
+    scores.loc[[3, 7], "flag"] = ["nsfw", "black"]
+    (results / "old-run").mkdir(parents=True)
+    store.write_results(results / "old-run", scores=scores, prompts=stats.prompts_table(scores),
+                        summary=stats.summarize(scores),
+                        manifest={"status": "complete", "finished_at": "2026-12-01T10:00:00+00:00",
+                                  "checkpoint": {"weights": "ema"},
+                                  "settings": {**SETTINGS, "checkpoint": str(training / "checkpoint-100")}})
     assert _sweep(cli, training, results).exit_code == 0
     history = pd.read_csv(results / "history.csv", keep_default_na=False)
     assert history[["step", "run", "best_step"]].values.tolist() == [[100, "old-run", ""], [300, "checkpoint-300", "100"]]
     summary = json.loads((results / "old-run" / "summary.json").read_text())
     assert [history.iloc[0]["clip_mean_ci_low"], history.iloc[0]["clip_mean_ci_high"]] == summary["clip/mean_ci"]
     assert history.iloc[0]["checkpoint"] == str(training / "checkpoint-100")
+    row = history.iloc[0]
+    assert [row[c] for c in ("clip_mean", "clip_std", "clip_median", "clip_min", "clip_max")] == [
+        summary[k] for k in ("clip/mean", "clip/std", "clip/median", "clip/min", "clip/max")]
+    assert (row["images"], row["prompts"], row["flagged_images"]) == (58, 30, 2)
+    assert (row["finished_at"], row["weights"], history.iloc[1]["weights"]) == ("2026-12-01T10:00:00+00:00", "ema", "")
 
 
 @pytest.mark.parametrize("make, message", [
