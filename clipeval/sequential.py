@@ -87,7 +87,8 @@ def log_capital(x, m: float, population: int, alpha: float = ALPHA, theta: float
                 prior_variance: float = PRIOR_VARIANCE):
     """log K+_t(m) and log K-_t(m) for t = 1..n: the wealth of betting that the population mean
     (on [0, 1]) is above, and below, ``m``, after each of the values ``x`` drawn without replacement
-    from ``population`` values. +inf where m is impossible given what was drawn."""
+    from ``population`` values. Where what was drawn rules m out, the capital betting against it is
+    +inf and the other -inf (m is then rejected from that side, as the monotone reading needs)."""
     import numpy as np
 
     x = np.asarray(x, float)
@@ -101,9 +102,12 @@ def log_capital(x, m: float, population: int, alpha: float = ALPHA, theta: float
         down = np.minimum(down, TRUNCATION / (1 - mu))
         log_up = np.cumsum(np.log1p(up * (x - mu)))
         log_down = np.cumsum(np.log1p(-down * (x - mu)))
-    impossible = np.logical_or.accumulate((mu < 0) | (mu > 1))
-    log_up[impossible] = np.inf
-    log_down[impossible] = np.inf
+    # An m the values drawn already rule out is rejected, and on its own side only: one so low that the
+    # rest would need a mean below 0 by the upward capital (which also rejects every m below it), one
+    # so high that the rest would need a mean above 1 by the downward (and every m above it).
+    too_low, too_high = np.logical_or.accumulate(mu < 0), np.logical_or.accumulate(mu > 1)
+    log_up = np.where(too_low, np.inf, np.where(too_high, -np.inf, log_up))
+    log_down = np.where(too_high, np.inf, np.where(too_low, -np.inf, log_down))
     return np.nan_to_num(log_up, nan=np.inf), np.nan_to_num(log_down, nan=np.inf)
 
 

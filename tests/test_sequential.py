@@ -175,3 +175,19 @@ def test_the_finite_library_narrows_the_asymptotic_sequence_as_it_runs_out():
         endless = 2 * d[:n].std(ddof=1) * math.sqrt(2 * (n * rho2 + 1) / (n * n * rho2) * math.log(math.sqrt(n * rho2 + 1) / 0.05))
         assert high[-1] - low[-1] < factor * endless
         assert low[-1] <= d.mean() <= high[-1]
+
+
+@pytest.mark.parametrize("method", sq.METHODS)
+def test_at_exactly_the_margin_any_decision_is_rare(method):
+    """A true delta of exactly -M: 'worse' (below -M) and 'no difference' (inside) are both wrong, as is
+    'better'. Near the end of a library the values drawn rule out candidate means on one side only;
+    reading that as a rejection on both sides once made the betting sequence say 'better' every time."""
+    population, margin = 400, 0.005
+    rng = np.random.default_rng(14)
+    spread = (DELTAS - DELTAS.mean()) * 0.02 / DELTAS.std(ddof=1)
+    wrong = 0
+    for _ in range(100):
+        library = rng.choice(spread, population)
+        library = library - library.mean() - margin
+        wrong += any(v is not None for v in sq.decisions(rng.permutation(library), population, margin, method=method))
+    assert wrong / 100 <= sq.ALPHA
