@@ -406,6 +406,8 @@ def _evaluated_lines(result, scale: str) -> list[str]:
             line += f" to the best earlier (step {row['best_step']})"
         else:
             line += ", the first checkpoint"
+        if row.get("verdict", ""):  # sweep --until-decided
+            line += f"; sequential: {row['verdict']} after {row['prompts_used']} prompts"
         lines.append(line + (" (100 x cosine)" if k != 1 else ""))
     return lines
 

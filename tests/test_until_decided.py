@@ -190,6 +190,8 @@ def test_a_sweep_decides_each_checkpoint_against_the_best_earlier_extending_it(w
     made = sorted(int(p.name[:5]) for p in (results / "checkpoint-100" / "images").glob("*.png"))
     assert made == sorted(sequential.order(list(range(PROMPTS)), 0)[:first])
     assert any(line.startswith("alert: step 200 is worse") for line in said)
+    cron = [line for line in result.stdout.splitlines() if line.startswith("step 200:")]
+    assert len(cron) == 1 and cron[0].endswith(f"; sequential: worse after {sequential.BURN_IN} prompts")
 
 
 def test_until_decided_in_a_sweep_needs_the_alert_margin(cli, world, tmp_path):
