@@ -274,3 +274,58 @@ def test_allowed_mismatches_are_said_in_every_text_format(cli, tmp_path):
     line = f"mismatch (allowed): {b} has seed 3, {a} has seed 0"
     assert line in text.splitlines()
     assert f"> {line}" in cli("compare", a, b, "--allow-mismatch", "--format", "markdown", "--resamples", "200").stdout.splitlines()
+
+
+def _same(got: dict, want: dict) -> bool:
+    """Equal, the floats to 1e-12 (the deltas come back through scores.csv)."""
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, abs=1e-12), key
+        elif isinstance(value, list):
+            assert got[key] == pytest.approx(value, abs=1e-12), key
+        else:
+            assert got[key] == value, key
+    return True
+
+
+def test_sequential_says_when_the_seeded_order_would_have_decided(cli, tmp_path):
+    """compare --sequential on two complete runs: the per-prompt deltas taken in the seeded order of
+    the baseline's seed, the library the population; a stopped run's library counts in full."""
+    import hashlib
+
+    from clipeval import sequential, stats, store
+    from test_compare import SETTINGS, base_scores
+
+    scores = base_scores(prompts=80, samples=1, seed=2)
+    rng = np.random.default_rng(3)
+    worse = scores.assign(clip_score=(scores["clip_score"] - 0.02 + 0.01 * rng.standard_normal(80)).round(8))
+    a, b = make_run(tmp_path / "a", scores, seed=7), make_run(tmp_path / "b", worse, seed=7)
+    data = json.loads(cli("compare", a, b, "--sequential", "--margin", "0.005", "--format", "json",
+                          "--resamples", "200").stdout)
+    order = sorted(range(80), key=lambda p: hashlib.sha256(f"clipeval-order:7:{p}".encode()).digest())
+    deltas = (worse.set_index("prompt_id")["clip_score"] - scores.set_index("prompt_id")["clip_score"]).loc[order]
+    want = sequential.summarize(list(deltas), 80, 0.005, baseline=str(a))
+    assert _same(data["runs"][0]["sequential"], want) and want["verdict"] == "worse"
+    text = cli("compare", a, b, "--sequential", "--margin", "0.005", "--resamples", "200").stdout.splitlines()
+    low, high = want["mean_delta_ci"]
+    assert f"{b}: sequential (asymptotic, margin 0.005, α 0.05): worse after {want['prompts_used']} of 80 prompts of the " \
+           f"seeded order ({want['prompts_used'] / 80:.0%}), sequence [{low:+.4f}, {high:+.4f}]" in text
+    betting = json.loads(cli("compare", a, b, "--sequence", "betting", "--margin", "0.005", "--format", "json",
+                             "--resamples", "200").stdout)["runs"][0]["sequential"]
+    assert betting["method"] == "betting" and _same(
+        betting, sequential.summarize(list(deltas), 80, 0.005, method="betting", baseline=str(a)))
+    rows = list(csv.DictReader(io.StringIO(cli("compare", a, b, "--sequential", "--margin", "0.005", "--format", "csv",
+                                               "--resamples", "200").stdout)))
+    assert (rows[0]["sequential_verdict"], rows[0]["sequential_prompts"]) == ("worse", str(want["prompts_used"]))
+    # A run stopped early: its prompts are a prefix of the order, and the library it came from is the population.
+    kept = set(order[:60])
+    part = worse[worse["prompt_id"].isin(kept)].reset_index(drop=True).assign(flag="")
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    store.write_results(stopped, scores=part, prompts=stats.prompts_table(part), summary=None,
+                        manifest={"status": "complete", "settings": {**SETTINGS, "seed": 7},
+                                  "selection": {"prompts": 60, "library_prompts": 80}})
+    q = json.loads(cli("compare", a, stopped, "--sequential", "--margin", "0.005", "--format", "json",
+                       "--resamples", "200").stdout)["runs"][0]["sequential"]
+    assert _same(q, sequential.summarize(list(deltas)[:60], 80, 0.005, baseline=str(a)))
