@@ -37,6 +37,7 @@ class RunScores:
     settings: dict[str, Any]
     scores: Any  # DataFrame, the run's scores.csv
     library_prompts: int | None = None  # a run --until-decided stopped: the prompts of its whole library
+    decided: dict[str, Any] | None = None  # its summary's "sequential": what it decided, against which run
 
 
 def load_run(path: str | Path) -> RunScores:
@@ -45,7 +46,8 @@ def load_run(path: str | Path) -> RunScores:
 
     record = load(path)
     library = (record.manifest.get("selection") or {}).get("library_prompts")
-    return RunScores(str(path), record.path, record.settings, usable(record.scores), library)  # flagged images never pair
+    decided = (record.summary or {}).get("sequential")
+    return RunScores(str(path), record.path, record.settings, usable(record.scores), library, decided)  # flagged images never pair
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Comparison:
     bootstrap: dict[str, Any]
     mismatches: list[str]
     runs: list[RunComparison]
+    stopped: list[str] = field(default_factory=list)  # runs --until-decided stopped early: what each decided
 
     @property
     def failed(self) -> list[RunComparison]:
@@ -121,6 +124,7 @@ def compare(
         )
     base_sums = _prompt_means(base.scores)
     results = [_compare_one(base, run, margin, boot) for run in others]
+    stopped = [f"{r.name} is a run stopped by --until-decided: {_decided(r.decided)}" for r in runs if r.decided]
     if sequence is not None:
         for run, result in zip(others, results):
             result.sequential = sequential_result(base, run, margin, sequence)
@@ -133,6 +137,7 @@ def compare(
         bootstrap=boot.describe(),
         mismatches=mismatches,
         runs=results,
+        stopped=stopped,
     )
 
 
@@ -272,6 +277,8 @@ def render(result: Comparison, fmt: str, *, top: int = 5) -> str:
     out = [_table(header, rows, markdown)]
     for message in result.mismatches:
         out.append(f"{'> ' if markdown else ''}mismatch (allowed): {message}")
+    for message in result.stopped:
+        out.append(f"{'> ' if markdown else ''}{message}")
     for run in result.runs:
         line = power_line(run)
         if line:
@@ -304,6 +311,12 @@ def power_line(run: RunComparison) -> str | None:
     return (f"{run.name}: with {power['prompts']} prompts the smallest detectable difference is "
             f"±{power['mde']:.4f} (two-sided α {power['alpha']:g}, power {power['power']:g}, per-prompt delta sd "
             f"{power['prompt_delta_sd']:.4f}); {needed}")
+
+
+def _decided(q: dict[str, Any]) -> str:
+    verdict = f"{q['verdict']} (margin {q['margin']:g})" if q["decided"] else "undecided"
+    return (f"{verdict} after {q['prompts_used']} of {q['library_prompts']} prompts against {q['baseline']}; the "
+            f"figures here cover the prompts it shares, of the {q['prompts_seen']} it generated")
 
 
 def sequential_line(run: RunComparison) -> str:

@@ -101,6 +101,10 @@ def test_a_stopped_run_is_a_run_folder_for_compare_and_report(cli, world, decide
     assert compared.exit_code == 0, compared.stderr
     line = [x for x in compared.stdout.splitlines() if "sequential (asymptotic" in x]
     assert len(line) == 1 and f"worse after {sequential.BURN_IN} of {PROMPTS} prompts of the seeded order" in line[0]
+    said = [x for x in compared.stdout.splitlines() if "is a run stopped by --until-decided" in x]
+    assert said == [f"{out} is a run stopped by --until-decided: worse (margin 0.005) after {sequential.BURN_IN} of "
+                    f"{PROMPTS} prompts against {world.base}; the figures here cover the prompts it shares, of the "
+                    f"{len(list((out / 'images').glob('*.png')))} it generated"]
     report = cli("report", out, "--out", world.root / "decided.html")
     assert report.exit_code == 0, report.stderr
     assert "sequential" in (world.root / "decided.html").read_text().lower()
@@ -197,3 +201,14 @@ def test_a_sweep_decides_each_checkpoint_against_the_best_earlier_extending_it(w
 def test_until_decided_in_a_sweep_needs_the_alert_margin(cli, world, tmp_path):
     result = cli("sweep", tmp_path, "--out", tmp_path / "r", "--prompt-library", world.library, "--until-decided")
     assert_user_error(result, "--until-decided needs --alert-if-worse MARGIN")
+
+
+def test_the_trackers_log_what_a_sequential_run_decided(decided, tmp_path):
+    from clipeval.trackers import Tracking
+
+    out, _ = decided
+    summary = json.loads((out / "summary.json").read_text())
+    scalars = Tracking("none", tmp_path).values(summary)
+    assert scalars["clip/sequential_prompts"] == sequential.BURN_IN and scalars["clip/sequential_verdict"] == -1.0
+    plain = {k: v for k, v in summary.items() if k != "sequential"}
+    assert "clip/sequential_prompts" not in Tracking("none", tmp_path).values(plain)
