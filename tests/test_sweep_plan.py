@@ -209,3 +209,32 @@ def test_a_training_folder_with_nothing_to_evaluate_fails(cli, stand_in, tmp_pat
     result = _sweep(cli, training, tmp_path / "results")
     assert result.exit_code == 2 and result.stderr == f"clipeval: error: {message.format(t=training)}\n"
     assert stand_in.calls == []
+
+
+def test_history_carries_a_sequential_verdict_and_its_alert(cli, stand_in, tmp_path):
+    """A run stopped by --until-decided against the best earlier run: history.csv takes its prompts used
+    and verdict, and its alert follows the verdict (here against a fixed-size interval that says
+    nothing), but only where it was decided against that very run."""
+    from clipeval import stats, store
+    from test_compare import SETTINGS
+
+    training, results = tmp_path / "train", tmp_path / "results"
+    scores = base_scores(prompts=30).assign(flag="")
+    for step in (100, 200, 300):
+        _pipeline(training / f"checkpoint-{step}")
+    for step, against, verdict in ((100, None, None), (200, "checkpoint-100", "worse"), (300, "elsewhere", "worse")):
+        summary = stats.summarize(scores)
+        if against:
+            summary["sequential"] = {"decided": True, "verdict": verdict, "prompts_used": 17,
+                                     "baseline": str(results / against)}
+        (results / f"checkpoint-{step}").mkdir(parents=True)
+        store.write_results(results / f"checkpoint-{step}", scores=scores, prompts=stats.prompts_table(scores),
+                            summary=summary, manifest={"status": "complete", "settings": {
+                                **SETTINGS, "checkpoint": str(training / f"checkpoint-{step}")}})
+    assert _sweep(cli, training, results).exit_code == 0
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    assert history["prompts_used"].tolist() == [30, 17, 17]  # a fixed-size run used all its prompts
+    assert history["verdict"].tolist() == ["", "worse", "worse"]
+    # 200 was decided worse against 100, its best earlier: alert. 300's verdict was against another run:
+    # the fixed-size rule (identical scores, no alert) stands.
+    assert history["alert"].tolist() == ["", "true", "false"]
