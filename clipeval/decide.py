@@ -37,7 +37,6 @@ class Decider:
     base: dict[int, dict[int, float]] = field(default_factory=dict)  # prompt_id: {sample: usable score}
     base_prompts: set[int] = field(default_factory=set)  # prompts whose every image the baseline holds
     prefix: int | None = None  # generate exactly this many prompts of the order, deciding nothing
-    short: bool = False  # stopped because the baseline ran out
 
     @property
     def population(self) -> int:
@@ -85,10 +84,7 @@ class Decider:
         deltas, _ = self.deltas(done)
         if any(v is not None for v in sequential.decisions(deltas, self.population, self.margin, method=self.method)):
             return True
-        if len(deltas) < len(seen) or (len(seen) < self.population and self.order[len(seen)] not in self.base_prompts):
-            self.short = True
-            return True
-        return False
+        return len(deltas) < len(seen) or (len(seen) < self.population and self.order[len(seen)] not in self.base_prompts)
 
     @property
     def order_name(self) -> str:
@@ -115,8 +111,9 @@ class Decider:
     def check_reached(self, done: dict, result: dict[str, Any]) -> None:
         """After the tables are written: an undecided run whose baseline ran out is an error that
         says how to go on (the sweep extends the baseline itself)."""
-        if self.short and not result["decided"]:
-            have = len(self.deltas(done)[0])
+        have = len(self.deltas(done)[0])
+        # The loop may end (its last calls in flight) before asking should_stop again: judge by the deltas.
+        if not result["decided"] and have < self.population and self.order[have] not in self.base_prompts:
             raise BaselineTooShort(
                 f"--baseline {self.baseline} holds {have} prompts of the seeded order and the sequence has not "
                 f"decided after them: extend it (clipeval run --out {self.baseline} with its own options, with "

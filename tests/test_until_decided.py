@@ -158,7 +158,7 @@ def test_a_baseline_shorter_than_the_decision_needs_is_one_line_after_the_files(
     assert_user_error(result, f"--baseline {short} holds", "prompts of the seeded order and the sequence has not decided")
     summary = json.loads((out / "summary.json").read_text())  # every file written first
     assert summary["sequential"]["verdict"] == "undecided"
-    assert summary["sequential"]["mean_delta"] == 0.0
+    assert abs(summary["sequential"]["mean_delta"]) < 1e-6  # the same images, up to other batches' rounding
 
 
 def test_a_sweep_decides_each_checkpoint_against_the_best_earlier_extending_it(world, models, cli, tmp_path, monkeypatch):
