@@ -16,15 +16,13 @@ from typing import Any
 
 from clipeval.errors import ClipevalError
 
-MUST_MATCH = ("library_sha256", "seed", "clip_model")
-
 
 class BaselineTooShort(ClipevalError):
     """The sequence needs a prompt of the order the baseline does not hold (a stopped baseline)."""
 
-    def __init__(self, message: str, baseline: Path, prompts: int):
+    def __init__(self, message: str, prompts: int):
         super().__init__(message)
-        self.baseline, self.prompts = baseline, prompts
+        self.prompts = prompts  # of the order the baseline holds
 
 
 @dataclass
@@ -51,14 +49,14 @@ class Decider:
             out.append(prompt_id)
         return out
 
-    def deltas(self, done: dict) -> tuple[list[float], int]:
+    def deltas(self, done: dict, seen: list[int] | None = None) -> tuple[list[float], int]:
         """Each seen prompt's paired delta (the mean of its usable images minus the baseline's mean
         over the same samples), in order, as far as the baseline reaches; and how many prompts had no
         usable pair (counted as 0: a prompt cannot leave the library without biasing its mean)."""
         from clipeval.stats import usable_row
 
         out, unpaired = [], 0
-        for prompt_id in self.seen(done):
+        for prompt_id in self.seen(done) if seen is None else seen:
             if prompt_id not in self.base_prompts:
                 break
             theirs = self.base.get(prompt_id, {})
@@ -81,16 +79,10 @@ class Decider:
             return False
         from clipeval import sequential
 
-        deltas, _ = self.deltas(done)
+        deltas, _ = self.deltas(done, seen)
         if any(v is not None for v in sequential.decisions(deltas, self.population, self.margin, method=self.method)):
             return True
         return len(deltas) < len(seen) or (len(seen) < self.population and self.order[len(seen)] not in self.base_prompts)
-
-    @property
-    def order_name(self) -> str:
-        from clipeval.sequential import ORDER
-
-        return ORDER
 
     def sequential_block(self, done: dict, out: Path) -> dict[str, Any] | None:
         """summary.json's "sequential": the decision against the baseline; a prefix extension (a
@@ -117,8 +109,7 @@ class Decider:
             raise BaselineTooShort(
                 f"--baseline {self.baseline} holds {have} prompts of the seeded order and the sequence has not "
                 f"decided after them: extend it (clipeval run --out {self.baseline} with its own options, with "
-                "--until-decided or over the whole library) and rerun this command, which resumes",
-                self.baseline, have)
+                "--until-decided or over the whole library) and rerun this command, which resumes", have)
 
 
 def prepare(config, library, ranks) -> Decider | None:
@@ -147,6 +138,7 @@ def prepare(config, library, ranks) -> Decider | None:
 
 def _load_baseline(decider: Decider, path: Path, config, library) -> None:
     from clipeval import store
+    from clipeval.compare import MUST_MATCH
     from clipeval.stats import usable
 
     record = store.load_run(path)

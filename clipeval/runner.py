@@ -350,9 +350,11 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
 
     done = rundir.done()
     if run.decider is not None:  # a prefix of the seeded order: what was generated before the sequence decided
+        from clipeval.sequential import ORDER
+
         items = [item for item in items if item.key in done]
         manifest["selection"].update(prompts=len({item.prompt_id for item in items}), images=len(items),
-                                     order=run.decider.order_name, library_prompts=run.decider.population)
+                                     order=ORDER, library_prompts=run.decider.population)
 
     scores = stats.scores_table([done[item.key] for item in items])
     per_prompt = stats.prompts_table(scores, {p.prompt_id: p.name for p in run.library.prompts})

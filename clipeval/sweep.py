@@ -187,13 +187,14 @@ def _decided(config, checkpoint, results_dir: Path, steps: dict, margin: float, 
     import pandas as pd
 
     from clipeval import decide, prompts, runner
+    from clipeval.sequential import BURN_IN
 
+    size = len(prompts.load_library(config.prompt_library).prompts)
     history = write_history(results_dir, steps, margin=margin, read=read)
     history = history[history["run"] != checkpoint.name]
     if checkpoint.step is not None:
         history = history[history["step"].notna() & (history["step"] < checkpoint.step)]
     if history.empty:
-        size = len(prompts.load_library(config.prompt_library).prompts)
         return runner.run(replace(config, order_prefix=first_prefix(size)))
     best = history.loc[pd.to_numeric(history["clip_mean"]).idxmax()]
     baseline = results_dir / best["run"]
@@ -201,9 +202,6 @@ def _decided(config, checkpoint, results_dir: Path, steps: dict, margin: float, 
         try:
             return runner.run(replace(config, until_decided=True, baseline=baseline, margin=margin))
         except decide.BaselineTooShort as short:
-            from clipeval.sequential import BURN_IN
-
-            size = len(prompts.load_library(config.prompt_library).prompts)
             grow = min(size, max(2 * short.prompts, BURN_IN))  # no decision comes before the burn-in
             say(f"extending {best['run']} to {grow} prompts of the seeded order: {checkpoint.name} needs more of it "
                 "to be decided")
