@@ -6,13 +6,13 @@ public prompt files come from ``../shared/data`` through ``CLIPEVAL_LIBRARY_MIRR
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -50,19 +50,42 @@ def mirror(shared_data, monkeypatch) -> Path:
     return shared_data
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory) -> SimpleNamespace:
+class TinyModels:
     """Tiny CLIP, tiny SD and tiny SDXL, saved with save_pretrained: every test loads them
-    through the same from_pretrained code paths a real checkpoint goes through."""
-    from clipeval import demo
+    through the same from_pretrained code paths a real checkpoint goes through. Each is built on
+    first use, once per session: a test of the scorer alone never pays for two pipelines."""
 
-    root = tmp_path_factory.mktemp("models")
-    return SimpleNamespace(
-        clip=demo.build_clip(root / "clip"),
-        clip2=demo.build_clip(root / "clip2", seed=7),
-        sd=demo.build_sd(root / "sd"),
-        sdxl=demo.build_sdxl(root / "sdxl"),
-    )
+    def __init__(self, root: Path):
+        self.root = root
+
+    @functools.cached_property
+    def clip(self) -> Path:
+        from clipeval import demo
+
+        return demo.build_clip(self.root / "clip")
+
+    @functools.cached_property
+    def clip2(self) -> Path:
+        from clipeval import demo
+
+        return demo.build_clip(self.root / "clip2", seed=7)
+
+    @functools.cached_property
+    def sd(self) -> Path:
+        from clipeval import demo
+
+        return demo.build_sd(self.root / "sd")
+
+    @functools.cached_property
+    def sdxl(self) -> Path:
+        from clipeval import demo
+
+        return demo.build_sdxl(self.root / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> TinyModels:
+    return TinyModels(tmp_path_factory.mktemp("models"))
 
 
 TRICKY_PROMPTS = [

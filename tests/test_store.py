@@ -1,0 +1,217 @@
+"""The result set as every command reads it: ``store.write_results`` writes four files whose
+manifest carries the others' sha256, and ``store.load_run`` accepts exactly a complete, matching
+set (or a 0.1.0 folder without hashes) and refuses anything else in one line that says what to do.
+Also the journal a resume reads, and the settings comparison that decides whether a folder may be
+resumed. No model: the files are written by the store itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clipeval import stats, store
+from clipeval.errors import ClipevalError
+
+
+def scores_frame(prompts: int = 4) -> pd.DataFrame:
+    rows = []
+    for p in range(prompts):
+        for s in range(2):
+            rows.append({"prompt_id": p, "sample": s, "seed": 4096 * p + s, "prompt": "NA" if p == 0 else f"a, \"quoted\" {p}",
+                         "category": "" if p == 1 else "Animals", "challenge": "NA", "clip_score": 0.25 + 0.01 * p + 0.001 * s,
+                         "truncated": p == 3, "image": f"images/{p:05d}_{s:02d}.png", "flag": ""})
+    return pd.DataFrame(rows)
+
+
+def write_set(folder: Path, scores: pd.DataFrame | None = None, **manifest) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    scores = scores_frame() if scores is None else scores
+    return store.write_results(folder, scores=scores, prompts=stats.prompts_table(scores), summary=stats.summarize(scores),
+                               manifest={"status": "complete", "settings": {"seed": 0}, **manifest})
+
+
+def test_the_manifest_holds_each_result_files_sha256_and_the_set_reads_back(tmp_path):
+    manifest = write_set(tmp_path / "run")
+    assert sorted(manifest["results"]) == ["prompts.csv", "scores.csv", "summary.json"]
+    for name, digest in manifest["results"].items():
+        assert hashlib.sha256((tmp_path / "run" / name).read_bytes()).hexdigest() == digest
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text()) == manifest
+    record = store.load_run(tmp_path / "run")
+    assert record.manifest == manifest and record.summary == json.loads((tmp_path / "run" / "summary.json").read_text())
+    written = scores_frame()
+    assert record.scores["prompt"].tolist() == written["prompt"].tolist()  # "NA" stays a prompt, not a missing value
+    assert record.scores["challenge"].tolist() == ["NA"] * 8 and record.scores["category"].tolist()[2:4] == ["", ""]
+    assert record.scores["clip_score"].tolist() == pytest.approx(written["clip_score"].tolist(), abs=0)
+    assert record.scores["flag"].tolist() == [""] * 8
+
+
+def test_the_files_are_written_as_documented(tmp_path):
+    write_set(tmp_path / "run")
+    scores = (tmp_path / "run" / "scores.csv").read_bytes()
+    assert b"\r\n" not in scores and scores.endswith(b"\n")
+    assert scores.splitlines()[0] == ",".join(stats.SCORE_COLUMNS).encode()
+    summary = (tmp_path / "run" / "summary.json").read_bytes()
+    assert summary.endswith(b"}\n") and summary.startswith(b'{\n  "')  # indented, one trailing newline
+    assert store.json_bytes({"prompt": "東京 🐱"}) == '{\n  "prompt": "東京 🐱"\n}\n'.encode()  # not \\u escapes
+    with pytest.raises(ValueError):
+        store.json_bytes({"x": math.nan})  # JSON has no NaN: never written
+
+
+@pytest.mark.parametrize("name", ["scores.csv", "prompts.csv", "summary.json"])
+def test_a_result_file_that_is_not_the_manifests_is_refused_by_name(tmp_path, name):
+    write_set(tmp_path / "run")
+    path = tmp_path / "run" / name
+    data = bytearray(path.read_bytes())
+    data[-2] = ord("9") if data[-2] != ord("9") else ord("8")  # one byte of a number
+    path.write_bytes(bytes(data))
+    with pytest.raises(ClipevalError) as err:
+        store.load_run(tmp_path / "run")
+    assert str(err.value) == (f"{tmp_path / 'run'}: {name} does not belong with manifest.json (a final write was "
+                              "interrupted or failed); rerun the command that made it to complete it")
+
+
+def test_an_unfinished_manifest_is_refused_with_its_status(tmp_path):
+    write_set(tmp_path / "run", status="running")
+    with pytest.raises(ClipevalError) as err:
+        store.load_run(tmp_path / "run")
+    assert str(err.value) == (f"{tmp_path / 'run'}: the run is not finished (status: running); "
+                              "rerun the command that made it to complete it")
+
+
+def test_a_legacy_folder_without_hashes_reads_its_scores_and_summary(tmp_path):
+    """0.1.0 wrote no hashes: scores.csv, and summary.json where there is one, are read as they are."""
+    folder = tmp_path / "old"
+    write_set(folder)
+    (folder / "manifest.json").write_text(json.dumps({"status": "complete", "settings": {}}))
+    (folder / "prompts.csv").write_text("not, the, same\n")  # never read by a legacy load
+    record = store.load_run(folder)
+    assert len(record.scores) == 8 and record.summary["images"] == 8
+    (folder / "summary.json").unlink()
+    assert store.load_run(folder).summary is None
+
+
+def test_a_set_without_usable_images_removes_the_old_summary(tmp_path):
+    folder = tmp_path / "run"
+    write_set(folder)
+    scores = scores_frame().assign(clip_score=None, flag="nan")
+    manifest = store.write_results(folder, scores=scores, prompts=stats.prompts_table(scores), summary=None,
+                                   manifest={"status": "complete"})
+    assert not (folder / "summary.json").exists() and sorted(manifest["results"]) == ["prompts.csv", "scores.csv"]
+    record = store.load_run(folder)
+    assert record.summary is None and record.scores["clip_score"].isna().all()
+
+
+def test_a_missing_file_says_which_and_whether_a_rerun_completes_it(tmp_path):
+    folder = tmp_path / "run"
+    write_set(folder)
+    (folder / "scores.csv").unlink()
+    with pytest.raises(ClipevalError) as err:
+        store.load_run(folder)
+    assert str(err.value) == f"{folder}: not a finished clipeval run (scores.csv missing)"
+    (folder / store.STATE).mkdir()
+    (folder / store.STATE / store.PENDING).write_text("{}")
+    with pytest.raises(ClipevalError) as err:
+        store.load_run(folder)
+    assert str(err.value) == (f"{folder}: not a finished clipeval run (scores.csv missing); "
+                              "rerun the command that made it to complete it")
+
+
+def test_unreadable_and_malformed_files_are_one_line(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ClipevalError, match=r"unreadable run files \(.*\); rerun the command"):
+        store.load_run(folder)
+    (folder / "manifest.json").write_text(json.dumps({"status": "complete"}))
+    (folder / "scores.csv").write_text("prompt_id,sample,seed,prompt,category,challenge\n0,0,0,a,,\n")
+    with pytest.raises(ClipevalError) as err:
+        store.load_run(folder)
+    assert str(err.value) == f"{folder}/scores.csv: missing columns clip_score"
+    (folder / "scores.csv").write_text("prompt_id,sample,seed,prompt,category,challenge,clip_score\n0,0,0,a,,,high\n")
+    with pytest.raises(ClipevalError) as err:
+        store.load_run(folder)
+    assert str(err.value) == f"{folder}/scores.csv: clip_score is not numeric"
+    (folder / "scores.csv").write_text("prompt_id,sample,seed,prompt,category,challenge,clip_score\n0,0,0,a,,,0.5\n1,0,1,b,,,\n")
+    record = store.load_run(folder)  # no flag, no image column (an early format): both read as empty
+    assert record.scores["flag"].tolist() == ["", ""] and record.scores["image"].tolist() == ["", ""]
+    assert record.scores["clip_score"].iloc[0] == 0.5 and math.isnan(record.scores["clip_score"].iloc[1])
+    assert store.load_run(tmp_path / "run/").path == folder  # a trailing slash is the same folder
+
+
+def test_a_score_outputs_images_are_where_it_read_them(tmp_path):
+    folder = tmp_path / "scored"
+    write_set(folder, kind="score", settings={"rescored_from": str(tmp_path / "src")})
+    assert store.load_run(folder).image_root == tmp_path / "src"
+    write_set(folder, kind="score", settings={}, source={"path": str(tmp_path / "images")})
+    assert store.load_run(folder).image_root == tmp_path / "images"
+    write_set(folder, kind="run", settings={"rescored_from": "elsewhere"})
+    assert store.load_run(folder).image_root == folder
+
+
+def test_the_journal_keeps_whole_batches_and_seals_a_torn_line(tmp_path):
+    rundir = store.RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    rundir.commit([{"prompt_id": 0, "sample": 0, "x": "東京"}, {"prompt_id": 0, "sample": 1}])
+    journal = rundir.state / "journal-0.jsonl"
+    with open(journal, "ab") as f:
+        f.write(b'{"rows": [{"prompt_id": 1, "sam')  # a kill in the middle of a write
+    rundir.commit([{"prompt_id": 2, "sample": 0}])
+    store.RunDir(tmp_path / "run", rank=1).commit([{"prompt_id": 1, "sample": 0}])
+    assert rundir.batches() == [[(0, 0), (0, 1)], [(2, 0)], [(1, 0)]]  # rank 0's journal, then rank 1's
+    assert sorted(rundir.done()) == [(0, 0), (0, 1), (1, 0), (2, 0)]
+    assert rundir.done()[(0, 0)]["x"] == "東京"
+    assert journal.read_bytes().count(b"\n") == 3  # the torn line was closed before the next batch
+
+
+def test_settings_are_compared_by_value_and_paths_by_place(tmp_path, monkeypatch):
+    folder = tmp_path / "models" / "sd-a"
+    folder.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert store.canonical("models/sd-a/") == str(folder) == store.canonical(str(folder))
+    assert store.canonical(["./models/sd-a", "org/model"]) == [str(folder), "org/model"]
+    assert store.canonical("missing/folder") == "missing/folder" and store.canonical("demo") == "demo"
+    assert store.canonical("") == "" and store.canonical(None) is None and store.canonical(3) == 3
+    old = {"checkpoint": str(folder), "seed": 0, "steps": 30, "clip_models": ["models/sd-a"]}
+    assert store.settings_diff(old, {"checkpoint": "./models/sd-a", "seed": 0, "clip_models": [str(folder)], "new": 1}) == []
+    assert store.settings_diff(old, {"seed": 1, "steps": 30}) == ["seed 1 (was 0)"]
+    assert store.settings_diff(old, {"checkpoint": "models", "steps": "30"}) == [
+        f"checkpoint 'models' (was {str(folder)!r})", "steps '30' (was 30)"]
+    rundir = store.RunDir(tmp_path / "out")
+    write_set(rundir.path, settings=old)
+    assert rundir.check({"seed": 0}, overwrite=False)["settings"] == old
+    with pytest.raises(ClipevalError) as err:
+        rundir.check({"seed": 1}, overwrite=False)
+    assert str(err.value) == (f"{rundir.path} holds a run with other settings (seed 1 (was 0)): use another --out, "
+                              "or --overwrite to replace it")
+    assert rundir.check({"seed": 1}, overwrite=True) is None
+
+
+def test_a_folder_with_other_files_is_not_taken(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ClipevalError, match="is not empty and is not a clipeval run folder"):
+        store.RunDir(tmp_path / "mine").check({}, overwrite=True)
+    assert store.RunDir(tmp_path / "new").check({}, overwrite=False) is None
+    (tmp_path / "empty").mkdir()
+    assert store.RunDir(tmp_path / "empty").check({}, overwrite=False) is None
+
+
+def test_clear_removes_only_what_a_run_wrote(tmp_path):
+    rundir = store.RunDir(tmp_path / "run")
+    write_set(rundir.path)
+    rundir.commit([{"prompt_id": 0, "sample": 0}])
+    rundir.start({"status": "running"})
+    rundir.images.mkdir()
+    (rundir.images / "00000_00.png").write_bytes(b"png")
+    (rundir.images / "mine.png").write_bytes(b"keep")
+    (rundir.path / "notes.txt").write_text("keep")
+    rundir.clear()
+    left = sorted(str(p.relative_to(rundir.path)) for p in rundir.path.rglob("*") if p.is_file())
+    assert left == ["images/mine.png", "notes.txt"]
+    assert os.listdir(rundir.state) == []
