@@ -1,0 +1,142 @@
+"""VQAScore against the independent reference on the same model: the model's own
+``generate(max_new_tokens=1, output_scores=True)`` on one image and question, softmax at the "Yes"
+token. Two families (LLaVA, SmolVLM/Idefics3), tiny and random, saved and loaded through
+``AutoModelForImageTextToText`` and ``AutoProcessor``; their answer rows spread P("Yes") so a
+swapped image or prompt shows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clipeval.errors import ClipevalError
+from clipeval.vqa import QUESTION, VqaScorer
+
+PROMPTS = ["a cat", "a photo of a red cube on the table with a blue sky at night and a dog", "stop",
+           'a sign saying "stop" 🐱 东京', "a\ttab and 'quotes'"]
+
+
+@pytest.fixture(scope="session")
+def vlms(tmp_path_factory):
+    import tiny_vlms
+
+    root = tmp_path_factory.mktemp("vlms")
+    return {"llava": tiny_vlms.build_llava(root / "llava"), "smolvlm": tiny_vlms.build_smolvlm(root / "smolvlm")}
+
+
+@pytest.fixture(scope="module", params=["llava", "smolvlm"])
+def family(request, vlms):
+    return request.param, vlms[request.param], VqaScorer(str(vlms[request.param]), name=request.param)
+
+
+def images(n: int, height: int = 48, width: int = 64, seed: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, height, width, generator=g) * 255).to(torch.uint8)
+
+
+def reference(path, prompt: str, image: torch.Tensor) -> float:
+    """The plain way: the processor on one image and question, then generate one token."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION.format(prompt)}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[[image.permute(1, 2, 0).numpy()]], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=1, output_scores=True, return_dict_in_generate=True, do_sample=False)
+    return float(out.scores[0][0].float().softmax(-1)[processor.tokenizer.convert_tokens_to_ids("Yes")])
+
+
+def test_each_score_equals_generates_probability_of_yes(family):
+    """A batch of mixed prompt lengths (left padded) scores what each image scores alone."""
+    _, path, scorer = family
+    batch = images(len(PROMPTS))
+    scores, truncated = scorer.score(batch, PROMPTS)
+    expected = [reference(path, p, img) for p, img in zip(PROMPTS, batch)]
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert truncated == [False] * len(PROMPTS)
+    assert all(0 < s < 1 for s in scores) and max(scores) - min(scores) > 0.05  # spread: a swap would show
+    alone = [scorer.score(img[None], [p])[0][0] for p, img in zip(PROMPTS, batch)]
+    assert scores == pytest.approx(alone, abs=1e-6)
+
+
+def test_a_swapped_image_or_prompt_changes_the_score(family):
+    _, _, scorer = family
+    batch = images(2)
+    straight, _ = scorer.score(batch, PROMPTS[:2])
+    swapped, _ = scorer.score(batch.flip(0), PROMPTS[:2])
+    assert abs(straight[0] - swapped[0]) > 1e-3 and abs(straight[1] - swapped[1]) > 1e-3
+    other, _ = scorer.score(batch, PROMPTS[2:4])
+    assert abs(straight[0] - other[0]) > 1e-3
+
+
+def test_images_of_any_size_are_taken_at_the_models_resolution(family):
+    _, path, scorer = family
+    small, large = images(1, 20, 36, seed=1)[0], images(1, 96, 80, seed=2)[0]
+    scores, _ = scorer.score([small, large], PROMPTS[:2])
+    assert scores == pytest.approx([reference(path, PROMPTS[0], small), reference(path, PROMPTS[1], large)], abs=1e-5)
+
+
+def test_a_prompt_beyond_the_models_positions_is_cut_and_flagged(family):
+    _, _, scorer = family
+    long = " ".join(["cat"] * (scorer.max_length + 50))
+    scores, truncated = scorer.score(images(2), [long, "a cat"])
+    assert truncated == [True, False] and 0 < scores[0] < 1
+    assert scorer.questions([long])[0].text.count("cat") < scorer.max_length
+
+
+def test_the_manifest_records_question_and_answer_token(family):
+    name, _, scorer = family
+    described = scorer.describe()
+    assert described["question"] == QUESTION and described["answer"] == "Yes" and described["answer_token"] == "Yes"
+    assert scorer.model_class == {"llava": "LlavaForConditionalGeneration", "smolvlm": "Idefics3ForConditionalGeneration"}[name]
+
+
+def test_not_a_vision_language_model_is_one_line(models):
+    with pytest.raises(ClipevalError) as err:
+        VqaScorer(str(models.clip), name="tiny-clip")
+    assert str(err.value).startswith("tiny-clip is a clip model, not a vision-language model that AutoModelForImageTextToText loads")
+
+
+def test_a_model_that_needs_remote_code_is_refused(vlms, tmp_path):
+    import shutil
+
+    folder = tmp_path / "remote"
+    shutil.copytree(vlms["llava"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="my_custom_vlm", auto_map={"AutoConfig": "configuration_mine.MyConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_mine.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(ClipevalError) as err:
+        VqaScorer(str(folder), name="remote")
+    assert "needs remote code" in str(err.value) and "never runs" in str(err.value)
+
+
+def test_a_processor_without_a_chat_template_is_refused(vlms, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-template"
+    shutil.copytree(vlms["llava"], folder)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data.pop("chat_template", None)
+            path.write_text(json.dumps(data))
+    with pytest.raises(ClipevalError) as err:
+        VqaScorer(str(folder), name="plain")
+    assert str(err.value) == ("plain: its processor has no chat template, so clipeval cannot ask it a question as the "
+                              "model was trained to be asked")
+
+
+def test_an_answer_that_is_not_one_token_is_refused(family):
+    from clipeval.vqa import answer_token
+
+    _, _, scorer = family
+    with pytest.raises(ClipevalError) as err:
+        answer_token(scorer.processor, scorer._chat("a cat"), "Yes indeed", "m")
+    assert str(err.value).startswith("m: its tokenizer has no single token for the answer 'Yes indeed' after its chat template")
