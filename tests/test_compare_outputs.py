@@ -329,3 +329,16 @@ def test_sequential_says_when_the_seeded_order_would_have_decided(cli, tmp_path)
     q = json.loads(cli("compare", a, stopped, "--sequential", "--margin", "0.005", "--format", "json",
                        "--resamples", "200").stdout)["runs"][0]["sequential"]
     assert _same(q, sequential.summarize(list(deltas)[:60], 80, 0.005, baseline=str(a)))
+    # The default seed, 0, is a seed like any other: its own order, not another's.
+    a0, b0 = make_run(tmp_path / "a0", scores, seed=0), make_run(tmp_path / "b0", worse, seed=0)
+    order0 = sorted(range(80), key=lambda p: hashlib.sha256(f"clipeval-order:0:{p}".encode()).digest())
+    deltas0 = list((worse.set_index("prompt_id")["clip_score"] - scores.set_index("prompt_id")["clip_score"]).loc[order0])
+    q0 = json.loads(cli("compare", a0, b0, "--sequential", "--margin", "0.005", "--format", "json",
+                        "--resamples", "200").stdout)["runs"][0]["sequential"]
+    assert _same(q0, sequential.summarize(deltas0, 80, 0.005, baseline=str(a0)))
+    assert q0["mean_delta_ci"] != want["mean_delta_ci"]  # another order, another sequence
+    same = scores.assign(clip_score=(scores["clip_score"] + 0.01 * rng.standard_normal(80)).round(8))
+    c = make_run(tmp_path / "c", same, seed=7)
+    lines = cli("compare", a, c, "--sequential", "--margin", "0", "--resamples", "200").stdout.splitlines()
+    assert f"{c}: sequential (asymptotic, margin 0, α 0.05): undecided after all 80 prompts of the seeded order; " \
+           "the fixed-size answer above stands" in lines

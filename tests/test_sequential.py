@@ -191,3 +191,63 @@ def test_at_exactly_the_margin_any_decision_is_rare(method):
         library = library - library.mean() - margin
         wrong += any(v is not None for v in sq.decisions(rng.permutation(library), population, margin, method=method))
     assert wrong / 100 <= sq.ALPHA
+
+
+@pytest.mark.parametrize("population, shift, margin, seed, verdict, alpha", [
+    (300, -0.012, 0.005, 20, "worse", sq.ALPHA),
+    (300, 0.012, 0.005, 21, "better", sq.ALPHA),
+    (300, 0.0, 0.02, 22, "no difference larger than the margin", sq.ALPHA),
+    (300, -0.012, 0.005, 24, "worse", 0.2),  # another level reaches every capital
+    (8, -1.2, 0.005, 23, "worse", sq.ALPHA),  # a tiny library of large drops: the values drawn decide, not the capital
+])
+def test_each_betting_decision_is_the_verdict_of_the_betting_interval_so_far(population, shift, margin, seed, verdict, alpha):
+    """decisions(method='betting') reads the capitals at exactly ±margin; betting_interval (equal to
+    confseq's hedged sequence) bisects the same capitals independently. After every prefix both must
+    give the same verdict, including where the logical bounds decide (the last case)."""
+    rng = np.random.default_rng(seed)
+    if population < 50:
+        d = list(np.clip(shift + 0.3 * rng.standard_normal(population), -2, 2))
+    else:
+        d = list(rng.permutation(_population(population, seed, shift)))
+    got = sq.decisions(d, population, margin, method="betting", alpha=alpha)
+    expected = []
+    for n in range(1, population + 1):
+        low, high = sq.betting_interval(d[:n], population, alpha)
+        verdict = ("worse" if high < -margin else "better" if low > margin else
+                   "no difference larger than the margin" if low > -margin and high < margin else None)
+        expected.append(None if n == population else verdict)
+    assert got == expected
+    assert next((v for v in got if v), None) == verdict
+
+
+@pytest.mark.parametrize("method, shift", [("asymptotic", -0.006), ("betting", -0.015)])
+def test_the_summary_is_exactly_the_documented_record(method, shift):
+    """Every key, for both methods at a level other than the default, cut right after the decision
+    (the verdict is that prompt's), and for no prompt at all."""
+    population, alpha = 300, 0.1
+    d = list(np.random.default_rng(30).permutation(_population(population, 30, shift)))
+    steps = sq.decisions(d, population, 0.005, method=method, alpha=alpha)
+    first = next(i for i, v in enumerate(steps) if v is not None) + 1
+    assert steps != sq.decisions(d, population, 0.005, method=method)  # the level matters to this data
+    assert sq.summarize(d[:first], population, 0.005, method=method, alpha=alpha) == {
+        "method": method,
+        "description": sq.DESCRIPTIONS[method],
+        "order": sq.ORDER,
+        "alpha": alpha,
+        "margin": 0.005,
+        "baseline": "",
+        "library_prompts": population,
+        "prompts_seen": first,
+        "decided": True,
+        "prompts_used": first,
+        "verdict": "worse",
+        "mean_delta_ci": list(sq.interval(d[:first], population, method=method, alpha=alpha)),
+        "mean_delta": pytest.approx(float(np.mean(d[:first])), abs=1e-15),
+        "unpaired_prompts": 0,
+    }
+    low, high = sq.summarize(d[:first], population, 0.005, method=method, alpha=alpha)["mean_delta_ci"]
+    other = (sq.betting_interval(d[:first], population, alpha) if method == "betting" else
+             tuple(float(b[-1]) for b in sq.asymptotic_bounds(d[:first], population, alpha)))
+    assert (low, high) == other and (low, high) != sq.interval(d[:first], population, method=method)
+    empty = sq.summarize([], population, 0.005, method=method)
+    assert (empty["prompts_used"], empty["verdict"], empty["mean_delta"], empty["mean_delta_ci"]) == (0, "undecided", None, [-2.0, 2.0])
