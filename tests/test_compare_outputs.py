@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -342,3 +343,58 @@ def test_sequential_says_when_the_seeded_order_would_have_decided(cli, tmp_path)
     lines = cli("compare", a, c, "--sequential", "--margin", "0", "--resamples", "200").stdout.splitlines()
     assert f"{c}: sequential (asymptotic, margin 0, α 0.05): undecided after all 80 prompts of the seeded order; " \
            "the fixed-size answer above stands" in lines
+
+
+def test_a_clear_gain_prints_signed_numbers_a_tiny_p_and_plain_labels(cli, tmp_path):
+    """A run better everywhere: deltas and both interval ends carry a '+', a p below 1e-3 is written
+    in scientific notation, a group of 35 prompts is not marked 'few', all images pair (no pairing
+    line), and in markdown every note is a quote; numbers are taken from compare's own JSON."""
+    from test_compare import base_scores
+
+    scores = base_scores(prompts=40, samples=1, seed=4)
+    scores["category"] = np.where(scores["prompt_id"] < 35, "big", "small")
+    scores["challenge"] = ""
+    rng = np.random.default_rng(6)
+    better = scores.assign(clip_score=(scores["clip_score"] + 0.02 + 0.002 * rng.standard_normal(40)).round(8))
+    a, b = make_run(tmp_path / "a", scores, seed=7), make_run(tmp_path / "b", better, seed=7)
+    data = json.loads(cli("compare", a, b, "--format", "json", "--resamples", "200").stdout)
+    run = data["runs"][0]
+    o, groups = run["overall"], run["groups"]
+    assert o["delta_ci"][0] > 0 and o["p_value"] < 1e-3 and [g["label"] for g in groups] == ["big", "small"]
+
+    def signed(x):
+        return f"+{x:.4f}"
+
+    text = cli("compare", a, b, "--resamples", "200").stdout.splitlines()
+    def cells_of(line):
+        return re.split(r"\s{2,}", line.strip())
+
+    cells = cells_of(text[2])
+    assert cells[0] == str(b)
+    assert cells[1:] == ["40", f"{o['mean']:.4f} [{o['mean_ci'][0]:.4f}, {o['mean_ci'][1]:.4f}]",
+                         f"{signed(o['delta'])} [{signed(o['delta_ci'][0])}, {signed(o['delta_ci'][1])}]",
+                         f"{o['p_value']:.2e}", "100.0%", "better"]
+    assert not any("images paired" in line for line in text)
+    big = cells_of(text[-2])
+    g = groups[0]
+    assert big == ["category", "big", "35", f"{signed(g['delta'])} [{signed(g['delta_ci'][0])}, {signed(g['delta_ci'][1])}]",
+                   f"{g['p_value']:.2e}"]
+    assert cells_of(text[-1])[1] == "small (few prompts)"
+    markdown = cli("compare", a, b, "--sequential", "--margin", "0.005", "--format", "markdown",
+                   "--resamples", "200").stdout.splitlines()
+    notes = [line for line in markdown if line and not line.startswith("|") and not line.startswith("**")]
+    assert len(notes) == 2 and all(line.startswith(f"> {b}: ") for line in notes)  # power and sequential
+    assert any("sequential (asymptotic" in line for line in notes)
+    assert f"| category | big | 35 | {signed(g['delta'])} [{signed(g['delta_ci'][0])}, {signed(g['delta_ci'][1])}] | " \
+           f"{g['p_value']:.2e} |" in markdown
+    csv_bytes = cli("compare", a, b, "--format", "csv", "--resamples", "200").stdout_bytes  # .stdout folds \r\n
+    assert b"\r" not in csv_bytes and csv_bytes.endswith(b"\n")
+
+
+def test_identical_runs_are_all_tied(cli, tmp_path):
+    from test_compare import base_scores
+
+    scores = base_scores(prompts=12, samples=1)
+    a, b = make_run(tmp_path / "a", scores), make_run(tmp_path / "b", scores)
+    row = re.split(r"\s{2,}", cli("compare", a, b, "--resamples", "200").stdout.splitlines()[2].strip())
+    assert row[3] == "+0.0000 [+0.0000, +0.0000]" and row[5] == "n/a (all tied)"

@@ -238,3 +238,65 @@ def test_history_carries_a_sequential_verdict_and_its_alert(cli, stand_in, tmp_p
     # 200 was decided worse against 100, its best earlier: alert. 300's verdict was against another run:
     # the fixed-size rule (identical scores, no alert) stands.
     assert history["alert"].tolist() == ["", "true", "false"]
+
+
+def test_history_csv_is_exactly_its_documented_columns_in_step_order(cli, stand_in, tmp_path):
+    """The file a user plots: the documented header and nothing else (no index column), steps in
+    order with the stepless checkpoint last, integers written as integers, empty where undefined."""
+    from clipeval.sweep import HISTORY_COLUMNS
+
+    training, results = tmp_path / "train", tmp_path / "results"
+    for name in ("checkpoint-300", "checkpoint-100", "my-model"):
+        _pipeline(training / name)
+    assert _sweep(cli, training, results).exit_code == 0
+    text = (results / "history.csv").read_text()
+    lines = text.splitlines()
+    assert lines[0] == ",".join(HISTORY_COLUMNS)
+    history = pd.read_csv(results / "history.csv", keep_default_na=False, dtype=str)
+    assert history["run"].tolist() == ["checkpoint-100", "checkpoint-300", "my-model"]
+    assert history["step"].tolist() == ["100", "300", ""] and history["best_step"].tolist() == ["", "100", "100"]
+    assert history["prompts_used"].tolist() == ["30", "30", "30"] and history["verdict"].tolist() == ["", "", ""]
+    assert history["alert"].tolist() == ["", "true", "false"]  # 300 is 0.02 below 100; my-model equals it
+
+
+def test_still_written_says_why_a_checkpoint_looks_half_written(tmp_path):
+    import safetensors.torch
+    import torch
+
+    from clipeval.sweep import still_written
+
+    def aged(path: Path, seconds: float) -> Path:
+        for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+            os.utime(p, (time.time() - seconds, time.time() - seconds))
+        return path
+
+    assert still_written(_pipeline(tmp_path / "empty-pipeline"), 60) is None
+    (tmp_path / "nothing").mkdir()
+    assert still_written(tmp_path / "nothing", 60) is None  # an empty folder has no recent write
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "model_index.json").write_text("{}")
+    aged(fresh, 5)
+    assert still_written(fresh, 60) in [f"modified {s} s ago (waiting 60 s for writes to settle)" for s in (5, 6, 7)]
+    assert still_written(fresh, 2.5) is None
+    # A truncated safetensors file, alone or inside a folder.
+    whole = tmp_path / "lora.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(64, 64)}, whole)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole.read_bytes()[:-100])
+    assert still_written(aged(whole, 120), 60) is None
+    assert still_written(aged(cut, 120), 60) == "cut.safetensors is truncated"
+    pipe = _pipeline(tmp_path / "pipe")
+    (pipe / "unet").mkdir()
+    (pipe / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(cut.read_bytes())
+    assert still_written(aged(pipe, 120), 60) == "unet/diffusion_pytorch_model.safetensors is truncated"
+    # model_index.json being written, or naming a component folder not there yet (a null one is not expected).
+    (pipe / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(whole.read_bytes())
+    (pipe / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diff')
+    assert still_written(aged(pipe, 120), 60) == "model_index.json is not valid JSON yet"
+    (pipe / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "safety_checker": [None, None],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+    assert still_written(aged(pipe, 120), 60) == "component vae/ is missing"
+    (pipe / "vae").mkdir()
+    assert still_written(aged(pipe, 120), 60) is None
