@@ -398,3 +398,29 @@ def test_identical_runs_are_all_tied(cli, tmp_path):
     a, b = make_run(tmp_path / "a", scores), make_run(tmp_path / "b", scores)
     row = re.split(r"\s{2,}", cli("compare", a, b, "--resamples", "200").stdout.splitlines()[2].strip())
     assert row[3] == "+0.0000 [+0.0000, +0.0000]" and row[5] == "n/a (all tied)"
+
+
+def test_a_run_stopped_by_until_decided_says_what_it_decided(cli, tmp_path):
+    """The line compare prints for a run folder --until-decided stopped, decided and undecided, in
+    text and as a markdown quote."""
+    from clipeval import stats, store
+    from test_compare import SETTINGS, base_scores
+
+    scores = base_scores(prompts=20, samples=1).assign(flag="")
+    a = make_run(tmp_path / "a", scores, seed=7)
+    for name, q in (("decided", {"decided": True, "verdict": "worse", "margin": 0.005, "prompts_used": 12}),
+                    ("undecided", {"decided": False, "verdict": "undecided", "margin": 0.005, "prompts_used": 20})):
+        folder = tmp_path / name
+        folder.mkdir()
+        summary = stats.summarize(scores)
+        summary["sequential"] = {**q, "library_prompts": 50, "baseline": "runs/base", "prompts_seen": 20}
+        store.write_results(folder, scores=scores, prompts=stats.prompts_table(scores), summary=summary,
+                            manifest={"status": "complete", "settings": {**SETTINGS, "seed": 7},
+                                      "selection": {"prompts": 20, "library_prompts": 50}})
+    text = cli("compare", a, tmp_path / "decided", tmp_path / "undecided", "--resamples", "200").stdout.splitlines()
+    assert (f"{tmp_path / 'decided'} is a run stopped by --until-decided: worse (margin 0.005) after 12 of 50 prompts "
+            "against runs/base; the figures here cover the prompts it shares, of the 20 it generated") in text
+    assert (f"{tmp_path / 'undecided'} is a run stopped by --until-decided: undecided after 20 of 50 prompts against "
+            "runs/base; the figures here cover the prompts it shares, of the 20 it generated") in text
+    markdown = cli("compare", a, tmp_path / "decided", "--format", "markdown", "--resamples", "200").stdout.splitlines()
+    assert any(line.startswith(f"> {tmp_path / 'decided'} is a run stopped by --until-decided: worse") for line in markdown)

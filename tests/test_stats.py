@@ -168,3 +168,38 @@ def test_the_interval_falls_back_to_the_percentile_where_bca_is_undefined():
     wide = stats.weighted_mean_ci(np.array([0.2, 0.3, 0.5, 0.1]), np.ones(4), stats.Bootstrap(confidence=0.99, resamples=1000))
     narrow = stats.weighted_mean_ci(np.array([0.2, 0.3, 0.5, 0.1]), np.ones(4), stats.Bootstrap(confidence=0.8, resamples=1000))
     assert wide[0] < narrow[0] and wide[1] > narrow[1]
+
+
+def _frame(prompts: int, truncated=(), category=lambda p: "") -> pd.DataFrame:
+    return pd.DataFrame([{"prompt_id": p, "sample": 0, "seed": p, "prompt": f"p{p}", "category": category(p), "challenge": "",
+                          "clip_score": 0.3 + 0.01 * ((p * 7) % 5), "truncated": p in truncated, "image": "", "flag": ""}
+                         for p in range(prompts)])
+
+
+def test_a_group_of_exactly_ten_prompts_is_not_few_and_one_prompt_has_no_interval():
+    summary = stats.summarize(_frame(11, category=lambda p: "ten" if p < 10 else "one"))
+    assert summary["score"] == stats.SCORE_DEFINITION and summary["scale"] == "cosine"
+    assert summary["by_category"]["ten"]["few_prompts"] is False and summary["by_category"]["ten"]["prompts"] == 10
+    assert summary["by_category"]["one"]["ci"] is None and summary["by_category"]["one"]["few_prompts"] is True
+    assert stats.summarize(_frame(1))["clip/mean_ci"] is None
+
+
+def test_truncated_prompts_counts_the_prompts_whose_text_was_cut():
+    assert stats.summarize(_frame(6, truncated={2, 3, 5}))["truncated_prompts"] == 3
+
+
+def test_scores_without_a_flag_column_count_nothing_flagged():
+    """Scores a caller built without flags (the library API): every image counts, none is flagged."""
+    summary = stats.summarize(_frame(4).drop(columns="flag"))
+    assert summary["images"] == 4 and summary["flagged_images"] == {}
+
+
+def test_a_journal_row_counts_only_with_a_score_and_no_flag():
+    """What --until-decided counts as a usable image, row by row."""
+    assert stats.usable_row({"clip_score": 0.31, "flag": ""})
+    assert stats.usable_row({"clip_score": -0.2})  # no flag key: an older journal
+    assert not stats.usable_row({"clip_score": None, "flag": ""})
+    assert not stats.usable_row({"clip_score": math.nan, "flag": ""})
+    assert not stats.usable_row({"flag": ""})
+    assert not stats.usable_row({"clip_score": 0.31, "flag": "black"})
+    assert stats.usable_row({"clip_score": 0.0, "flag": None})  # a zero score is a score
