@@ -244,6 +244,7 @@ def test_one_run_is_not_a_comparison(cli, tmp_path):
     assert_user_error(cli("compare", make_run(tmp_path / "a", base_scores())), "at least two runs")
 
 
+@pytest.mark.slow
 def test_run_summary_carries_the_interval_and_the_gate(run_tiny, tmp_path):
     out = tmp_path / "run"
     result = run_tiny(out, "--images-per-prompt", "2", "--fail-below", "0.99")

@@ -214,6 +214,7 @@ def _running(pid: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_the_executable_decodes_in_early_processes_and_scores_as_threads_do(cli, models, tmp_path):
     """`clipeval score` as a fresh process (early processes, as users run it) writes the same
     scores.csv, byte for byte, as the same command in a process that already has torch (threads):

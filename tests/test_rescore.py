@@ -305,6 +305,7 @@ def test_text_forwards_run_full_when_each_batch_holds_one_prompt(cli, models, tm
     assert len(rows) <= 16 + 3 * len(shapes) < 16 * 4  # only the last forward of a shape has copies
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_model_loads_stops_the_decoders_and_keeps_the_earlier_result(models, tmp_path):
     """Ctrl-C while torch loads and the decoders are busy: exit 130 at once (the queued images are
     not decoded first), one line, and the --out folder's earlier result untouched."""
@@ -343,6 +344,7 @@ pipelines.resolve_device = resolve_device
     assert files() == before
 
 
+@pytest.mark.slow
 def test_a_kill_while_rescoring_into_the_same_folder_keeps_the_earlier_result(models, tmp_path):
     """Scoring again into a folder of the same settings replaces its set only once the new one is
     written: kill -9 in the middle leaves the earlier files byte for byte, and a rerun completes."""

@@ -120,6 +120,7 @@ def test_adaptive_doubles_while_images_per_second_rise_then_settles():
     assert (d.limit, d.grow) == (4, False)
 
 
+@pytest.mark.slow
 def test_batch_size_auto_generates_several_journal_batches_at_once(run_tiny, tmp_path, monkeypatch):
     """The real loop with growth forced on (the CPU never grows) and measured throughput faked:
     the generation calls double, each journal line stays one batch of 4, and the images are
@@ -234,6 +235,7 @@ if os.environ.get("THREAD"):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("thread", [False, True])
 def test_the_cli_leaves_without_the_teardown_but_with_its_exit_handlers(models, tmp_path, thread):
     """Once torch is loaded, the executable skips the interpreter's ~1 s teardown; atexit handlers

@@ -451,6 +451,7 @@ def _history(results: Path) -> pd.DataFrame:
     return pd.read_csv(results / "history.csv", keep_default_na=False)
 
 
+@pytest.mark.slow
 def test_sweep_over_kohyas_output(cli, models, lora, tmp_path):
     out = tmp_path / "kohya-out"
     kohya_file(lora, out / "cat-step00000004.safetensors")
@@ -472,6 +473,7 @@ def test_sweep_over_kohyas_output(cli, models, lora, tmp_path):
     assert "evaluating" not in again.stderr
 
 
+@pytest.mark.slow
 def test_sweep_over_ai_toolkit_and_onetrainer_layouts(cli, models, lora, tmp_path):
     aitk = tmp_path / "output"
     kohya_file(lora, aitk / "my_job" / "my_job_000000250.safetensors")
@@ -496,6 +498,7 @@ def test_sweep_over_ai_toolkit_and_onetrainer_layouts(cli, models, lora, tmp_pat
     assert history["run"].tolist()[0] == "save__2026-12-01_20-17-02-save-30-7-2"
 
 
+@pytest.mark.slow
 def test_sweep_over_diffusers_full_training_with_ema_evaluates_the_final_pipeline_last(cli, models, tmp_path):
     out = tmp_path / "sd-model-finetuned"
     for step in (2, 4):
@@ -515,6 +518,7 @@ def test_sweep_over_diffusers_full_training_with_ema_evaluates_the_final_pipelin
     assert raw.exit_code == 0 and _history(tmp_path / "raw")["weights"].tolist() == ["raw", "raw", ""]
 
 
+@pytest.mark.slow
 def test_sweep_over_a_diffusers_lora_run_evaluates_the_root_lora(cli, models, lora, tmp_path):
     out = tmp_path / "lora-out"
     for step in (100, 200):

@@ -301,6 +301,7 @@ def test_a_broken_checkpoint_does_not_stop_the_sweep(cli, models, training_dir, 
     assert "checkpoint-7 failed" in result.stderr and "never runs code" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_finished_while_the_sweep_works_on_earlier_ones_is_evaluated_in_its_turn(
         cli, models, training_dir, tmp_path, monkeypatch):
     """Whether a checkpoint is still being written is asked when its turn comes, not when the sweep

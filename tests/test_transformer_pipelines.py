@@ -18,6 +18,7 @@ def pipelines(tmp_path_factory):
     return {"sd3": build_sd3(root / "sd3"), "flux": build_flux(root / "flux")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, pipeline_class", [("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline")])
 def test_run_resume_and_score(family, pipeline_class, pipelines, run_tiny, cli, models, tmp_path, monkeypatch):
     from clipeval import store

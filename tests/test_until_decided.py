@@ -31,6 +31,10 @@ def _darker(source: Path, target: Path, shift: float = -2.0) -> Path:
     return target
 
 
+# Each test generates whole runs with tiny models, and the module builds a world of them first.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, models):
     """A library, a baseline over all of it, a darker checkpoint, and that checkpoint's plain full run."""
