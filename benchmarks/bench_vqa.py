@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 VOCAB = 49_280
 
@@ -117,11 +117,12 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     rate = {name: args.images / statistics.median(t) for name, t in times.items()}
+    from bench_run import machine
+
     report = {
-        "machine": platform.processor() or platform.machine(),
+        **machine(),
         "cpu_flags": sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in ("avx512f", "avx512_bf16", "amx_tile", "avx2")}),
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "images": args.images,
         "batch": args.batch,
         "seconds": times,

@@ -15,8 +15,8 @@ SmolVLM / Idefics3, Qwen2.5-VL / Qwen3-VL where torchvision is installed, PaliGe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from clipeval.errors import ClipevalError
@@ -115,22 +115,21 @@ class VqaScorer:
         if self.max_length is None:
             return Question(text, False)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        budget = self.max_length - self._overhead()
+        budget = self.max_length - self._overhead
         if len(ids) <= budget:
             return Question(text, False)
         kept = self.tokenizer.decode(ids[: max(budget, 0)], skip_special_tokens=True)
         return Question(self._chat(kept), True)
 
+    @functools.cached_property
     def _overhead(self) -> int:
-        """Tokens around the prompt: template, question and one image's tokens (measured once on
-        a square image at the processor's size)."""
-        if not hasattr(self, "_overhead_tokens"):
-            import numpy as np
+        """Tokens around the prompt: template, question and one image's tokens (measured once, on
+        a small square image), plus the answer's position."""
+        import numpy as np
 
-            image = np.zeros((64, 64, 3), np.uint8)
-            inputs = self.processor(text=[self._chat("")], images=[[image]], return_tensors="pt")
-            self._overhead_tokens = int(inputs["input_ids"].shape[-1]) + 1
-        return self._overhead_tokens
+        image = np.zeros((64, 64, 3), np.uint8)
+        inputs = self.processor(text=[self._chat("")], images=[[image]], return_tensors="pt")
+        return int(inputs["input_ids"].shape[-1]) + 1
 
     def prepare(self, prompts: Sequence[str]) -> None:
         kept = set(prompts)
@@ -194,16 +193,3 @@ def check_vision_language(location: str, name: str, revision: str | None) -> Non
         raise ClipevalError(f"{name} is a {config.model_type} model, not a vision-language model that "
                             "AutoModelForImageTextToText loads (LLaVA, SmolVLM, Qwen2.5-VL, PaliGemma, ...)")
 
-
-def is_vision_language(location: str | Path) -> bool:
-    """Whether a local model folder's config names an image-text-to-text model type."""
-    import json
-
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    try:
-        config = json.loads(Path(location, "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return config.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and config.get("model_type") not in (
-        "clip", "siglip", "siglip2")
