@@ -19,7 +19,12 @@ models on the CPU to check the script itself.
    the denoiser and VAE alone, MFU and the images/s they bound;
 5. ``--compile`` against the uncompiled runs of section 1 (same invocation, same batch);
 6. host memory of ``clipeval run`` at 100 and 1632 prompts on the SD 1.5-size pipeline;
-7. what is left open, on the parts: the VAE decode on a side stream beside the UNet, compile modes.
+7. what is left open, on the parts: the VAE decode on a side stream beside the UNet, compile modes;
+8. VQAScore on a 7B-size vision-language model (random bf16 weights: Qwen2.5-VL-7B's language model
+   and vision-tower sizes in the SmolVLM architecture, 448² images, 256 image tokens; see
+   bench_vqa.SIZES) beside CLIP ViT-L/14-336 fp16: img/s at batches 8 and 32, FLOPs per image
+   (FlopCounterMode), MFU, against the same model called the plain way (processor +
+   ``generate(max_new_tokens=1)`` per image), >= 3 alternating repeats, largest score difference.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_score  # noqa: E402
 import bench_score_process  # noqa: E402
+import bench_vqa  # noqa: E402
 
 RESULTS: dict = {}
 OUT_DIR: Path | None = None
@@ -712,6 +718,66 @@ def next_steps(work: Path, device: str, tiny: bool) -> dict:
     return out
 
 
+@section("8 VQAScore: a 7B-size VLM beside CLIP ViT-L/14-336", 300)
+def vqa(work: Path, device: str, tiny: bool, repeats: int) -> dict:
+    import torch
+
+    from clipeval.score import ClipScorer
+    from clipeval.vqa import VqaScorer
+
+    half = "bfloat16" if device != "cpu" else "float32"
+    t0 = time.perf_counter()
+    path = bench_vqa.build(work / "vlm", "tiny" if tiny else "7b", device=device)
+    built_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scorer = VqaScorer(str(path), device=device, dtype=half)
+    load_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(1)
+    images = (torch.rand(32, 3, 512, 512, generator=g) * 255).to(torch.uint8).to(device)
+    words = "a photo of a red cube on the table with a cat and a dog at night in the city".split()
+    prompts = [" ".join(words[: 3 + i % 12]) for i in range(32)]
+    peak = peak_flops()
+    per_image = flops(lambda: scorer.score(images[:1], prompts[:1]))
+    out = {"model": "Idefics3 architecture, Qwen2.5-VL-7B sizes (bench_vqa.SIZES['7b'])" if not tiny else "tiny",
+           "dtype": half, "build_s": round(built_s, 1), "load_s": round(load_s, 1), "flops_per_image": per_image,
+           "parameters": sum(p.numel() for p in scorer.model.parameters())}
+    for batch in (8, 32):
+        seconds = timed(lambda: scorer.score(images[:batch], prompts[:batch]), device, repeats=max(3, repeats), warmup=1)
+        out[f"clipeval_img_s_b{batch}"] = round(batch / seconds, 2)
+        if peak:
+            out[f"clipeval_mfu_b{batch}"] = round(per_image * batch / seconds / peak, 4)
+    # The plain way, alternating with clipeval at batch 8 over the same 16 images.
+    baseline = bench_vqa.plain(path, device=device, dtype=half)
+    runs = {"clipeval_b8": lambda: [v for i in range(0, 16, 8) for v in scorer.score(images[i:i + 8], prompts[i:i + 8])[0]],
+            "plain_generate": lambda: baseline(images[:16], prompts[:16])}
+    scores = {name: fn() for name, fn in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(max(3, repeats)):
+        for name, fn in (list(runs.items()) if r % 2 == 0 else list(reversed(runs.items()))):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    out["alternating_16_images_img_s"] = {k: spread([16 / t for t in v]) for k, v in times.items()}
+    out["ratio_to_plain"] = round(statistics.median(times["plain_generate"]) / statistics.median(times["clipeval_b8"]), 2)
+    out["max_abs_score_difference"] = max(abs(a - b) for a, b in zip(scores["clipeval_b8"], scores["plain_generate"]))
+    del baseline
+    # CLIP ViT-L/14-336 on the same images, as run scores them (fp16 autocast).
+    model = work / "clip-l"
+    if not (model / "config.json").is_file():
+        bench_score.build_clip("tiny" if tiny else "l14-336", model)
+    clip = ClipScorer(str(model), device=device, dtype="float16" if device != "cpu" else "float32")
+    clip_flops = flops(lambda: clip.embed_images(images[:1]))
+    seconds = timed(lambda: clip.score(images, prompts), device, repeats=max(3, repeats), warmup=1)
+    out["clip_l336_img_s_b32"] = round(32 / seconds, 1)
+    out["clip_l336_flops_per_image"] = clip_flops
+    if peak:
+        out["clip_l336_mfu_b32"] = round(clip_flops * 32 / seconds / peak, 4)
+    out["vqa_cost_in_clip_images"] = round(out["clip_l336_img_s_b32"] / out["clipeval_img_s_b32"], 1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the script")
@@ -719,7 +785,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--score-prompts", type=int, default=96)
     parser.add_argument("--budget", type=float, default=540, help="seconds; sections that would not fit are skipped")
-    parser.add_argument("--sections", default="01234567", help="which sections to run, e.g. 17 (7 uses the models of 1)")
+    parser.add_argument("--sections", default="012345678", help="which sections to run, e.g. 17 (7 uses the models of 1)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     global OUT_DIR, DEADLINE
@@ -735,6 +801,7 @@ def main() -> None:
         "0": lambda: card(device),
         "1": lambda: sd15(work, device, args.tiny, args.images, args.repeats),
         "2": lambda: scoring(work, device, args.tiny, args.score_prompts, args.repeats),
+        "8": lambda: vqa(work, device, args.tiny, args.repeats),
         "5": lambda: compiled(work, device, args.tiny, args.images),
         "3": lambda: sdxl(device, args.tiny),
         "4": lambda: flux(device, args.tiny),

@@ -15,6 +15,8 @@ import click
 
 from clipeval.errors import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, ClipevalError, Terminated
 
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14-336"  # clipeval.score's, without importing it (--help stays instant)
+
 DEMO_WARNING = "DEMO MODELS: tiny random weights; these scores mean nothing."
 
 
@@ -163,7 +165,9 @@ def _evaluation_options(fn):
     """The options that define an evaluation, shared by run and sweep."""
     options = [
         click.option("--prompt-library", "prompt_library", help="Built-in name (see 'clipeval libraries') or a .tsv/.csv/.jsonl/.json/.txt file.  [required, or from --config]"),
-        click.option("--clip-model", default="openai/clip-vit-large-patch14-336", show_default=True, help="Scorer: a short name ('clipeval scorers'), a transformers CLIP/SigLIP model id or folder, or 'demo'."),
+        click.option("--clip-model", default=DEFAULT_CLIP_MODEL, show_default=True, help="Scorer: a short name ('clipeval scorers'), a transformers CLIP/SigLIP model id or folder, or 'demo'."),
+        click.option("--scorer", "scorers", multiple=True, help="Another scorer, repeatable, each its own column in scores.csv and block in summary.json: a short name ('clipeval scorers'), a CLIP/SigLIP or vision-language (VQAScore) model id or folder. Without --clip-model, the first --scorer is the run's primary one."),
+        click.option("--metric", help="The scorer the gates and the history decide on: a label from summary.json's scorers, a model or a short name  [default: the primary scorer]."),
         click.option("--clip-processor", help="Take the scorer's tokenizer and image processor from this folder or hub id (for models that ship none, e.g. PickScore)."),
         click.option("--base-model", help="Diffusers folder or hub id the checkpoint builds on: for single files, LoRA and LyCORIS weights and fine-tuned unet/transformer folders."),
         click.option("--lora-scale", type=Finite(), help="Strength of LoRA or LyCORIS weights (0 = the base model).  [default: 1]"),
@@ -230,6 +234,17 @@ def _tracking(options: dict, default_dir: Path, step: int | None):
     return Tracking(report_to, Path(logging_dir or default_dir), project, run_name, step, scale), scale
 
 
+def _primary_scorer(ctx: click.Context, options: dict) -> None:
+    """``--scorer A --scorer B`` without --clip-model (nor a config's model): A is the primary."""
+    from click.core import ParameterSource
+
+    scorers = list(options.get("scorers") or ())
+    default = ctx.get_parameter_source("clip_model") in (ParameterSource.DEFAULT, None)
+    if scorers and default and options["clip_model"] == DEFAULT_CLIP_MODEL:
+        options["clip_model"] = scorers.pop(0)
+    options["scorers"] = tuple(scorers)
+
+
 def _run_config(options: dict, **extra):
     from clipeval.runner import RunConfig
 
@@ -262,6 +277,7 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
             raise ClipevalError(f"--{name.replace('_', '-')} is required" + (" (or --config)" if name != "out" else ""))
     for note in notes:
         click.echo(f"note: {note}", err=True)
+    _primary_scorer(ctx, options)
     trackers, scale = _tracking(options, Path(options["out"]) / "logs", step)
     threshold = _in_cosine(fail_below, scale, "--fail-below", bound=1.0)  # before any model loads
     options["margin"] = _in_cosine(options["margin"], scale, "--margin", bound=2.0)
@@ -271,8 +287,15 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
     result = run_evaluation(_run_config(options, trackers=trackers))
     if result is None:  # another rank of a multi-process run: rank 0 reports
         return
-    s = result.summary
-    click.echo(_closing_line(s, result.out, scale=scale))
+    from clipeval import metrics
+
+    settings = result.manifest.get("settings", {})
+    blocks = metrics.names(result.summary, settings)
+    for name in blocks if len(blocks) > 1 else []:
+        click.echo(_closing_line(metrics.view(result.summary, settings, name, result.out)[1], result.out, f"{name}: mean", scale=scale))
+    metric, s = metrics.view(result.summary, settings, options["metric"], result.out)
+    if len(blocks) == 1:
+        click.echo(_closing_line(s, result.out, scale=scale))
     if "sequential" in s:
         click.echo(sequential_line(s["sequential"], scale, images_per_prompt=options["images_per_prompt"]))
     _warn_flagged(s)
@@ -285,27 +308,28 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
     if with_report:
         from clipeval import report as reporting
 
-        click.echo(f"report → {reporting.write([result.out], result.out / 'report.html')}")
+        click.echo(f"report → {reporting.write([result.out], result.out / 'report.html', metric=options['metric'])}")
     if demo:
         click.secho(DEMO_WARNING, fg="yellow", err=True)
     from clipeval import gates
 
     ci = s["clip/mean_ci"]
     k, digits = _printed(scale)
-    measured = f"clip/mean {k * s['clip/mean']:.{digits}f}" + (
+    what = "clip/mean" if options["metric"] is None else f"{metric}/mean"
+    measured = f"{what} {k * s['clip/mean']:.{digits}f}" + (
         f" [95% CI {k * ci[0]:.{digits}f}, {k * ci[1]:.{digits}f}]" if ci else "")
     checks = [] if threshold is None else [gates.Gate(
-        f"clip/mean >= {fail_below:g}", s["clip/mean"] >= threshold,
+        f"{what} >= {fail_below:g}", s["clip/mean"] >= threshold,
         measured + (" is below " if s["clip/mean"] < threshold else " is at least ") + f"{fail_below:g}",
         f"{measured} over {s['images']} images of {s['prompts']} prompts; run folder {result.out}")]
     if junit_xml is not None:
         gates.write_junit(junit_xml, "run", checks)
     gates.step_summary(
-        "| run | clip/mean | 95% CI | images | prompts | gate |\n|---|---|---|---|---|---|\n"
+        f"| run | {what} | 95% CI | images | prompts | gate |\n|---|---|---|---|---|---|\n"
         f"| {gates.cell(result.out)} | {s['clip/mean']:.4f} | " + (f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "") +
         f" | {s['images']} | {s['prompts']} | " + ("" if not checks else "passed" if checks[0].passed else "**failed**") + " |")
     if checks and not checks[0].passed:
-        click.echo(f"clipeval: gate failed: clip/mean {k * s['clip/mean']:.{digits}f} < --fail-below {fail_below:g}"
+        click.echo(f"clipeval: gate failed: {what} {k * s['clip/mean']:.{digits}f} < --fail-below {fail_below:g}"
                    + (" (100 x cosine)" if scale == "percent" else ""), err=True)
         sys.exit(EXIT_GATE_FAILED)
 
@@ -349,6 +373,7 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
         raise ClipevalError("--prompt-library is required (or --config)")
     for note in notes:
         click.echo(f"note: {note}", err=True)
+    _primary_scorer(ctx, options)
     trackers, scale = _tracking(options, out / "logs", None)
     margin = _in_cosine(alert_margin, scale, "--alert-if-worse", bound=2.0)  # deltas of cosines lie in [-2, 2]
     if until_decided and margin is None:
@@ -508,7 +533,8 @@ def _closing_line(s: dict, out: Path, label: str = "clip/mean", scale: str = "co
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for scores.csv, prompts.csv, summary.json, manifest.json.")
 @click.option("--prompts", "prompts_spec", help="For an image folder: a table with image and prompt columns, or a prompt library whose prompt_ids name the images (00012.png, 00012_01.png).")
-@click.option("--clip-model", "clip_models", multiple=True, default=["openai/clip-vit-large-patch14-336"], show_default=True, help="Repeat for several models: one score column each.")
+@click.option("--clip-model", "clip_models", multiple=True, default=[DEFAULT_CLIP_MODEL], show_default=True, help="Repeat for several models: one score column each.")
+@click.option("--scorer", "scorers", multiple=True, help="As --clip-model, for any scorer ('clipeval scorers': CLIP-family or VQAScore); without --clip-model, these alone.")
 @click.option("--clip-processor", help="Tokenizer and image processor for the first --clip-model, from this folder or hub id.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--clip-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
@@ -518,11 +544,17 @@ def _closing_line(s: dict, out: Path, label: str = "clip/mean", scale: str = "co
 @click.option("--overwrite", is_flag=True, help="Replace an earlier score in --out made with other settings.")
 @click.option("--scale", type=click.Choice(["cosine", "percent"]), default="cosine", show_default=True, help="Scale of the printed scores; percent = 100 x cosine. Files stay in cosine.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def score(*, source, out, prompts_spec, clip_models, clip_processor, device, clip_dtype, preprocess, batch_size, allow_pickle,
-          overwrite, scale, quiet) -> None:
+@click.pass_context
+def score(ctx: click.Context, *, source, out, prompts_spec, clip_models, scorers, clip_processor, device, clip_dtype,
+          preprocess, batch_size, allow_pickle, overwrite, scale, quiet) -> None:
     """Score existing images: a run folder (re-score), or an image folder with --prompts."""
     if _not_rank_0("score"):
         return
+    from click.core import ParameterSource
+
+    if scorers and ctx.get_parameter_source("clip_models") in (ParameterSource.DEFAULT, None):
+        clip_models = ()
+    clip_models = tuple(clip_models) + tuple(scorers)
     from clipeval.rescore import ScoreConfig, score as score_images
 
     config = ScoreConfig(
@@ -536,18 +568,26 @@ def score(*, source, out, prompts_spec, clip_models, clip_processor, device, cli
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
             click.echo(f"warning: {len(names)} {kind}: {shown} (all listed in manifest.json)", err=True)
     _warn_flagged(result.summary)
-    models = result.summary.get("models") or {clip_models[0]: result.summary}
-    for model, block in models.items():
-        click.echo(_closing_line(block, result.out, f"{model}: clip/mean" if len(models) > 1 else "clip/mean", scale=scale))
+    from clipeval import metrics
+
+    settings = result.manifest.get("settings", {})
+    blocks = metrics.names(result.summary, settings)
+    for name in blocks:
+        view = metrics.view(result.summary, settings, name, result.out)[1]
+        click.echo(_closing_line(view, result.out, f"{name}: mean" if len(blocks) > 1 else "clip/mean", scale=scale))
 
 
 @main.command()
 def scorers() -> None:
-    """Short names for well-known scorers (--clip-model NAME), their models and what their scale means."""
+    """Short names for well-known scorers (--scorer NAME or --clip-model NAME), their models and what their scale means.
+
+    \b
+    clip: the cosine of a dual encoder's normalised image and text embeddings.
+    vqa:  VQAScore, P("Yes") of a vision-language model asked whether the image shows the prompt."""
     from clipeval.scorers import known
 
     for entry in known().values():
-        click.echo(f"{entry.name}\t{entry.model}" + (f" (processor: {entry.processor})" if entry.processor else ""))
+        click.echo(f"{entry.name}\t{entry.kind}\t{entry.model}" + (f" (processor: {entry.processor})" if entry.processor else ""))
         click.echo(f"\t{entry.scale}")
 
 
@@ -565,8 +605,9 @@ def scorers() -> None:
 @click.option("--junit-xml", "junit_xml", type=click.Path(path_type=Path), help="Also write the gate's result as JUnit XML (one test case per gate), for CI systems.")
 @click.option("--sequential", "sequence", flag_value="asymptotic", help="Also say after how many prompts of the seeded order (that of run --until-decided) a confidence sequence would have decided, with --margin.")
 @click.option("--sequence", "sequence", type=click.Choice(["asymptotic", "betting"]), help="As --sequential, with this confidence sequence.")
+@click.option("--metric", help="The scorer compared, in every run: a label from summary.json's scorers, a model or a short name  [default: each run's primary scorer, which must be the same].")
 def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confidence, resamples, seed, top,
-            junit_xml, sequence) -> None:
+            junit_xml, sequence, metric) -> None:
     """Is a run better than the baseline, or is it noise? Paired by prompt and seed.
 
     A run is worse by more than --margin when the whole confidence interval of its paired delta
@@ -583,7 +624,7 @@ def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confi
     if len(paths) < 2:
         raise ClipevalError("compare needs at least two runs (RUN_A RUN_B ..., or one run and --baseline)")
     _in_cosine(margin, "cosine", "--margin", bound=2.0, scales=False)  # a paired delta of cosines lies in [-2, 2]
-    loaded = [comparing.load_run(p) for p in paths]
+    loaded = [comparing.load_run(p, metric) for p in paths]
     result = comparing.compare(
         loaded,
         baseline=paths.index(baseline) if baseline is not None else 0,
@@ -624,13 +665,14 @@ def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confi
 @click.option("--baseline", type=click.Path(path_type=Path), help="The run the others are compared with [default: the first].")
 @click.option("--allow-mismatch", is_flag=True, help="Compare runs with another library, seed or CLIP model on what they share.")
 @click.option("--top", type=click.IntRange(1), default=12, show_default=True, help="Prompts shown side by side, biggest changes first.")
-def report(runs, out, baseline, allow_mismatch, top) -> None:
+@click.option("--metric", help="The scorer reported: a label from summary.json's scorers, a model or a short name  [default: the primary scorer].")
+def report(runs, out, baseline, allow_mismatch, top, metric) -> None:
     """One self-contained HTML report of a run, or a comparison of several."""
     if _not_rank_0("report"):
         return
     from clipeval import report as reporting
 
-    path = reporting.write(list(runs), out, baseline=baseline, allow_mismatch=allow_mismatch, top=top)
+    path = reporting.write(list(runs), out, baseline=baseline, allow_mismatch=allow_mismatch, top=top, metric=metric)
     click.echo(f"report → {path}")
 
 

@@ -40,11 +40,13 @@ class RunScores:
     decided: dict[str, Any] | None = None  # its summary's "sequential": what it decided, against which run
 
 
-def load_run(path: str | Path) -> RunScores:
+def load_run(path: str | Path, metric: str | None = None) -> RunScores:
+    """``metric``: the scorer compared (``clipeval.metrics``); None, the run's primary one."""
+    from clipeval.metrics import select
     from clipeval.stats import usable
     from clipeval.store import load_run as load
 
-    record = load(path)
+    record = select(load(path), metric)
     library = (record.manifest.get("selection") or {}).get("library_prompts")
     decided = (record.summary or {}).get("sequential")
     return RunScores(str(path), record.path, record.settings, usable(record.scores), library, decided)  # flagged images never pair
@@ -120,7 +122,8 @@ def compare(
     if mismatches and not allow_mismatch:
         raise ClipevalError(
             f"runs differ in what must match ({'; '.join(mismatches)}); "
-            "--allow-mismatch compares the prompts they share"
+            + ("the scores of two scorers are never compared: --metric NAME compares a scorer both runs carry"
+               if any(" has clip_model " in m for m in mismatches) else "--allow-mismatch compares the prompts they share")
         )
     base_sums = _prompt_means(base.scores)
     results = [_compare_one(base, run, margin, boot) for run in others]

@@ -127,12 +127,14 @@ def generate_adaptive(pipe, batch, gen, adaptive: Adaptive, on_step=None):
 
 
 class ScoreStage:
-    """CLIP scoring of a batch, on a worker thread and side stream when the images are on CUDA."""
+    """Scoring of a batch by every scorer of the run, on a worker thread and side stream when the
+    images are on CUDA: the images are generated and decoded once, whatever the number of scorers."""
 
-    def __init__(self, scorer, overlap: bool, prompts=()):
+    def __init__(self, scorers: Sequence, overlap: bool, prompts=()):
         from clipeval.scorers import Ahead
 
-        self.scorer = Ahead(scorer, prompts)  # used on the one worker thread only
+        prompts = list(prompts)
+        self.scorers = [Ahead(scorer, prompts) for scorer in scorers]  # used on the one worker thread only
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip") if overlap else None
         self.stream = None
 
@@ -160,8 +162,8 @@ class ScoreStage:
             return self._run(images, prompts)
 
     def _run(self, images, prompts):
-        cosines, truncated = self.scorer.score(images, prompts)
-        return cosines, truncated, images.permute(0, 2, 3, 1).cpu().numpy()
+        results = [scorer.score(images, prompts) for scorer in self.scorers]
+        return results, images.permute(0, 2, 3, 1).cpu().numpy()
 
     def close(self) -> None:
         if self.pool is not None:
@@ -197,15 +199,21 @@ def groups(batches: Sequence[list], adaptive: Adaptive) -> Iterator[list[list]]:
 def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dict, save_images: bool,
                 batch_size: int | str, bar, log, stop=None, adaptive: Adaptive | None = None) -> int:
     """Generate, score, write and commit ``batches``; returns the number of images generated.
+    ``scorer``: one scorer, or a list whose first is the primary (``clip_score``) and the others
+    fill their own columns (``clipeval.metrics``).
     With ``rundir`` None (``evaluate`` without a folder) nothing is written: rows only fill ``done``.
     ``stop()``, asked before each batch, ends the loop early (another rank failed); what was
     generated is still committed. ``adaptive`` (else made from ``batch_size``) ends holding the
     number of images generated at once."""
     from clipeval.store import image_name
 
+    from clipeval.metrics import ScoreColumn, label
+
     device = str(getattr(pipe, "device", "cpu"))
     overlap = device.startswith("cuda")
-    stage = ScoreStage(scorer, overlap, (item.prompt for batch in batches for item in batch))
+    scorers = list(scorer) if isinstance(scorer, (list, tuple)) else [scorer]
+    others = [ScoreColumn(label(s.name), "", getattr(s, "metric", "clip"), False) for s in scorers[1:]]
+    stage = ScoreStage(scorers, overlap, (item.prompt for batch in batches for item in batch))
     adaptive = adaptive or Adaptive.for_run(batch_size, device, log=log)
     if save_images and rundir is not None:
         rundir.images.mkdir(parents=True, exist_ok=True)
@@ -215,8 +223,9 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
         """Scores → rows and PNG writes (batch i), while the GPU works on batch i+1."""
         from clipeval.stats import score_value
 
-        cosines, truncated, host = p.scored.result()
-        for item, pixels, cosine, cut, flag in zip(p.items, host, cosines, truncated, p.flags):
+        results, host = p.scored.result()
+        cosines, truncated = results[0]
+        for i, (item, pixels, cosine, cut, flag) in enumerate(zip(p.items, host, cosines, truncated, p.flags)):
             name = image_name(item.prompt_id, item.sample) if save_images and rundir is not None else ""
             if name:
                 p.writes.append(writers.submit(write_png, rundir, name, pixels, item))
@@ -233,6 +242,9 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
                 "image": f"images/{name}" if name else "",
                 "flag": flag,
             })
+            for col, (values, cuts) in zip(others, results[1:]):
+                p.rows[-1][col.column] = None if flag == "nan" else score_value(values[i])
+                p.rows[-1][col.truncated] = bool(cuts[i])
 
     def commit(p: Pending) -> None:
         for write in p.writes:

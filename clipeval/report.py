@@ -39,10 +39,11 @@ class ReportRun:
         return self.image_root / relative if relative else None
 
 
-def load(path: str | Path) -> ReportRun:
+def load(path: str | Path, metric: str | None = None) -> ReportRun:
+    from clipeval.metrics import select
     from clipeval.store import load_run
 
-    record = load_run(path)
+    record = select(load_run(path), metric)
     if record.summary is None:
         raise ClipevalError(f"{path}: not a finished clipeval run (summary.json missing)")
     return ReportRun(str(path), record.path, record.manifest, record.summary, record.scores, record.image_root)
@@ -369,22 +370,24 @@ def _json_for_script(data: Any) -> str:
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
-def build(paths: list[str | Path], *, baseline: str | Path | None = None, allow_mismatch: bool = False, top: int = 12) -> str:
+def build(paths: list[str | Path], *, baseline: str | Path | None = None, allow_mismatch: bool = False, top: int = 12,
+          metric: str | None = None) -> str:
+    """``metric``: the scorer every number of the report is of (``clipeval.metrics``)."""
     from clipeval import compare as comparing
     from clipeval import stats
 
     if not paths:
         raise ClipevalError("report needs at least one run")
     if len(paths) == 1 and (Path(paths[0]).expanduser() / "history.csv").is_file():
-        return build_training(paths[0], top=top)
+        return build_training(paths[0], top=top, metric=metric)
     order = list(paths)
     if baseline is not None:
         order = [baseline] + [p for p in order if p != baseline]
-    runs = [load(p) for p in order]
+    runs = [load(p, metric) for p in order]
     sections = [_demo_warning(runs)] if any(_is_demo(r) for r in runs) else []
     if len(runs) > 1:
         sections.append(_differences(runs))
-        comparison = comparing.compare([comparing.load_run(p) for p in order], allow_mismatch=allow_mismatch,
+        comparison = comparing.compare([comparing.load_run(p, metric) for p in order], allow_mismatch=allow_mismatch,
                                        boot=stats.Bootstrap())
         sections.append(_comparison_table(comparison))
         for kind, title in (("category", "Per-category deltas"), ("challenge", "Per-challenge deltas")):
@@ -419,7 +422,7 @@ def build(paths: list[str | Path], *, baseline: str | Path | None = None, allow_
 
 # -- a sweep folder: the whole training curve -------------------------------------------------------
 
-def build_training(results_dir: str | Path, *, top: int = 12) -> str:
+def build_training(results_dir: str | Path, *, top: int = 12, metric: str | None = None) -> str:
     """The report of a sweep's RESULTS_DIR: clip/mean with its CI band against step, the best
     checkpoint and the alerts marked, per-category curves, the history table, and the best and
     the newest checkpoint side by side for the prompts that moved most."""
@@ -436,7 +439,12 @@ def build_training(results_dir: str | Path, *, top: int = 12) -> str:
     history = history[history["clip_mean"] != ""]
     if history.empty:
         raise ClipevalError(f"{results_dir}: history.csv lists no finished checkpoint yet")
-    runs = {name: load(folder / name) for name in history["run"]}
+    made = history["metric"].iloc[-1] if "metric" in history.columns else None
+    if metric is not None and made is not None and metric != made:
+        raise ClipevalError(f"{results_dir}/history.csv holds the scores of {made}, not {metric}: rerun the sweep with "
+                            f"--metric {metric} to rebuild it, or drop --metric")
+    metric = metric or made or None
+    runs = {name: load(folder / name, metric) for name in history["run"]}
     best_name = history.loc[pd.to_numeric(history["clip_mean"]).idxmax(), "run"]
     newest_name = history["run"].iloc[-1]
     sections = [f"<section><h2>Training curve</h2><div class='figure'>{_curve(history, best_name)}</div>"
@@ -451,7 +459,8 @@ def build_training(results_dir: str | Path, *, top: int = 12) -> str:
         sections.insert(0, _demo_warning(list(runs.values())))
     shown = [runs[best_name]] + ([runs[newest_name]] if newest_name != best_name else [])
     if len(shown) == 2:
-        comparison = comparing.compare([comparing.load_run(folder / best_name), comparing.load_run(folder / newest_name)],
+        comparison = comparing.compare([comparing.load_run(folder / best_name, metric),
+                                        comparing.load_run(folder / newest_name, metric)],
                                        boot=stats.Bootstrap())
         sections.append(_comparison_table(comparison))
         sections.append(_side_by_side(shown, comparison, top))

@@ -232,7 +232,11 @@ def score(config: ScoreConfig):
         source = from_run(source_dir, config.batch_size)
     else:
         source = from_images(source_dir, config.prompts, config.batch_size)
-    settings = {**source.settings, "clip_model": store.canonical(models[0]), "clip_models": list(models),
+    from clipeval import metrics
+
+    canonical = [store.canonical(m) for m in models]
+    metrics.columns(list(models), canonical)  # two scorers of one name fail before anything loads
+    settings = {**source.settings, "clip_model": canonical[0], "scorers": canonical,
                 "clip_processor": store.canonical(config.clip_processor), "clip_dtype": config.clip_dtype, "preprocess": config.preprocess}
     rundir = store.RunDir(out)
     rundir.check(settings, overwrite=config.overwrite)
@@ -264,20 +268,13 @@ def score(config: ScoreConfig):
 def _write(out: Path, config: ScoreConfig, source: Source, settings: dict, scorers, results, skipped, *,
            device: str, started: str):
     """The tables, summary and manifest of a finished scoring, written atomically."""
-    from clipeval import stats, store
-    from clipeval.runner import versions
+    from clipeval import metrics, store
+    from clipeval.runner import scorer_records, summarize, versions
 
-    models = tuple(settings["clip_models"])
-    scores = _table(results, models)
-    summary = stats.summarize(scores)
-    if len(models) > 1:
-        summary["models"] = {
-            m: stats.summarize(scores.assign(clip_score=scores[_col(m, i)], truncated=scores[_col(m, i, "truncated")]))
-            for i, m in enumerate(models)
-        }
-    per_prompt = stats.prompts_table(scores)
-    for i, m in enumerate(models[1:], 1):
-        per_prompt[f"clip_mean:{m}"] = scores.groupby("prompt_id", sort=True)[_col(m, i)].mean().map(stats.rounded).to_numpy()
+    columns = metrics.columns([s.name for s in scorers], settings["scorers"], [s.metric for s in scorers])
+    scores = _table(results, columns)
+    summary = summarize(scores, scorers, columns)
+    per_prompt = metrics.prompts_table(scores, columns)
     manifest = {
         "kind": "score",
         "status": "complete",
@@ -285,8 +282,7 @@ def _write(out: Path, config: ScoreConfig, source: Source, settings: dict, score
         "settings": settings,
         "source": {"kind": source.kind, "path": str(source.path), "prompts": config.prompts,
                    "batches": len(source.batches)},
-        "clip": [{"model": s.name, "class": s.model_class, "processor": s.processor_name, "dtype": config.clip_dtype,
-                  "preprocess": s.preprocess, "max_text_tokens": s.max_length} for s in scorers],
+        "scorers": scorer_records(scorers, columns, config.clip_dtype),
         "skipped": skipped,
         "problems": source.problems,
         "device": {"name": device},
@@ -302,10 +298,6 @@ def _note(message: str) -> None:
     import sys
 
     print(f"note: {message}", file=sys.stderr)
-
-
-def _col(model: str, index: int, what: str = "clip_score") -> str:
-    return what if index == 0 else f"{what}:{model}"
 
 
 def _score_batches(batches, decoded: Decoder, scorers, progress: bool):
@@ -337,19 +329,15 @@ def _score_batches(batches, decoded: Decoder, scorers, progress: bool):
     return results, skipped
 
 
-def _table(results, models):
-    import pandas as pd
-
-    from clipeval.stats import SCORE_COLUMNS
+def _table(results, columns):
+    from clipeval import metrics
+    from clipeval.stats import scores_table
 
     records = []
     for row, per_model, flag in results:
         record = {"prompt_id": row.prompt_id, "sample": row.sample, "seed": row.seed, "prompt": row.prompt,
-                  "category": row.category, "challenge": row.challenge, "clip_score": per_model[0][0],
-                  "truncated": per_model[0][1], "image": row.image, "flag": flag}
-        for i, m in enumerate(models[1:], 1):
-            record[_col(m, i)], record[_col(m, i, "truncated")] = per_model[i]
+                  "category": row.category, "challenge": row.challenge, "image": row.image, "flag": flag}
+        for col, (value, cut) in zip(columns, per_model):
+            record[col.column], record[col.truncated] = value, cut
         records.append(record)
-    extra = [c for i, m in enumerate(models[1:], 1) for c in (_col(m, i), _col(m, i, "truncated"))]
-    frame = pd.DataFrame(records, columns=SCORE_COLUMNS + extra)
-    return frame.sort_values(["prompt_id", "sample"], kind="stable").reset_index(drop=True)
+    return scores_table(records, metrics.extra_columns(columns))

@@ -27,6 +27,8 @@ class RunConfig:
     out: Path
     clip_model: str = DEFAULT_CLIP_MODEL
     clip_processor: str | None = None  # tokenizer and image processor from elsewhere (PickScore)
+    scorers: tuple[str, ...] = ()  # more scorers after clip_model, each its own column (clipeval.metrics)
+    metric: str | None = None  # the scorer --fail-below and a sweep's history decide on; None: clip_model
     base_model: str | None = None
     images_per_prompt: int = 1
     seed: int = 0
@@ -78,7 +80,8 @@ class Prepared:
     items: list  # generate.WorkItem, every one of the run
     gen: Any  # generate.GenerationSettings
     pipe: Any
-    scorer: Any
+    scorers: list  # the primary (clip_model) first
+    columns: list  # metrics.ScoreColumn, one per scorer
     device: str
     clock: dict[str, float]
     adaptive: Any = None  # loop.Adaptive: images per generation call, as the run found it
@@ -135,6 +138,12 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
     if decider is not None:  # the library in its seeded order: the work items, their batches and the stops follow it
         by_id = {p.prompt_id: p for p in library.prompts}
         library = replace(library, prompts=tuple(by_id[p] for p in decider.order))
+    from clipeval import metrics
+
+    specs = [config.clip_model, *dict.fromkeys(s for s in config.scorers if s != config.clip_model)]
+    models = [store.canonical(spec) for spec in specs]
+    # Two scorers of one name, or a --metric that is none of them, fail before anything loads.
+    metrics.check_metric(config.metric, metrics.columns(specs, models), until_decided=config.until_decided)
     ref = pipelines.resolve_checkpoint(
         config.checkpoint, config.base_model, allow_pickle=config.allow_pickle, revision=config.revision,
         ema=config.ema,
@@ -159,6 +168,7 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
         "clip_model": store.canonical(config.clip_model),
         "clip_processor": store.canonical(config.clip_processor),
         "clip_revision": config.clip_revision,
+        "scorers": models,
         # The whole library's hash (before --limit): runs with other limits may share a folder.
         "library_sha256": full_library.sha256,
         "seed": config.seed,
@@ -183,6 +193,9 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
     rundir = store.RunDir(out, rank=ranks.rank)
     moved = _moved_checkpoint(rundir, ref, settings, config.overwrite)
     previous = rundir.check({**settings, **explicit, **moved}, overwrite=config.overwrite)
+    if previous and len(models) > 1 and "scorers" not in previous.get("settings", {}):
+        raise ClipevalError(f"{out} was made with {config.clip_model} alone, before runs carried several scorers: score "
+                            f"it with 'clipeval score {out} --out NEW --scorer ...', or use another --out")
     _check_seed_scheme(previous, out)
     _check_not_shrunk(previous, out, prompts=len(library.prompts), images_per_prompt=config.images_per_prompt)
 
@@ -223,11 +236,17 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
 
                 where = str(demo.demo_clip_dir())  # built on the spot: its size, not "from the hub"
             progress.say(f"loading CLIP model {config.clip_model} ({progress.size_of(where)}) ...")
-        scorer = make_scorer(
-            config.clip_model, device=device, dtype=config.clip_dtype, preprocess=config.preprocess,
-            revision=config.clip_revision, allow_pickle=config.allow_pickle, processor=config.clip_processor,
-            log=lambda message: print(f"note: {message}", file=sys.stderr),
-        )
+        scorers = []
+        for i, spec in enumerate(specs):
+            if loud and i:
+                progress.say(f"loading scorer {spec} ({progress.size_of(spec)}) ...")
+            scorers.append(make_scorer(
+                spec, device=device, dtype=config.clip_dtype, preprocess=config.preprocess,
+                revision=config.clip_revision if i == 0 else None, allow_pickle=config.allow_pickle,
+                processor=config.clip_processor if i == 0 else None,
+                log=lambda message: print(f"note: {message}", file=sys.stderr),
+            ))
+        columns = metrics.columns(specs, models, [s.metric for s in scorers])
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
         if ranks.world == 1:
             raise
@@ -236,7 +255,7 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
     clock["loaded"] = time.perf_counter()
     previous = ranks.on_main(lambda: rundir.claim({**settings, **moved}, overwrite=config.overwrite))
     try:
-        prepared = Prepared(config, rundir, ranks, settings, ref, library, items, gen, pipe, scorer, device, clock,
+        prepared = Prepared(config, rundir, ranks, settings, ref, library, items, gen, pipe, scorers, columns, device, clock,
                             adaptive=loop.Adaptive.for_run(config.batch_size, device, log=_say), decider=decider)
         return _generate_and_write(prepared, previous)
     finally:
@@ -346,7 +365,6 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
         return None
 
     # 4. Tables and summary from the journals: the same files however often the run was cut.
-    from clipeval import stats
 
     done = rundir.done()
     if run.decider is not None:  # a prefix of the seeded order: what was generated before the sequence decided
@@ -356,10 +374,9 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
         manifest["selection"].update(prompts=len({item.prompt_id for item in items}), images=len(items),
                                      order=ORDER, library_prompts=run.decider.population)
 
-    scores = stats.scores_table([done[item.key] for item in items])
-    per_prompt = stats.prompts_table(scores, {p.prompt_id: p.name for p in run.library.prompts})
+    scores, per_prompt = tables([done[item.key] for item in items], run.library, run.columns)
     try:
-        summary = stats.summarize(scores)
+        summary = summarize(scores, run.scorers, run.columns)
     except ClipevalError:  # every image flagged: the tables say which and why
         manifest.update(status="no usable image", finished_at=_now())
         rundir.finish(scores=scores, prompts=per_prompt, summary=None, manifest=manifest)
@@ -389,6 +406,20 @@ def _generate_and_write(run: Prepared, previous: dict[str, Any] | None):
     return result
 
 
+def tables(rows: list[dict[str, Any]], library, columns: list):
+    """scores.csv and prompts.csv from the rows of every image, each scorer in its columns."""
+    from clipeval import metrics, stats
+
+    scores = stats.scores_table(rows, metrics.extra_columns(columns))
+    return scores, metrics.prompts_table(scores, columns, {p.prompt_id: p.name for p in library.prompts})
+
+
+def summarize(scores, scorers: list, columns: list) -> dict[str, Any]:
+    from clipeval import metrics
+
+    return metrics.summarize(scores, columns, [(s.definition, s.scale) for s in scorers])
+
+
 def generation_settings(defaults: dict[str, Any], *, steps, guidance_scale, height, width, negative_prompt):
     """The settings actually used: what was asked for, else the pipeline's own defaults."""
     from clipeval.generate import GenerationSettings
@@ -413,7 +444,7 @@ def generation_settings(defaults: dict[str, Any], *, steps, guidance_scale, heig
 
 def _generate_and_score(run: Prepared, mine: list[list], done: dict) -> int:
     """This rank's batches through the hot loop (``clipeval.loop``), under one progress bar."""
-    pipe, scorer, gen, items, rundir, config, ranks = run.pipe, run.scorer, run.gen, run.items, run.rundir, run.config, run.ranks
+    pipe, scorer, gen, items, rundir, config, ranks = run.pipe, run.scorers, run.gen, run.items, run.rundir, run.config, run.ranks
     from clipeval import loop, progress
 
     remaining = sum(1 for item in items if item.key not in done)
@@ -485,7 +516,7 @@ def _fingerprint(ref) -> list[dict[str, Any]]:
 
 def _manifest(run: Prepared, previous: dict[str, Any] | None) -> dict[str, Any]:
     config, settings, ref, library, gen, device, scorer, ranks = (
-        run.config, run.settings, run.ref, run.library, run.gen, run.device, run.scorer, run.ranks)
+        run.config, run.settings, run.ref, run.library, run.gen, run.device, run.scorers[0], run.ranks)
     from clipeval.generate import SEED_FORMULA, SEED_SCHEME
 
     return {
@@ -539,12 +570,22 @@ def _manifest(run: Prepared, previous: dict[str, Any] | None) -> dict[str, Any]:
             "preprocess": scorer.preprocess,
             "max_text_tokens": scorer.max_length,
         },
+        "scorers": scorer_records(run.scorers, run.columns, config.clip_dtype),
         "device": {"name": device, "hardware": _device_name(device)},
         "versions": versions(),
         "started_at": (previous or {}).get("started_at") or _now(),
         "resumed": previous.get("resumed", 0) + 1 if previous else 0,
         "finished_at": None,
     }
+
+
+def scorer_records(scorers: list, columns: list, dtype: str) -> list[dict[str, Any]]:
+    """Each scorer as the manifest records it: its model, where its numbers are, and what it asked
+    (VQAScore: the question and the answer token it read)."""
+    return [{"label": col.label, "kind": col.kind, "model": col.model, "column": col.column, "class": s.model_class,
+             "processor": s.processor_name, "dtype": getattr(s, "dtype", dtype), "max_text_tokens": s.max_length,
+             "definition": s.definition,
+             **s.describe()} for s, col in zip(scorers, columns)]
 
 
 @dataclass
@@ -584,8 +625,9 @@ def evaluate(
 
     ``prompts``: a library name or file, a ``PromptLibrary``, or a list of strings, of which
     ``limit`` takes the first N (as ``run --limit``: a quick look at Parti mid-training). ``clip``: a
-    model id or folder, or a ``clipeval.score.ClipScorer`` to reuse across calls (load CLIP once per
-    training run, not once per evaluation). Seeds, scores and statistics are those of ``run``.
+    model id, folder or short name, or a loaded scorer (``clipeval.scorers.make_scorer``) to reuse
+    across calls (load it once per training run, not once per evaluation); or a list of them, the
+    first the primary, each its own column as in ``run --scorer``. Seeds, scores and statistics are those of ``run``.
     Nothing is written unless ``out`` names a folder (then: images, scores.csv, prompts.csv and
     summary.json). The pipeline's modules are put in eval mode for the call and restored after.
 
@@ -597,7 +639,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from clipeval import distributed, loop, pipelines, stats, store
+    from clipeval import distributed, loop, metrics, pipelines, store
     from clipeval.generate import SEED_FORMULA, SEED_SCHEME, batches, work_items
     from clipeval.prompts import Prompt, PromptLibrary, load_library
     from clipeval.scorers import make_scorer
@@ -631,14 +673,18 @@ def evaluate(
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
     try:  # from here on, a failure on one rank must reach the others, which wait in gather
-        scorer = clip if not isinstance(clip, (str, Path)) else make_scorer(str(clip), device=device, preprocess=preprocess,
-                                                                             processor=clip_processor)
+        given = list(clip) if isinstance(clip, (list, tuple)) else [clip]
+        scorers = [c if not isinstance(c, (str, Path)) else
+                   make_scorer(str(c), device=device, preprocess=preprocess, processor=clip_processor if i == 0 else None)
+                   for i, c in enumerate(given)]
+        columns = metrics.columns([s.name for s in scorers], [store.canonical(s.name) for s in scorers],
+                                  [s.metric for s in scorers])
         gen = generation_settings(pipelines.call_defaults(pipe), steps=steps, guidance_scale=guidance_scale,
                                   height=height, width=width, negative_prompt=negative_prompt)
         for module in modules:
             module.eval()
         with tqdm(total=sum(len(b) for b in mine), unit="img", desc="evaluating", disable=not progress) as bar:
-            loop.run_batches(mine, pipe=pipe, scorer=scorer, gen=gen, rundir=rundir, done=done,
+            loop.run_batches(mine, pipe=pipe, scorer=scorers, gen=gen, rundir=rundir, done=done,
                              save_images=rundir is not None, batch_size=batch_size, bar=bar, log=_say)
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
         if world == 1:
@@ -652,13 +698,14 @@ def evaluate(
         parts = distributed.gather((error, done), rank)
         distributed.raise_first([e for e, _ in parts])
         done = {key: row for _, part in parts for key, row in part.items()}
-    scores = stats.scores_table([done[item.key] for item in items])
-    per_prompt = stats.prompts_table(scores, {p.prompt_id: p.name for p in library.prompts})
-    summary = stats.summarize(scores)
+    scores, per_prompt = tables([done[item.key] for item in items], library, columns)
+    summary = summarize(scores, scorers, columns)
     if rundir is not None and rank == 0:  # a folder compare, report and score read like a run's
         manifest = {
             "kind": "evaluate", "status": "complete",
-            "settings": {"library_sha256": library.sha256, "seed": seed, "clip_model": scorer.name},
+            "settings": {"library_sha256": library.sha256, "seed": seed, "clip_model": columns[0].model,
+                         "scorers": [c.model for c in columns]},
+            "scorers": scorer_records(scorers, columns, getattr(scorers[0], "dtype", "float32")),
             "library": {"name": library.name, "sha256": library.sha256},
             "generation": {"steps": gen.steps, "guidance_scale": gen.guidance_scale, "height": gen.height,
                            "width": gen.width, "negative_prompt": gen.negative_prompt, "seed": seed,

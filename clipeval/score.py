@@ -47,6 +47,9 @@ class ClipScorer:
     ``get_text_features`` works; ``processor`` takes the tokenizer and image processor from another
     folder or hub id (PickScore ships none: it uses laion's CLIP-H processor)."""
 
+    metric = "clip"
+    scale = "cosine"
+
     def __init__(
         self,
         model: str = DEFAULT_CLIP_MODEL,
@@ -100,8 +103,8 @@ class ClipScorer:
             raise ClipevalError(f"could not load CLIP model {named}: {hub_error(err)}") from err
         if not all(callable(getattr(self.model, f, None)) for f in ("get_image_features", "get_text_features")):
             raise ClipevalError(
-                f"--clip-model {self.name} is a {type(self.model).__name__}, not a dual encoder with image and text "
-                "features (CLIP, SigLIP, ...)"
+                f"--clip-model {self.name} is a {type(self.model).__name__}, neither a dual encoder with image and text "
+                "features (CLIP, SigLIP, ...) nor a vision-language model (LLaVA, SmolVLM, Qwen2.5-VL, ...)"
             )
         self.model.eval().to(device)
         self.model_class = type(self.model).__name__
@@ -131,6 +134,16 @@ class ClipScorer:
         causal = getattr(self.model.config, "model_type", "") == "clip"
         self.end_pad = eos if causal and eos is not None and not self.pad_to_max_length else None
         self._torch = torch
+
+    @property
+    def definition(self) -> str:
+        from clipeval.stats import SCORE_DEFINITION
+
+        return SCORE_DEFINITION
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records beyond the model: how images reach it."""
+        return {"preprocess": self.preprocess}
 
     def _autocast(self):
         """Mixed precision for --clip-dtype bfloat16/float16 on the image tower: matmuls in half,

@@ -49,12 +49,17 @@ class Ahead:
         return self.scorer.score(images, prompts)
 
 
+KINDS = ("clip", "vqa")
+
+
 @dataclass(frozen=True)
 class KnownScorer:
     name: str
     model: str
     processor: str | None
     scale: str
+    kind: str = "clip"  # "clip": a dual encoder's cosine; "vqa": VQAScore of a vision-language model
+    needs: str | None = None  # a package its processor needs beyond clipeval's own
 
 
 def known() -> dict[str, KnownScorer]:
@@ -62,7 +67,8 @@ def known() -> dict[str, KnownScorer]:
     from importlib import resources
 
     data = tomllib.loads(resources.files("clipeval").joinpath("scorers.toml").read_text(encoding="utf-8"))
-    return {name: KnownScorer(name, v["model"], v.get("processor"), v["scale"]) for name, v in data.items()}
+    return {name: KnownScorer(name, v["model"], v.get("processor"), v["scale"], v.get("kind", "clip"), v.get("needs"))
+            for name, v in data.items()}
 
 
 def resolve(spec: str) -> KnownScorer | None:
@@ -75,14 +81,19 @@ def resolve(spec: str) -> KnownScorer | None:
 def make_scorer(spec: str, *, device: str = "cpu", dtype: str = "float32", preprocess: str = "fast",
                 revision: str | None = None, allow_pickle: bool = False, processor: str | None = None,
                 log: Any = None) -> Scorer:
-    """The one place scorers are built: a model id, folder, short name or 'demo'."""
-    from clipeval.score import ClipScorer
-
+    """The one place scorers are built: a model id, folder, short name or 'demo'. A CLIP-family
+    dual encoder gives ``ClipScorer`` (cosine), a vision-language model ``VqaScorer`` (VQAScore):
+    the short name's kind says which, else the model's own config."""
     from clipeval.errors import ClipevalError
+    from clipeval.score import ClipScorer
+    from clipeval.vqa import VqaScorer, is_vision_language
 
     entry = resolve(spec)
     model, processor = (entry.model, processor or entry.processor) if entry else (spec, processor)
     try:
+        if (entry.kind == "vqa") if entry else is_vision_language(model, revision, allow_pickle):
+            return VqaScorer(model, device=device, dtype=dtype, revision=revision, allow_pickle=allow_pickle,
+                             processor=processor, name=spec, log=log)
         return ClipScorer(model, device=device, dtype=dtype, preprocess=preprocess, revision=revision,
                           allow_pickle=allow_pickle, processor=processor, name=spec, log=log)
     except ClipevalError as err:

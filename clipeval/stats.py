@@ -49,10 +49,11 @@ def score_value(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def scores_table(rows: list[dict[str, Any]]):
+def scores_table(rows: list[dict[str, Any]], extra: list[str] = ()):
+    """``extra``: the columns of a run's other scorers (``clipeval.metrics``), after the others."""
     import pandas as pd
 
-    frame = pd.DataFrame(rows, columns=SCORE_COLUMNS)
+    frame = pd.DataFrame(rows, columns=SCORE_COLUMNS + list(extra))
     frame["flag"] = frame["flag"].fillna("")
     return frame.sort_values(["prompt_id", "sample"], kind="stable").reset_index(drop=True)
 
@@ -174,7 +175,8 @@ def _group(scores, column: str, boot: Bootstrap) -> dict[str, dict[str, Any]]:
     return out
 
 
-def summarize(scores, boot: Bootstrap = Bootstrap()) -> dict[str, Any]:
+def summarize(scores, boot: Bootstrap = Bootstrap(), *, definition: str = SCORE_DEFINITION,
+              scale: str = "cosine") -> dict[str, Any]:
     good = usable(scores)
     flagged = scores.loc[~scores.index.isin(good.index), "flag"] if "flag" in scores.columns else scores.iloc[:0]
     if good.empty:
@@ -185,8 +187,8 @@ def summarize(scores, boot: Bootstrap = Bootstrap()) -> dict[str, Any]:
     values = good["clip_score"]
     prompts = int(good["prompt_id"].nunique())
     return {
-        "score": SCORE_DEFINITION,
-        "scale": "cosine",
+        "score": definition,
+        "scale": scale,
         "clip/mean": rounded(values.mean()),
         "clip/mean_ci": _ci(good, boot),
         "clip/min": rounded(values.min()),

@@ -167,7 +167,11 @@ def load_run(path: str | Path) -> RunRecord:
                 raise ClipevalError(
                     f"{path}: {name} does not belong with manifest.json (a final write was interrupted or failed); {rerun}"
                 )
-        scores = pd.read_csv(io.BytesIO(raw["scores.csv"]), keep_default_na=False, na_values={"clip_score": [""]},
+        import csv
+
+        header = next(csv.reader([raw["scores.csv"].split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")]), [])
+        numeric = ["clip_score"] + [c for c in header if c.startswith("score:")]  # other scorers' columns
+        scores = pd.read_csv(io.BytesIO(raw["scores.csv"]), keep_default_na=False, na_values={c: [""] for c in numeric},
                              dtype=SCORES_DTYPES)
         summary = json.loads(raw["summary.json"]) if "summary.json" in raw else None
     except FileNotFoundError as err:
@@ -376,7 +380,7 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 # Settings that name a file or folder: the same place is the same setting, however it is spelled.
-PATH_SETTINGS = ("checkpoint", "base_model", "clip_model", "clip_processor", "clip_models")
+PATH_SETTINGS = ("checkpoint", "base_model", "clip_model", "clip_processor", "clip_models", "scorers")
 
 
 def canonical(spec: Any) -> Any:

@@ -32,7 +32,7 @@ from clipeval.errors import ClipevalError
 HISTORY_COLUMNS = ["step", "checkpoint", "clip_mean", "clip_mean_ci_low", "clip_mean_ci_high", "clip_std", "clip_median",
                    "clip_min", "clip_max", "images", "prompts", "flagged_images", "finished_at", "run",
                    "best_step", "delta_best", "delta_best_ci_low", "delta_best_ci_high", "p_best", "alert", "weights",
-                   "prompts_used", "verdict"]
+                   "prompts_used", "verdict", "metric"]
 
 
 @dataclass
@@ -151,11 +151,12 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
                 else:
                     evaluated = runner.run(config)
                 if ranks.main:
-                    history = write_history(results_dir, plan.steps, margin=margin, read=read)
+                    history = write_history(results_dir, plan.steps, margin=margin, read=read, metric=base.metric)
                 if trackers is not None and evaluated is not None:
                     row = history[history["run"] == name]
                     delta = None if row.empty or row.iloc[0]["alert"] == "" else float(row.iloc[0]["delta_best"])
-                    log(trackers.log(evaluated, checkpoint=str(checkpoint.path), extra={"clip/delta_best": delta}))
+                    key = "clip/delta_best" if base.metric is None else f"{history.iloc[0]['metric']}/delta_best"
+                    log(trackers.log(evaluated, checkpoint=str(checkpoint.path), extra={key: delta}))
             except ClipevalError as err:
                 result.failed[name] = str(err)
                 say(f"{name} failed: {err}")
@@ -164,7 +165,7 @@ def sweep(training_dir: Path, results_dir: Path, base: Any, *, settle_s: float =
         if not ranks.main:
             return None
         if history is None:  # nothing evaluated: still apply the rule (perhaps with another margin)
-            history = write_history(results_dir, plan.steps, margin=margin, read=read)
+            history = write_history(results_dir, plan.steps, margin=margin, read=read, metric=base.metric)
         result.newest = history.iloc[-1].to_dict() if len(history) else None
         return result
     finally:
@@ -190,7 +191,7 @@ def _decided(config, checkpoint, results_dir: Path, steps: dict, margin: float, 
     from clipeval.sequential import BURN_IN
 
     size = len(prompts.load_library(config.prompt_library).prompts)
-    history = write_history(results_dir, steps, margin=margin, read=read)
+    history = write_history(results_dir, steps, margin=margin, read=read, metric=config.metric)
     history = history[history["run"] != checkpoint.name]
     if checkpoint.step is not None:
         history = history[history["step"].notna() & (history["step"] < checkpoint.step)]
@@ -249,7 +250,8 @@ def _record(out: Path):
         return None
 
 
-def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: float, read: dict[str, Any]):
+def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: float, read: dict[str, Any],
+                  metric: str | None = None):
     """history.csv from every finished run in ``results_dir``: derived, so never a duplicate row.
     Each checkpoint is compared with the best earlier one (the highest clip_mean at a smaller step)
     exactly as ``clipeval compare BEST THIS`` does; ``alert`` is the ``--fail-if-worse --margin``
@@ -260,6 +262,8 @@ def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: fl
     from clipeval.store import write_csv
     from clipeval.trackers import training_step
 
+    from clipeval import metrics
+
     rows, records = [], {}
     for out in sorted(p for p in results_dir.iterdir() if p.is_dir()):
         record = read[out.name] if out.name in read else _record(out)
@@ -267,6 +271,8 @@ def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: fl
             read[out.name] = record
         if record is None or record.summary is None:
             continue
+        scorer = metrics.view(record.summary, record.settings, metric, out)[0]
+        record = metrics.select(record, metric)  # every row of one scorer: compare refuses two
         summary, manifest = record.summary, record.manifest
         records[out.name] = record
         ci = summary.get("clip/mean_ci") or [None, None]
@@ -281,6 +287,7 @@ def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: fl
             "weights": (manifest.get("checkpoint") or {}).get("weights") or "",
             "prompts_used": (summary.get("sequential") or {}).get("prompts_used", summary["prompts"]),
             "verdict": (summary.get("sequential") or {}).get("verdict", ""),
+            "metric": scorer,
         })
     frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
     frame["step"] = frame["step"].astype("Int64")

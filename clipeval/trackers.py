@@ -1,8 +1,8 @@
 """Logging a run to TensorBoard or Weights & Biases at the checkpoint's training step, so the CLIP
 score curve sits beside the loss curve.
 
-Logged: ``clip/mean``, ``clip/min``, ``clip/max``, ``clip/std``, ``clip/median``, one
-``clip/category/<name>`` per category, the histogram of image scores, and one image of the best
+Logged: ``clip/mean``, ``clip/min``, ``clip/max``, ``clip/std``, ``clip/median`` (of the primary
+scorer), ``LABEL/mean`` ... for each other scorer of the run, one ``clip/category/<name>`` per category, the histogram of image scores, and one image of the best
 four and worst four images. Logging a step that is already there does nothing (TensorBoard: read
 back from the event files; wandb: a small ledger next to its files), so a rerun from cron never
 draws the same point twice. Both are optional extras with a one-line error when missing.
@@ -87,6 +87,10 @@ class Tracking:
             scalars.update(simpletuner_statistics(scores))
         for name, group in summary.get("by_category", {}).items():
             scalars[f"clip/category/{name}"] = group["mean"] * factor
+        for name, block in (summary.get("scorers") or {}).items():  # the run's other scorers, by label
+            if block.get("column") != "clip_score":
+                scalars.update({f"{name}/{k}": block[k] * factor for k in ("mean", "min", "max", "std", "median")
+                                if block.get(k) is not None})
         decided = summary.get("sequential")
         if decided:  # --until-decided: what it took, and the verdict as -1 worse, +1 better, 0 otherwise
             scalars["clip/sequential_prompts"] = float(decided["prompts_used"])

@@ -40,6 +40,7 @@ class VqaScorer:
 
     metric = "vqa"
     definition = DEFINITION
+    scale = "probability"
 
     def __init__(self, model: str, *, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
                  allow_pickle: bool = False, processor: str | None = None, name: str | None = None, log: Any = None,
@@ -70,8 +71,11 @@ class VqaScorer:
             raise ClipevalError(f"{self.name}: its processor has no chat template, so clipeval cannot ask it a question "
                                 "as the model was trained to be asked")
         self.tokenizer.padding_side = "left"
-        # Half weights on an accelerator (a 7B model in float32 is 28 GB); float32 on the CPU
-        # unless asked, where half precision is emulated and slower.
+        # Half weights on an accelerator (a 7B model in float32 is 28 GB, and twice as slow):
+        # bfloat16 unless --clip-dtype asks float16; float32 on the CPU unless asked, where half
+        # precision is emulated and slower.
+        if dtype == "float32" and not str(device).startswith("cpu"):
+            dtype = "bfloat16"
         weights = torch.float32 if dtype == "float32" else torch_dtype(dtype)
         try:
             self.model = AutoModelForImageTextToText.from_pretrained(
@@ -168,6 +172,31 @@ def answer_token(processor, templated: str, answer: str, name: str) -> tuple[str
     pieces = tokenizer.tokenize(answer)
     raise ClipevalError(f"{name}: its tokenizer has no single token for the answer {answer!r} after its chat template "
                         f"(it splits it into {pieces}); VQAScore reads one logit")
+
+
+def is_vision_language(model: str, revision: str | None, allow_pickle: bool = False) -> bool:
+    """Whether ``model`` (a folder or hub id) is a vision-language model, from its config alone; a
+    config that cannot be read says so through the CLIP loader's error, except one that needs
+    remote code, which is refused here."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from clipeval.score import _local
+
+    if model == "demo":
+        return False
+    location = _local(model, "--scorer", revision, allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(location, revision=revision)
+    except ValueError as err:
+        if "trust_remote_code" in str(err) or "remote code" in str(err):
+            check_vision_language(location, model, revision)  # raises, saying so
+        return False
+    except Exception:  # noqa: BLE001 - unreadable here: the CLIP loader says why, in its words
+        return False
+    if getattr(config, "auto_map", None) and config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        check_vision_language(location, model, revision)
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 def check_vision_language(location: str, name: str, revision: str | None) -> None:

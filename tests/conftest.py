@@ -98,6 +98,15 @@ TRICKY_PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="session")
+def vlms(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random vision-language models of two families (tests/tiny_vlms.py), saved once."""
+    import tiny_vlms
+
+    root = tmp_path_factory.mktemp("vlms")
+    return {"llava": tiny_vlms.build_llava(root / "llava"), "smolvlm": tiny_vlms.build_smolvlm(root / "smolvlm")}
+
+
 @pytest.fixture
 def tricky_csv(tmp_path) -> Path:
     import csv

@@ -81,17 +81,21 @@ def test_several_models_one_column_each_and_each_image_decoded_once(cli, run_dir
     assert result.exit_code == 0, result.stderr
     assert len(decoded) == len(set(decoded)) == 10
     scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
-    second = f"clip_score:{models.clip2}"
-    assert list(scores.columns)[-2:] == [second, f"truncated:{models.clip2}"]
+    second = "score:clip2"  # other scorers are labelled by their folder's name
+    assert list(scores.columns)[-2:] == [second, "truncated:clip2"]
     assert scores["clip_score"].tolist() == pd.read_csv(run_dir / "scores.csv")["clip_score"].tolist()
     alone = tmp_path / "alone"
     assert score_cli(cli, run_dir, alone, "--clip-model", models.clip2).exit_code == 0
     assert scores[second].tolist() == pd.read_csv(alone / "scores.csv")["clip_score"].tolist()
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["models"]) == {str(models.clip), str(models.clip2)}
-    assert summary["models"][str(models.clip2)]["clip/mean"] == pytest.approx(scores[second].mean(), abs=1e-9)
-    assert f"clip_mean:{models.clip2}" in pd.read_csv(out / "prompts.csv").columns
-    assert result.stdout.count("clip/mean") == 2
+    assert set(summary["scorers"]) == {"clip", "clip2"}
+    assert summary["scorers"]["clip2"]["model"] == str(models.clip2)
+    assert summary["scorers"]["clip2"]["mean"] == pytest.approx(scores[second].mean(), abs=1e-9)
+    assert summary["scorers"]["clip"]["mean"] == summary["clip/mean"]
+    per_prompt = pd.read_csv(out / "prompts.csv")
+    expected = scores.groupby("prompt_id")[second].mean().to_numpy()
+    assert np.allclose(per_prompt["mean:clip2"].to_numpy(), expected, atol=1e-9)
+    assert result.stdout.count(": mean") == 2
 
 
 def _save(folder, name, array):

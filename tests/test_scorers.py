@@ -163,7 +163,7 @@ def test_a_run_scored_by_siglip_end_to_end(run_tiny, cli, siglip, models, tmp_pa
     assert cli("score", out, "--clip-model", models.clip, "--clip-model", siglip, "--preprocess", "exact",
                "--out", both, "--quiet").exit_code == 0
     table = pd.read_csv(both / "scores.csv")
-    assert (table[f"clip_score:{siglip}"].to_numpy() == scores["clip_score"].to_numpy()).all()
+    assert (table["score:siglip"].to_numpy() == scores["clip_score"].to_numpy()).all()
     clip_run = tmp_path / "clip"
     assert run_tiny(clip_run, "--limit", "4", "--preprocess", "exact").exit_code == 0
     assert np.abs(table["clip_score"] - pd.read_csv(clip_run / "scores.csv")["clip_score"]).max() < 1e-6
@@ -187,8 +187,9 @@ def test_a_model_without_processor_files_needs_clip_processor(run_tiny, cli, bar
 def test_scorers_lists_short_names_and_they_resolve(cli, run_tiny, tmp_path):
     listing = cli("scorers")
     assert listing.exit_code == 0
-    assert "pickscore\tyuvalkirstain/PickScore_v1 (processor: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)" in listing.stdout
-    assert "clip-l336\topenai/clip-vit-large-patch14-336" in listing.stdout and "siglip-so400m" in listing.stdout
+    assert "pickscore\tclip\tyuvalkirstain/PickScore_v1 (processor: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)" in listing.stdout
+    assert "clip-l336\tclip\topenai/clip-vit-large-patch14-336" in listing.stdout and "siglip-so400m" in listing.stdout
+    assert "vqa-qwen2.5-vl-7b\tvqa\tQwen/Qwen2.5-VL-7B-Instruct" in listing.stdout
     # Offline here, so the name resolves to its hub id and fails to download it, saying which.
     result = run_tiny(tmp_path / "r", "--limit", "1", "--clip-model", "pickscore")
     assert_user_error(result, "yuvalkirstain/PickScore_v1")
@@ -204,4 +205,4 @@ def test_a_model_that_is_not_a_dual_encoder_is_one_line(run_tiny, models, tmp_pa
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
         if (models.clip / name).exists():
             shutil.copy(models.clip / name, folder / name)
-    assert_user_error(run_tiny(tmp_path / "r", "--limit", "1", "--clip-model", folder), "not a dual encoder")
+    assert_user_error(run_tiny(tmp_path / "r", "--limit", "1", "--clip-model", folder), "neither a dual encoder")

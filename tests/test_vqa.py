@@ -18,14 +18,6 @@ PROMPTS = ["a cat", "a photo of a red cube on the table with a blue sky at night
            'a sign saying "stop" 🐱 东京', "a\ttab and 'quotes'"]
 
 
-@pytest.fixture(scope="session")
-def vlms(tmp_path_factory):
-    import tiny_vlms
-
-    root = tmp_path_factory.mktemp("vlms")
-    return {"llava": tiny_vlms.build_llava(root / "llava"), "smolvlm": tiny_vlms.build_smolvlm(root / "smolvlm")}
-
-
 @pytest.fixture(scope="module", params=["llava", "smolvlm"])
 def family(request, vlms):
     return request.param, vlms[request.param], VqaScorer(str(vlms[request.param]), name=request.param)
