@@ -134,6 +134,11 @@ def find(metric: str, blocks: dict[str, dict[str, Any]], where: Any, hint: str |
     for name, block in blocks.items():
         if block.get("model") in wanted:
             return name
+    import difflib
+
+    close = difflib.get_close_matches(metric, list(blocks), n=1)
+    if close:
+        hint = f"did you mean {close[0]}?"
     hint = hint or f"re-score it with 'clipeval score {where} --out NEW --scorer {metric}'"
     raise ClipevalError(f"{where} has no scorer {metric!r} (it has {', '.join(blocks)}): {hint}")
 
