@@ -136,7 +136,7 @@ def find(metric: str, blocks: dict[str, dict[str, Any]], where: Any, hint: str |
             return name
     import difflib
 
-    close = difflib.get_close_matches(metric, list(blocks), n=1)
+    close = difflib.get_close_matches(metric, list(blocks), n=1, cutoff=0.8)  # a typo, not another model
     if close:
         hint = f"did you mean {close[0]}?"
     hint = hint or f"re-score it with 'clipeval score {where} --out NEW --scorer {metric}'"

@@ -127,6 +127,8 @@ def test_a_metric_is_found_by_label_model_or_short_name():
         metrics.find("clip-l336", blocks, "/runs/a")
     assert str(err.value) == ("/runs/a has no scorer 'clip-l336' (it has clip-b32, vqa): re-score it with "
                               "'clipeval score /runs/a --out NEW --scorer clip-l336'")
+    with pytest.raises(ClipevalError, match="has no scorer 'vqa2' \\(it has clip-b32, vqa\\): did you mean vqa\\?$"):
+        metrics.find("vqa2", blocks, "/runs/a")
 
 
 def test_a_run_from_before_scorers_is_its_one_scorer():
