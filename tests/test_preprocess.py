@@ -1,0 +1,104 @@
+"""The fast preprocessing against the model's own image processor, on processors whose crop sits
+well inside the resize, crops that need padding, odd margins (where a centre is rounded), straight
+resizes and both resampling filters. No model: the processors are built here, as configured by the
+families clipeval scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipeval.preprocess import ImageTransform, exact
+
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_processor(shortest: int, crop: tuple[int, int], resample: int = 3):
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": shortest}, crop_size={"height": crop[0], "width": crop[1]},
+                                 resample=resample, image_mean=list(MEAN), image_std=list(STD))
+
+
+def siglip_processor(height: int, width: int, resample: int = 2):
+    from transformers import SiglipImageProcessorPil
+
+    return SiglipImageProcessorPil(size={"height": height, "width": width}, resample=resample)
+
+
+def images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Every pixel distinct in all three channels, so a crop one pixel off, or a channel swapped, shows."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, height, width, generator=g) * 255).round().to(torch.uint8)
+
+
+CASES = [
+    # (processor, image height, width): what each exercises
+    (lambda: clip_processor(40, (24, 28)), 40, 40),  # no resize; a crop well inside, margins 8 and 6
+    (lambda: clip_processor(40, (23, 27)), 41, 57),  # resize, then odd margins: the centre is rounded
+    (lambda: clip_processor(30, (21, 30)), 30, 30),  # no resize, crop inside on one side only
+    (lambda: clip_processor(16, (24, 20)), 16, 16),  # a crop larger than the image: padded with zeros
+    (lambda: clip_processor(15, (20, 22)), 15, 15),  # odd padding on both sides
+    (lambda: clip_processor(16, (24, 12)), 16, 40),  # padded on one side, cropped on the other
+    (lambda: clip_processor(24, (24, 24), resample=2), 60, 33),  # bilinear
+    (lambda: siglip_processor(24, 32), 50, 20),  # a straight resize to (height, width), no crop
+    (lambda: siglip_processor(24, 24, resample=3), 24, 24),  # already the size: untouched
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_fast_equals_the_processor_on_the_cpu(case):
+    make, height, width = CASES[case]
+    processor = make()
+    transform = ImageTransform.from_processor(processor)
+    batch = images(3, height, width, seed=case)
+    ours = transform(batch)
+    theirs = exact(processor, batch)["pixel_values"]
+    assert ours.shape == theirs.shape
+    assert ours.dtype == torch.float32 and ours.is_contiguous()
+    assert (ours - theirs).abs().max() < 1e-5  # the same pixels; float rounding of the normalisation only
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_the_accelerators_path_is_within_a_level(case):
+    """A float batch takes the accelerator's path (torch's resize in PIL's two rounded passes)."""
+    make, height, width = CASES[case]
+    processor = make()
+    transform = ImageTransform.from_processor(processor)
+    batch = images(2, height, width, seed=case + 100)
+    ours = transform(batch.float())
+    theirs = exact(processor, batch)["pixel_values"]
+    assert ours.shape == theirs.shape
+    levels = (ours - theirs).abs() * torch.tensor(processor.image_std).view(1, 3, 1, 1) * 255
+    assert levels.max() <= 1 + 1e-3
+
+
+def test_padding_is_zeros_in_pixels_not_in_normalised_values():
+    processor = clip_processor(16, (24, 20))
+    batch = torch.full((1, 3, 16, 16), 255, dtype=torch.uint8)
+    ours = ImageTransform.from_processor(processor)(batch)
+    zero = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert torch.allclose(ours[0, :, 0, 0], zero)  # a padded corner: pixel 0
+    assert torch.allclose(ours[0, :, 12, 10], (1 - torch.tensor(MEAN)) / torch.tensor(STD))  # the image: 255
+    rows = (ours[0, 0] > 0).any(dim=1).nonzero().flatten().tolist()
+    cols = (ours[0, 0] > 0).any(dim=0).nonzero().flatten().tolist()
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == (4, 19, 2, 17)  # 8 rows and 4 columns of padding, centred
+
+
+def test_resized_shape_is_transformers_rule():
+    transform = ImageTransform.from_processor(clip_processor(32, (32, 32)))
+    assert transform.resized_shape(64, 64) == (32, 32)
+    assert transform.resized_shape(100, 60) == (53, 32)  # int(32 * 100 / 60) = 53: truncated, not rounded
+    assert transform.resized_shape(60, 100) == (32, 53)
+    assert transform.resized_shape(33, 1000) == (32, 969)
+    square = ImageTransform.from_processor(siglip_processor(24, 32))
+    assert square.resized_shape(100, 7) == (24, 32) and square.crop is None
+    assert (square.mean, square.std, square.resample) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 2)
+
+
+def test_what_the_fast_path_cannot_reproduce_is_refused():
+    with pytest.raises(ValueError, match="PIL resample mode 1"):
+        ImageTransform.from_processor(clip_processor(32, (32, 32), resample=1))
+    no_crop = clip_processor(32, (24, 24))
+    no_crop.do_center_crop = False
+    assert ImageTransform.from_processor(no_crop).crop is None
