@@ -215,3 +215,92 @@ def test_clear_removes_only_what_a_run_wrote(tmp_path):
     left = sorted(str(p.relative_to(rundir.path)) for p in rundir.path.rglob("*") if p.is_file())
     assert left == ["images/mine.png", "notes.txt"]
     assert os.listdir(rundir.state) == []
+
+
+def test_a_live_run_holds_the_folder_and_a_released_one_does_not(tmp_path):
+    first, second = store.RunDir(tmp_path / "run"), store.RunDir(tmp_path / "run")
+    first.state.mkdir(parents=True)
+    (first.state / "lock").write_text("4194304999 (a dead run's longer pid)")
+    first.lock()
+    assert (first.state / "lock").read_text() == str(os.getpid())
+    with pytest.raises(ClipevalError) as err:
+        second.lock()
+    assert str(err.value) == (f"{first.path} is in use by a running clipeval (pid {os.getpid()}); wait for it to finish")
+    first.release()
+    first.release()  # twice is harmless
+    second.lock()  # free again: taken, and its pid written over the old one
+    assert (second.state / "lock").read_text() == str(os.getpid())
+    second.release()
+
+
+def test_claim_checks_again_under_the_lock_and_lets_go_when_it_refuses(tmp_path):
+    rundir = store.RunDir(tmp_path / "run")
+    write_set(rundir.path, settings={"seed": 0})
+    previous = rundir.claim({"seed": 0}, overwrite=False)
+    assert previous["settings"] == {"seed": 0} and (rundir.path / "scores.csv").exists()  # kept: it resumes
+    rundir.release()
+    with pytest.raises(ClipevalError, match="holds a run with other settings"):
+        rundir.claim({"seed": 1}, overwrite=False)
+    other = store.RunDir(tmp_path / "run")
+    other.lock()  # the refused claim released its lock
+    other.release()
+    assert rundir.claim({"seed": 1}, overwrite=True) is None
+    assert not (rundir.path / "scores.csv").exists()  # --overwrite cleared the previous run
+    rundir.release()
+
+
+def test_stale_temp_files_and_failure_notes_are_removed_only_when_claimed(tmp_path):
+    rundir = store.RunDir(tmp_path / "run")
+    rundir.images.mkdir(parents=True)
+    rundir.state.mkdir()
+    stale = [rundir.path / ".scores.csv.abc.tmp", rundir.images / ".00000_00.png.x.tmp", rundir.state / ".run.json.y.tmp",
+             rundir.state / "failed-1"]
+    kept = [rundir.path / "scores.tmp", rundir.images / "00000_00.png", rundir.state / "journal-0.jsonl"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    rundir.signal_failure("rank 1 failed")
+    assert rundir.peer_failed()
+    assert rundir.check({}, overwrite=False) is None and all(p.exists() for p in stale)  # a check only reads
+    rundir.claim({}, overwrite=False)
+    rundir.release()
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
+    assert not rundir.peer_failed()
+
+
+def test_a_failure_note_is_one_file_per_rank_and_no_note_is_no_failure(tmp_path):
+    rundir = store.RunDir(tmp_path / "run", rank=3)
+    assert not rundir.peer_failed()  # no state folder yet
+    rundir.state.mkdir(parents=True)
+    assert not rundir.peer_failed()
+    rundir.signal_failure("out of memory")
+    assert (rundir.state / "failed-3").read_text() == "out of memory"
+    assert store.RunDir(tmp_path / "run").peer_failed()  # rank 0 sees it
+
+
+def test_the_manifest_in_progress_wins_and_finishing_forgets_it(tmp_path):
+    rundir = store.RunDir(tmp_path / "run")
+    assert rundir.manifest() is None
+    write_set(rundir.path, settings={"seed": 0})
+    assert rundir.manifest()["status"] == "complete"
+    rundir.start({"status": "running", "settings": {"seed": 0}})
+    assert json.loads((rundir.state / "run.json").read_text())["status"] == "running"
+    assert rundir.manifest()["status"] == "running"  # an unfinished extension of a finished run
+    assert store.load_run(rundir.path).manifest["status"] == "complete"  # readers still see the old set
+    scores = scores_frame(2)
+    manifest = rundir.finish(scores=scores, prompts=stats.prompts_table(scores), summary=stats.summarize(scores),
+                             manifest={"status": "complete", "settings": {"seed": 0}, "n": 2})
+    assert not (rundir.state / "run.json").exists()
+    assert rundir.manifest() == manifest == json.loads((rundir.path / "manifest.json").read_text())
+    (rundir.state / "run.json").write_text("{not json")
+    with pytest.raises(ClipevalError) as err:
+        rundir.manifest()
+    assert str(err.value).startswith(f"{rundir.state / 'run.json'} is unreadable (") and err.value.args[0].endswith("); use --overwrite")
+
+
+def test_images_are_written_whole_under_their_name(tmp_path):
+    rundir = store.RunDir(tmp_path / "run")
+    rundir.images.mkdir(parents=True)
+    rundir.save_image("00001_02.png", b"\x89PNG bytes")
+    assert (rundir.images / "00001_02.png").read_bytes() == b"\x89PNG bytes"
+    assert [p.name for p in rundir.images.iterdir()] == ["00001_02.png"]  # no temp file left
+    assert store.image_name(1, 2) == "00001_02.png" and store.image_name(123456, 7) == "123456_07.png"
