@@ -343,3 +343,80 @@ def test_clip_dtype_reaches_the_scorer_from_the_cli(run_tiny, cli, models, tmp_p
     rescored = tmp_path / "rescored"
     assert cli("score", full, "--clip-model", models.clip, "--clip-dtype", "bfloat16", "--out", rescored, "--quiet").exit_code == 0
     assert pd.read_csv(rescored / "scores.csv")["clip_score"].tolist() == b["clip_score"].tolist()
+
+
+# -- loading: what a user can get wrong, one line each, and what the loaded scorer holds -------------
+
+def test_a_loaded_scorer_holds_the_models_own_settings(models):
+    fast, exact = ClipScorer(str(models.clip), name="mine"), ClipScorer(str(models.clip), preprocess="exact")
+    assert (fast.name, exact.name) == ("mine", str(models.clip))
+    assert fast.model_class == "CLIPModel" and fast.processor_name is None
+    assert fast.max_length == fast.model.config.text_config.max_position_embeddings == 77
+    assert (fast.preprocess, exact.preprocess) == ("fast", "exact")
+    assert fast.transform is not None and exact.transform is None
+    assert (fast.device, fast.dtype, fast.text_group) == ("cpu", "float32", 4)
+    assert not fast.pad_to_max_length and fast.end_pad == fast.tokenizer.eos_token_id is not None
+    assert not fast.model.training
+    assert (fast.metric, fast.scale, fast.describe()) == ("clip", "cosine", {"preprocess": "fast"})
+    assert ClipScorer(str(models.clip), device="meta").text_group == 32  # any accelerator: full forwards
+
+
+def test_a_resampling_the_fast_path_cannot_reproduce_falls_back_to_exact_and_says_so(models, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "nearest"
+    shutil.copytree(models.clip, folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config["resample"] = 0  # nearest
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    said = []
+    scorer = ClipScorer(str(folder), name="nearest", log=said.append)
+    assert scorer.preprocess == "exact" and scorer.transform is None
+    assert said == ["nearest: the fast path cannot reproduce PIL resample mode 0; use exact; using --preprocess exact"]
+    images = smooth_images(2, 40, 48)
+    assert scorer.score(images, PROMPTS[:2])[0] == ClipScorer(str(folder), preprocess="exact").score(images, PROMPTS[:2])[0]
+
+
+def test_loading_mistakes_are_one_line_each(models, tmp_path):
+    import shutil
+
+    from clipeval.errors import ClipevalError
+    from clipeval.hub import PICKLE_HINT
+
+    def error(*args, **kwargs) -> str:
+        with pytest.raises(ClipevalError) as err:
+            ClipScorer(*args, **kwargs)
+        return str(err.value)
+
+    assert error(str(models.clip), preprocess="quick") == "--preprocess quick: use one of fast, exact"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert error(str(empty)) == f"--clip-model {empty}: not a transformers model folder (no config.json)"
+    assert error(str(models.clip), revision="main") == f"--clip-revision applies to hub ids; {models.clip} is local"
+    pickled = tmp_path / "pickled"
+    shutil.copytree(models.clip, pickled)
+    for weights in pickled.glob("*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    assert error(str(pickled)) == f"--clip-model {pickled} holds only pickle weights: {PICKLE_HINT}"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(models.clip / name, bare / name)
+    assert error(str(bare)).startswith(f"--clip-model {bare} has no image processor and no tokenizer files: pass --clip-processor")
+    shutil.copy(models.clip / "preprocessor_config.json", bare / "preprocessor_config.json")
+    assert error(str(bare)).startswith(f"--clip-model {bare} has no tokenizer files: pass --clip-processor")
+    processor_only = tmp_path / "processor-only"  # a tokenizer and image processor, no model: no config.json needed
+    processor_only.mkdir()
+    for name in models.clip.iterdir():
+        if name.suffix != ".safetensors" and name.name != "config.json":
+            shutil.copy(name, processor_only / name.name)
+    with_processor = ClipScorer(str(bare), processor=str(processor_only))  # the processor from elsewhere
+    assert with_processor.processor_name == str(processor_only)
+    assert with_processor.score(smooth_images(1, 32, 32), ["a cat"]) == ClipScorer(str(models.clip)).score(
+        smooth_images(1, 32, 32), ["a cat"])
+    broken = tmp_path / "broken"
+    shutil.copytree(models.clip, broken)
+    (broken / "config.json").write_text("{ not json")
+    assert error(str(broken), name="short").startswith(f"could not load CLIP model short ({broken}): ")
+    assert error(str(broken)).startswith(f"could not load CLIP model {broken}: ")
