@@ -139,3 +139,79 @@ def test_different_seeds_differ(pipe):
     items = _items(2)
     other = [WorkItem(i.prompt_id, 1, i.seed + 1, i.prompt, "", "") for i in items]
     assert not torch.equal(generate(pipe, items, SETTINGS)[0], generate(pipe, other, SETTINGS)[0])
+
+
+# -- generate() against a stand-in pipeline: what it asks of the pipeline and what it makes of the answer --
+
+class StandIn:
+    """A pipeline that draws each image's pixels from its own generator, records what it was asked,
+    and can put NaNs, zeros or a safety flag into chosen images."""
+
+    def __init__(self, nan=(), black=(), nsfw=None, refuse: str | None = None):
+        self.calls: list[dict] = []
+        self.nan, self.black, self.nsfw, self.refuse = set(nan), set(black), nsfw, refuse
+
+    def __call__(self, *, prompt, num_inference_steps, guidance_scale, height, width, generator, output_type,
+                 callback_on_step_end=None, **kwargs):
+        self.calls.append(dict(prompt=prompt, steps=num_inference_steps, guidance=guidance_scale, height=height,
+                               width=width, output_type=output_type, **kwargs))
+        if self.refuse:
+            raise ValueError(self.refuse)
+        if callback_on_step_end is not None:
+            for i in range(num_inference_steps):
+                assert callback_on_step_end(self, i, 999 - i, {"latents": i}) == {"latents": i}
+        images = torch.stack([torch.rand(3, height, width, generator=g) for g in generator])
+        for i in self.black:
+            images[i] *= 0.0015  # below half a uint8 level everywhere: black as saved, not as floats
+        for i in self.nan:
+            images[i, 0, 0, 0] = float("nan")
+        from types import SimpleNamespace
+
+        return SimpleNamespace(images=images, nsfw_content_detected=self.nsfw)
+
+
+class NoCallback(StandIn):
+    def __call__(self, *, prompt, num_inference_steps, guidance_scale, height, width, generator, output_type, **kwargs):
+        return super().__call__(prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                height=height, width=width, generator=generator, output_type=output_type, **kwargs)
+
+
+def test_generate_asks_the_pipeline_for_exactly_the_settings_and_seeds():
+    items = [WorkItem(i, s, image_seed(3, i, s), f"p{i}", "", "") for i, s in ((0, 0), (0, 1), (5, 2))]
+    settings = GenerationSettings(steps=3, guidance_scale=6.5, height=16, width=24, negative_prompt="blurry")
+    pipe = StandIn()
+    steps = []
+    pixels, flags = generate(pipe, items, settings, on_step=lambda i, n: steps.append((i, n)))
+    assert pipe.calls == [dict(prompt=["p0", "p0", "p5"], steps=3, guidance=6.5, height=16, width=24, output_type="pt",
+                               negative_prompt=["blurry"] * 3)]
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    # Each image's pixels come from a CPU generator seeded with that image's own seed.
+    expected = torch.stack([torch.rand(3, 16, 24, generator=torch.Generator("cpu").manual_seed(i.seed)) for i in items])
+    assert torch.equal(pixels, to_uint8(expected)) and pixels.dtype == torch.uint8
+    assert flags == ["", "", ""]
+    plain = StandIn()
+    generate(plain, items[:1], GenerationSettings(2, 1.0, 8, 8, None))
+    assert "negative_prompt" not in plain.calls[0]  # no negative prompt: none sent (a pipeline may take none)
+    quiet = NoCallback()
+    generate(quiet, items[:1], settings, on_step=lambda i, n: steps.append("never"))
+    assert "never" not in steps and quiet.calls  # a pipeline without the callback still runs
+
+
+def test_each_image_is_flagged_for_what_is_wrong_with_it():
+    items = [WorkItem(i, 0, i, f"p{i}", "", "") for i in range(5)]
+    settings = GenerationSettings(1, 1.0, 8, 8, None)
+    pipe = StandIn(nan={0, 1}, black={1, 2, 3}, nsfw=[False, True, False, True, False])
+    pixels, flags = generate(pipe, items, settings)
+    assert flags == ["nan", "nan", "black", "nsfw", ""]  # non-finite first, then the safety checker, then black
+    assert pixels[0, 0, 0, 0] == 0 and pixels[0].flatten()[1:].max() > 0  # a NaN is 0 in the saved image
+    assert generate(StandIn(nsfw=None), items[:2], settings)[1] == ["", ""]  # no safety checker
+
+
+def test_a_setting_the_pipeline_refuses_is_one_line():
+    from clipeval.errors import ClipevalError
+
+    with pytest.raises(ClipevalError) as err:
+        generate(StandIn(refuse="`height` and `width` have to be divisible by 8 but are 12 and 8."),
+                 _items(1), GenerationSettings(1, 1.0, 12, 8, None))
+    assert str(err.value) == ("the pipeline refused the generation settings: `height` and `width` have to be divisible "
+                              "by 8 but are 12 and 8.")
