@@ -82,16 +82,13 @@ def summarize(scores, cols: list[ScoreColumn], definitions: list[tuple[str, str]
     and every scorer's under ``scorers``. ``definitions``: (what the score is, its scale), per scorer."""
     from clipeval import stats
 
-    blocks = {}
-    summary = None
+    blocks, summaries = {}, []
     for col, (definition, scale) in zip(cols, definitions):
-        view = scores if col.primary else scores.assign(clip_score=scores[col.column], truncated=scores[col.truncated])
-        one = stats.summarize(view, definition=definition, scale=scale)
-        if col.primary:
-            summary = one
+        view = scores.assign(clip_score=scores[col.column], truncated=scores[col.truncated])
+        summaries.append(stats.summarize(view, definition=definition, scale=scale))
         blocks[col.label] = {"kind": col.kind, "model": col.model, "column": col.column,
-                             **{k.removeprefix("clip/"): v for k, v in one.items() if k.removeprefix("clip/") in PER_SCORER}}
-    assert summary is not None
+                             **{k.removeprefix("clip/"): v for k, v in summaries[-1].items() if k.removeprefix("clip/") in PER_SCORER}}
+    summary = summaries[0]  # the primary scorer's: cols[0]
     summary["scorers"] = blocks
     return summary
 
@@ -103,7 +100,7 @@ def prompts_table(scores, cols: list[ScoreColumn], names: dict[int, str] | None 
     table = stats.prompts_table(scores, names)
     for col in cols[1:]:
         good = stats.usable(scores.assign(clip_score=scores[col.column]))
-        means = good.groupby("prompt_id", sort=True)[PRIMARY].mean().map(stats.rounded)
+        means = good.groupby("prompt_id")[PRIMARY].mean().map(stats.rounded)  # mapped by prompt_id: any order
         table[col.prompt_mean] = table["prompt_id"].map(means).astype(object).where(table["prompt_id"].isin(means.index), None)
     return table
 
@@ -136,7 +133,7 @@ def find(metric: str, blocks: dict[str, dict[str, Any]], where: Any, hint: str |
             return name
     import difflib
 
-    close = difflib.get_close_matches(metric, list(blocks), n=1, cutoff=0.8)  # a typo, not another model
+    close = difflib.get_close_matches(metric, list(blocks), cutoff=0.8)  # a typo, not another model
     if close:
         hint = f"did you mean {close[0]}?"
     hint = hint or f"re-score it with 'clipeval score {where} --out NEW --scorer {metric}'"

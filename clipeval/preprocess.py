@@ -83,14 +83,14 @@ class ImageTransform:
     def _torch_resized(self, x, new_h: int, new_w: int):
         import torch.nn.functional as F
 
-        h, w = x.shape[-2:]
+        h, w = x.shape[2:]  # (B, 3, H, W)
         # PIL resizes in two passes, horizontal then vertical, rounding to uint8 after each.
         # Doing the same brings the fast path from ~20% of pixels one level off to ~0.02%.
         if new_w != w:
-            x = F.interpolate(x, size=(h, new_w), mode=_TORCH_MODES[self.resample], antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(h, new_w), mode=_TORCH_MODES[self.resample], antialias=True)
             x = x.round_().clamp_(0, 255)
         if new_h != h:
-            x = F.interpolate(x, size=(new_h, new_w), mode=_TORCH_MODES[self.resample], antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(new_h, new_w), mode=_TORCH_MODES[self.resample], antialias=True)
             x = x.round_().clamp_(0, 255)
         return x
 
@@ -102,7 +102,7 @@ def _pil_resized(images, new_h: int, new_w: int, resample: int):
     import torch
     from PIL import Image
 
-    h, w = images.shape[-2:]
+    h, w = images.shape[2:]  # (B, 3, H, W)
     if (new_h, new_w) == (h, w):
         return images
 

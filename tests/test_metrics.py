@@ -24,7 +24,7 @@ def frame(n_prompts: int = 12, samples: int = 2, seed: int = 0) -> pd.DataFrame:
             rows.append({"prompt_id": p, "sample": s, "seed": p * 10 + s, "prompt": f"prompt {p}",
                          "category": "odd" if p % 2 else "even", "challenge": "", "clip_score": 0.3 + rng.normal(0, 0.02),
                          "truncated": p == 3, "image": "", "flag": "",
-                         "score:vqa": float(rng.uniform(0.2, 0.95)), "truncated:vqa": p == 5})
+                         "score:vqa": float(rng.uniform(0.2, 0.95)), "truncated:vqa": p in (5, 7)})
     rows[3].update(flag="nan", clip_score=None, **{"score:vqa": None})
     return pd.DataFrame(rows)
 
@@ -67,7 +67,7 @@ def test_each_scorer_has_its_own_statistics():
     assert vqa["std"] == stats.rounded(good["score:vqa"].std(ddof=1))
     assert (vqa["min"], vqa["max"]) == (stats.rounded(good["score:vqa"].min()), stats.rounded(good["score:vqa"].max()))
     assert (vqa["score"], vqa["scale"], vqa["kind"], vqa["model"]) == ("vqa def", "probability", "vqa", "/models/vqa")
-    assert vqa["truncated_prompts"] == 1 and summary["truncated_prompts"] == 1  # prompt 5 for VQA, 3 for CLIP
+    assert vqa["truncated_prompts"] == 2 and summary["truncated_prompts"] == 1  # prompts 5 and 7 for VQA, 3 for CLIP
     assert vqa["by_category"]["odd"]["mean"] == stats.rounded(good[good["category"] == "odd"]["score:vqa"].mean())
     # Its interval is that of a one-scorer summary of its column, computed apart.
     alone = stats.summarize(scores.assign(clip_score=scores["score:vqa"], truncated=scores["truncated:vqa"]))
@@ -84,6 +84,9 @@ def test_prompts_table_has_one_mean_per_other_scorer():
     assert list(table.columns)[-1] == "mean:vqa"
     assert table["mean:vqa"].tolist() == [stats.rounded(v) for v in expected]
     assert table["clip_mean"].tolist() == [stats.rounded(v) for v in good.groupby("prompt_id")["clip_score"].mean()]
+    named = metrics.prompts_table(scores, COLUMNS, {p: f"name-{p}" for p in range(12)})
+    assert list(named.columns)[:2] == ["prompt_id", "name"] and named["name"].iloc[3] == "name-3"
+    assert named["mean:vqa"].tolist() == table["mean:vqa"].tolist()
     # A prompt with no usable image has no mean (and the others keep theirs).
     scores.loc[scores["prompt_id"] == 2, "flag"] = "black"
     table = metrics.prompts_table(scores, COLUMNS)

@@ -102,3 +102,18 @@ def test_what_the_fast_path_cannot_reproduce_is_refused():
     no_crop = clip_processor(32, (24, 24))
     no_crop.do_center_crop = False
     assert ImageTransform.from_processor(no_crop).crop is None
+
+
+def test_the_accelerators_path_keeps_to_uint8_levels_at_hard_edges():
+    """Bicubic overshoots a hard edge; like PIL, each pass clamps to [0, 255] before the next."""
+    processor = clip_processor(24, (24, 24))
+    batch = torch.zeros(2, 3, 12, 12)  # upscaled: the widest overshoot (about 18 levels) on both passes
+    batch[:, :, 6:, 3:6] = 255
+    batch[:, :, :3, 8:] = 255
+    batch[1] = 255 - batch[1]
+    x = ImageTransform.from_processor(processor)(batch)
+    levels = (x * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)) * 255
+    assert levels.min().abs() < 1e-3 and (levels.max() - 255).abs() < 1e-3  # black stays 0, white 255, no overshoot
+    theirs = exact(processor, batch.to(torch.uint8))["pixel_values"]
+    # On these flat regions and hard edges the two rounded passes are PIL's exactly (not just within a level).
+    assert ((x - theirs).abs() * torch.tensor(STD).view(1, 3, 1, 1) * 255).max() < 1e-3
