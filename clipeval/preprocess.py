@@ -110,26 +110,22 @@ def _pil_resized(images, new_h: int, new_w: int, resample: int):
         return np.asarray(Image.fromarray(np.ascontiguousarray(plane)).resize((new_w, new_h), resample=resample))
 
     planes = images.permute(0, 2, 3, 1).numpy()
-    workers = min(len(planes), os.cpu_count() or 1)
-    if workers < 2:
-        resized = [resize(p) for p in planes]
-    else:
-        # PIL releases the GIL while it resizes: one thread a core (~1 s of 384 images of 512² is
-        # otherwise spent on one core while the others wait for the image tower).
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="resize") as pool:
-            resized = list(pool.map(resize, planes))
+    # PIL releases the GIL while it resizes: one thread a core (~1 s of 384 images of 512² is
+    # otherwise spent on one core while the others wait for the image tower).
+    with concurrent.futures.ThreadPoolExecutor(min(len(planes), os.cpu_count() or 1)) as pool:
+        resized = list(pool.map(resize, planes))
     return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
 
 
 def _centre_crop(x, crop_h: int, crop_w: int):
     import torch.nn.functional as F
 
-    h, w = x.shape[-2:]
-    if crop_h > h or crop_w > w:  # transformers pads small images with zeros before cropping
-        pad_h, pad_w = max(crop_h - h, 0), max(crop_w - w, 0)
+    h, w = x.shape[2:]  # (B, 3, H, W)
+    pad_h, pad_w = max(crop_h - h, 0), max(crop_w - w, 0)
+    if pad_h or pad_w:  # transformers pads small images with zeros before cropping
         top, left = (pad_h + 1) // 2, (pad_w + 1) // 2
         x = F.pad(x, (left, pad_w - left, top, pad_h - top))
-        h, w = x.shape[-2:]
+        h, w = x.shape[2:]
     top, left = (h - crop_h) // 2, (w - crop_w) // 2
     return x[..., top : top + crop_h, left : left + crop_w]
 
