@@ -120,20 +120,30 @@ class VqaScorer:
             return Question(text, False)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         budget = self.max_length - self._overhead
-        if len(ids) <= budget:
+        # Near the limit the real length decides (the template's tokens next to the prompt's may
+        # merge otherwise than alone); far from it, the count of the prompt's own tokens does.
+        if len(ids) < budget - 8 or self._length(text) + 1 <= self.max_length:
             return Question(text, False)
-        kept = self.tokenizer.decode(ids[: max(budget, 0)], skip_special_tokens=True)
-        return Question(self._chat(kept), True)
+        kept = ids[: max(budget, 0)]
+        while True:  # the template's tokens next to the prompt's may merge otherwise than alone: measure
+            text = self._chat(self.tokenizer.decode(kept, skip_special_tokens=True))
+            excess = self._length(text) + 1 - self.max_length
+            if excess <= 0 or not kept:
+                return Question(text, True)
+            kept = kept[:-excess]
 
-    @functools.cached_property
-    def _overhead(self) -> int:
-        """Tokens around the prompt: template, question and one image's tokens (measured once, on
-        a small square image), plus the answer's position."""
+    def _length(self, text: str) -> int:
+        """Tokens of a templated question with one image (a small square one)."""
         import numpy as np
 
         image = np.zeros((64, 64, 3), np.uint8)
-        inputs = self.processor(text=[self._chat("")], images=[[image]], return_tensors="pt")
-        return int(inputs["input_ids"].shape[-1]) + 1
+        return int(self.processor(text=[text], images=[[image]], return_tensors="pt")["input_ids"].shape[-1])
+
+    @functools.cached_property
+    def _overhead(self) -> int:
+        """Tokens around the prompt: template, question and one image's tokens, plus the answer's
+        position; measured once, with an empty prompt (the cut checks the real length)."""
+        return self._length(self._chat("")) + 1
 
     def prepare(self, prompts: Sequence[str]) -> None:
         kept = set(prompts)

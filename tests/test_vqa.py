@@ -132,3 +132,90 @@ def test_an_answer_that_is_not_one_token_is_refused(family):
     with pytest.raises(ClipevalError) as err:
         answer_token(scorer.processor, scorer._chat("a cat"), "Yes indeed", "m")
     assert str(err.value).startswith("m: its tokenizer has no single token for the answer 'Yes indeed' after its chat template")
+
+
+def test_the_question_is_cut_to_exactly_what_fits(family):
+    """The word-level tokenizers make one token of each "cat": the cut keeps exactly the budget."""
+    _, _, scorer = family
+    budget = scorer.max_length - scorer._overhead
+    assert budget > 10
+    # The template's quotes tokenize as one piece ('""?') around an empty prompt and as two ('"', '"?')
+    # around a real one: budget - 1 words is what exactly fits with the image and the answer's position.
+    fits, over, far = (" ".join(["cat"] * n) for n in (budget - 1, budget, budget + 40))
+    kept, cut, long = scorer.questions([fits, over, far])
+    assert (kept.truncated, cut.truncated, long.truncated) == (False, True, True)
+    assert kept.text == cut.text == long.text == scorer._chat(fits)
+    inputs = scorer.processor(text=[kept.text], images=[[images(1)[0].permute(1, 2, 0).numpy()]], return_tensors="pt")
+    assert inputs["input_ids"].shape[-1] + 1 == scorer.max_length
+    assert not scorer.questions([" ".join(["cat"] * (budget - 9))])[0].truncated
+
+
+def test_half_precision_weights_and_inputs(vlms):
+    import torch
+
+    full = VqaScorer(str(vlms["llava"]))
+    half = VqaScorer(str(vlms["llava"]), dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16 and half.dtype == "bfloat16" and full.model.dtype == torch.float32
+    batch = images(3)
+    a, _ = full.score(batch, PROMPTS[:3])
+    b, _ = half.score(batch, PROMPTS[:3])
+    assert b == pytest.approx(a, abs=0.03) and a != b
+    # On an accelerator the default is bfloat16 (a 7B model in float32 is 28 GB); the CPU keeps float32.
+    meta = VqaScorer(str(vlms["llava"]), device="meta")
+    assert meta.dtype == "bfloat16" and meta.model.dtype == torch.bfloat16
+    assert VqaScorer(str(vlms["llava"]), device="meta", dtype="float16").model.dtype == torch.float16
+
+
+def test_a_vision_language_model_is_told_from_its_config(vlms, models, tmp_path):
+    import shutil
+
+    from clipeval.vqa import is_vision_language
+
+    assert is_vision_language(str(vlms["llava"]), None) and is_vision_language(str(vlms["smolvlm"]), None)
+    assert not is_vision_language(str(models.clip), None)
+    assert not is_vision_language("demo", None)
+    assert not is_vision_language(str(tmp_path / "no-such-model"), None)  # a hub id: the CLIP loader says why
+    leftover = tmp_path / "leftover"  # a native model whose config still names remote classes: allowed
+    shutil.copytree(vlms["llava"], leftover)
+    config = json.loads((leftover / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_llava.LlavaConfig"}
+    (leftover / "config.json").write_text(json.dumps(config))
+    assert is_vision_language(str(leftover), None)
+    assert VqaScorer(str(leftover)).model_class == "LlavaForConditionalGeneration"
+    remote = tmp_path / "remote"
+    shutil.copytree(vlms["llava"], remote)
+    config.update(model_type="my_custom_vlm")
+    (remote / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ClipevalError, match="needs remote code"):
+        is_vision_language(str(remote), None)
+
+
+class _Pieces:
+    """A tokenizer that knows a few whole strings: enough to show which answer token is chosen."""
+
+    def __init__(self, table: dict[str, list[int]], pieces: list[str]):
+        self.table, self.pieces = table, pieces
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.table[text]}
+
+    def tokenize(self, text):
+        return self.pieces
+
+
+def test_the_answer_token_follows_the_template_as_the_family_needs():
+    from types import SimpleNamespace
+
+    from clipeval.vqa import answer_token
+
+    direct = SimpleNamespace(tokenizer=_Pieces({"Q:": [7, 8], "Q:Yes": [7, 8, 30], "Q: Yes": [7, 8, 5, 30]}, ["Yes"]))
+    assert answer_token(direct, "Q:", "Yes", "m") == ("Yes", 30)
+    # LLaVA-1.5 ("... ASSISTANT:"): SentencePiece marks the word start, so the model emits "▁Yes".
+    spaced = SimpleNamespace(tokenizer=_Pieces({"Q:": [7, 8], "Q:Yes": [7, 8, 41, 42], "Q: Yes": [7, 8, 31]}, ["▁Y", "es"]))
+    assert answer_token(spaced, "Q:", "Yes", "m") == (" Yes", 31)
+    # The template's last token merged with the answer's: neither is one token after it.
+    merged = SimpleNamespace(tokenizer=_Pieces({"Q:": [7, 8], "Q:Yes": [7, 9], "Q: Yes": [7, 8, 41, 42]}, ["Y", "es"]))
+    with pytest.raises(ClipevalError) as err:
+        answer_token(merged, "Q:", "Yes", "m")
+    assert str(err.value) == ("m: its tokenizer has no single token for the answer 'Yes' after its chat template (it splits "
+                              "it into ['Y', 'es']); VQAScore reads one logit")
