@@ -300,3 +300,60 @@ def test_still_written_says_why_a_checkpoint_looks_half_written(tmp_path):
     assert still_written(aged(pipe, 120), 60) == "component vae/ is missing"
     (pipe / "vae").mkdir()
     assert still_written(aged(pipe, 120), 60) is None
+
+
+def test_until_decided_runs_against_the_best_earlier_and_extends_it_when_too_short(cli, stand_in, tmp_path, monkeypatch):
+    """The first checkpoint gets first_prefix of the seeded order; each later one is decided against
+    the best earlier run (here not the previous one), which is extended (to twice what it held, at
+    least the burn-in, at most the library) when the decision needs more of the order."""
+    from clipeval import decide, runner
+
+    monkeypatch.setitem(SHIFTS, "checkpoint-400", 0.01)
+    monkeypatch.setitem(SHIFTS, "checkpoint-200", SHIFTS["checkpoint-200"])  # restored after the extension moves it
+    library = tmp_path / "thousand.txt"
+    library.write_text("".join(f"prompt number {i}\n" for i in range(1000)))
+    training, results = tmp_path / "train", tmp_path / "results"
+    for step in (100, 200, 300, 400):
+        _pipeline(training / f"checkpoint-{step}")
+    configs, stand = [], runner.run
+    too_short = {"checkpoint-400": [30]}  # its first try finds the best earlier run 30 prompts long
+
+    def run(config):
+        configs.append(config)
+        waiting = too_short.get(Path(config.out).name)
+        if config.until_decided and waiting:
+            raise decide.BaselineTooShort("the baseline is too short", waiting.pop())
+        if Path(config.out).exists():  # an extension: the stand-in writes its folder anew, with other scores
+            import shutil
+
+            shutil.rmtree(config.out)
+            SHIFTS[Path(config.out).name] += 0.005
+        return stand(config)
+
+    monkeypatch.setattr(runner, "run", run)
+    result = cli("sweep", training, "--out", results, "--prompt-library", library, "--until-decided",
+                 "--alert-if-worse", "0.01")
+    assert result.exit_code == 1, result.stderr  # the newest, 400, is 0.02 below 200 (its best earlier): alert
+    calls = [(Path(c.out).name, Path(c.checkpoint).name, c.until_decided, c.baseline and Path(c.baseline).name,
+              c.order_prefix, c.margin) for c in configs]
+    assert calls == [
+        ("checkpoint-100", "checkpoint-100", False, None, 125, 0.005),  # first_prefix(1000) = 1000 / 8
+        ("checkpoint-200", "checkpoint-200", True, "checkpoint-100", None, 0.01),
+        ("checkpoint-300", "checkpoint-300", True, "checkpoint-200", None, 0.01),
+        ("checkpoint-400", "checkpoint-400", True, "checkpoint-200", None, 0.01),  # the best, not the previous
+        ("checkpoint-200", "checkpoint-200", False, None, 60, 0.005),  # extended to 2 x 30 prompts
+        ("checkpoint-400", "checkpoint-400", True, "checkpoint-200", None, 0.01),
+    ]
+    assert ("extending checkpoint-200 to 60 prompts of the seeded order: checkpoint-400 needs more of it to be "
+            "decided") in result.stderr
+    # history.csv reads the extended run anew, not what the sweep had read of it before.
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    extended = json.loads((results / "checkpoint-200" / "summary.json").read_text())["clip/mean"]
+    assert history.loc[history["run"] == "checkpoint-200", "clip_mean"].item() == extended
+
+
+@pytest.mark.parametrize("prompts, prefix", [(30, 30), (100, 100), (101, 100), (800, 100), (801, 101), (1632, 204)])
+def test_the_first_checkpoint_gets_an_eighth_of_the_order_and_at_least_twice_the_burn_in(prompts, prefix):
+    from clipeval.sweep import first_prefix
+
+    assert first_prefix(prompts) == prefix
