@@ -304,3 +304,67 @@ def test_images_are_written_whole_under_their_name(tmp_path):
     assert (rundir.images / "00001_02.png").read_bytes() == b"\x89PNG bytes"
     assert [p.name for p in rundir.images.iterdir()] == ["00001_02.png"]  # no temp file left
     assert store.image_name(1, 2) == "00001_02.png" and store.image_name(123456, 7) == "123456_07.png"
+
+
+def test_a_run_folder_and_its_state_are_made_with_their_parents(tmp_path):
+    deep = store.RunDir(tmp_path / "a" / "b" / "run")
+    deep.claim({"seed": 0}, overwrite=False)
+    deep.release()
+    assert deep.state.is_dir()
+    locked = store.RunDir(tmp_path / "c" / "d" / "run")
+    locked.lock()
+    locked.release()
+    started = store.RunDir(tmp_path / "e" / "f" / "run")
+    started.start({"status": "running"})
+    assert json.loads((started.state / "run.json").read_text()) == {"status": "running"}
+    store.RunDir(tmp_path / "g").release()  # never locked: nothing to let go
+
+
+def test_the_lock_file_is_readable_by_others_and_an_empty_one_names_no_pid(tmp_path):
+    old = os.umask(0o022)
+    try:
+        first = store.RunDir(tmp_path / "run")
+        first.lock()
+    finally:
+        os.umask(old)
+    assert (first.state / "lock").stat().st_mode & 0o777 == 0o644
+    os.truncate(first.state / "lock", 0)  # a holder that has not written its pid yet
+    with pytest.raises(ClipevalError, match=r"is in use by a running clipeval \(pid another process\)"):
+        store.RunDir(tmp_path / "run").lock()
+    first.release()
+
+
+def test_the_journal_is_utf8_json_and_refuses_nan(tmp_path):
+    rundir = store.RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    rundir.commit([{"prompt_id": 0, "sample": 0, "prompt": "東京 🐱"}])
+    assert "東京 🐱".encode() in (rundir.state / "journal-0.jsonl").read_bytes()  # not \\u escapes
+    with pytest.raises(ValueError):
+        rundir.commit([{"prompt_id": 1, "sample": 0, "clip_score": math.nan}])  # a NaN score is None, never NaN
+    assert rundir.batches() == [[(0, 0)]]
+    (rundir.state / "journal-1.jsonl").mkdir()  # a journal that cannot be opened
+    with pytest.raises(ClipevalError) as err:
+        store.RunDir(tmp_path / "run", rank=1).commit([{"prompt_id": 2, "sample": 0}])
+    assert str(err.value).startswith(f"cannot write {rundir.state / 'journal-1.jsonl'}: ")
+    assert str(err.value).endswith("files written before are intact: fix it, then rerun the same command to resume")
+
+
+def test_settings_differences_are_all_named_and_a_manifest_without_settings_has_none(tmp_path):
+    rundir = store.RunDir(tmp_path / "run")
+    write_set(rundir.path, settings={"seed": 0, "steps": 30})
+    with pytest.raises(ClipevalError) as err:
+        rundir.check({"seed": 1, "steps": 20}, overwrite=False)
+    assert "(seed 1 (was 0); steps 20 (was 30))" in str(err.value)
+    bare = store.RunDir(tmp_path / "bare")
+    bare.start({"status": "running"})  # a manifest in progress without settings
+    assert bare.check({"seed": 5}, overwrite=False) == {"status": "running"}
+
+
+def test_clearing_and_finishing_a_folder_that_holds_little_is_fine(tmp_path):
+    rundir = store.RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    rundir.clear()  # no result files, no state folder, no images
+    scores = scores_frame(2)
+    rundir.finish(scores=scores, prompts=stats.prompts_table(scores), summary=stats.summarize(scores),
+                  manifest={"status": "complete"})  # finished without a manifest in progress
+    assert store.load_run(rundir.path).manifest["status"] == "complete"
