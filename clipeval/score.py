@@ -63,49 +63,12 @@ class ClipScorer:
         name: str | None = None,
         log: Any = None,
     ) -> None:
-        from clipeval.hub import hub_error, quiet_hf
-
-        quiet_hf(with_diffusers=False)
         import torch
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         if preprocess not in MODES:
             raise ClipevalError(f"--preprocess {preprocess}: use one of {', '.join(MODES)}")
         self.name = name or model  # what the user called it: a short name, an id or a folder
-        location = _local(model, "--clip-model", revision, allow_pickle)
-        processor_location = _local(processor, "--clip-processor", None, True) if processor else location
-        if processor is None and Path(location).is_dir():
-            missing = [what for what, files in (("image processor", PROCESSOR_FILES), ("tokenizer", TOKENIZER_FILES))
-                       if not any(Path(location, f).is_file() for f in files)]
-            if missing:
-                raise ClipevalError(
-                    f"--clip-model {self.name} has no {' and no '.join(missing)} files: pass --clip-processor with the "
-                    "folder or hub id of the model it was trained from (PickScore: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"
-                )
-        try:
-            # SDPA explicitly: whatever attention backend the denoiser is given, CLIP's stays PyTorch's.
-            self.model = AutoModel.from_pretrained(
-                # float32 weights always: half precision is autocast (float32 norms, softmax and
-                # accumulation), which keeps scores within 1e-3 of float32 where half weights do not.
-                location, dtype=torch.float32, use_safetensors=None if allow_pickle else True, revision=revision,
-                attn_implementation="sdpa",
-            )
-            processor_revision = revision if processor is None else None
-            self.tokenizer = AutoTokenizer.from_pretrained(processor_location, revision=processor_revision)
-            # The PIL processor on every machine (transformers 5 would pick a torchvision one where
-            # torchvision is installed): "exact" must mean the same computation everywhere.
-            try:
-                self.processor = AutoImageProcessor.from_pretrained(processor_location, backend="pil", revision=processor_revision)
-            except (TypeError, ValueError):  # transformers before the backend argument
-                self.processor = AutoImageProcessor.from_pretrained(processor_location, use_fast=False, revision=processor_revision)
-        except Exception as err:
-            named = self.name if self.name == model else f"{self.name} ({model})"
-            raise ClipevalError(f"could not load CLIP model {named}: {hub_error(err)}") from err
-        if not all(callable(getattr(self.model, f, None)) for f in ("get_image_features", "get_text_features")):
-            raise ClipevalError(
-                f"--clip-model {self.name} is a {type(self.model).__name__}, neither a dual encoder with image and text "
-                "features (CLIP, SigLIP, ...) nor a vision-language model (LLaVA, SmolVLM, Qwen2.5-VL, ...)"
-            )
+        self.model, self.tokenizer, self.processor = self._load(model, revision, allow_pickle, processor)
         self.model.eval().to(device)
         self.model_class = type(self.model).__name__
         self.processor_name = processor
@@ -134,6 +97,51 @@ class ClipScorer:
         causal = getattr(self.model.config, "model_type", "") == "clip"
         self.end_pad = eos if causal and eos is not None and not self.pad_to_max_length else None
         self._torch = torch
+
+    def _load(self, model: str, revision: str | None, allow_pickle: bool, processor: str | None):
+        """The model, its tokenizer and its image processor (from ``processor`` where given), or one
+        line saying what is missing or why it did not load."""
+        from clipeval.hub import hub_error, quiet_hf
+
+        quiet_hf(with_diffusers=False)
+        import torch
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        location = _local(model, "--clip-model", revision, allow_pickle)
+        processor_location = _local(processor, "--clip-processor", None, True) if processor else location
+        if processor is None and Path(location).is_dir():
+            missing = [what for what, files in (("image processor", PROCESSOR_FILES), ("tokenizer", TOKENIZER_FILES))
+                       if not any(Path(location, f).is_file() for f in files)]
+            if missing:
+                raise ClipevalError(
+                    f"--clip-model {self.name} has no {' and no '.join(missing)} files: pass --clip-processor with the "
+                    "folder or hub id of the model it was trained from (PickScore: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"
+                )
+        try:
+            # SDPA explicitly: whatever attention backend the denoiser is given, CLIP's stays PyTorch's.
+            loaded = AutoModel.from_pretrained(
+                # float32 weights always: half precision is autocast (float32 norms, softmax and
+                # accumulation), which keeps scores within 1e-3 of float32 where half weights do not.
+                location, dtype=torch.float32, use_safetensors=None if allow_pickle else True, revision=revision,
+                attn_implementation="sdpa",
+            )
+            processor_revision = revision if processor is None else None
+            tokenizer = AutoTokenizer.from_pretrained(processor_location, revision=processor_revision)
+            # The PIL processor on every machine (transformers 5 would pick a torchvision one where
+            # torchvision is installed): "exact" must mean the same computation everywhere.
+            try:
+                images = AutoImageProcessor.from_pretrained(processor_location, backend="pil", revision=processor_revision)
+            except (TypeError, ValueError):  # transformers before the backend argument
+                images = AutoImageProcessor.from_pretrained(processor_location, use_fast=False, revision=processor_revision)
+        except Exception as err:
+            named = self.name if self.name == model else f"{self.name} ({model})"
+            raise ClipevalError(f"could not load CLIP model {named}: {hub_error(err)}") from err
+        if not all(callable(getattr(loaded, f, None)) for f in ("get_image_features", "get_text_features")):
+            raise ClipevalError(
+                f"--clip-model {self.name} is a {type(loaded).__name__}, neither a dual encoder with image and text "
+                "features (CLIP, SigLIP, ...) nor a vision-language model (LLaVA, SmolVLM, Qwen2.5-VL, ...)"
+            )
+        return loaded, tokenizer, images
 
     @property
     def definition(self) -> str:

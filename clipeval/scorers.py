@@ -13,17 +13,31 @@ TEXT_WINDOW = 512
 
 
 class Scorer(Protocol):
-    """A loaded image-text model. ``score`` returns, per image, the cosine of the normalised image
-    and text embeddings in float32, and whether its prompt was truncated to ``max_length``."""
+    """What the run loop, ``score``, ``evaluate()``, the statistics and the manifest need of a
+    scorer; ``ClipScorer`` (a dual encoder's cosine) and ``VqaScorer`` (VQAScore) implement it.
 
-    name: str
-    max_length: int
+    It takes uint8 RGB images as saved, ``(B, 3, H, W)`` or a list of ``(3, H, W)`` of any sizes,
+    with one prompt each, and returns one float per image and whether its prompt was cut to fit
+    the model. ``metric`` ("clip" or "vqa"), ``definition`` and ``scale`` say what the number is
+    (summary.json), ``describe()`` what else the manifest records (VQAScore: the question and the
+    answer token it reads)."""
+
+    name: str  # as the user gave it: a short name, hub id or folder (its label names its column)
+    metric: str
+    definition: str
+    scale: str
+    model_class: str
+    processor_name: str | None
+    dtype: str
+    max_length: int | None  # the model's text positions
 
     def score(self, images: Any, prompts: Sequence[str]) -> tuple[list[float], list[bool]]: ...
 
     def prepare(self, prompts: Sequence[str]) -> None:
         """The prompts of the coming batches: embed them now, together, and forget the others."""
         ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 class Ahead:
