@@ -386,7 +386,7 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
     if result.busy:
         click.echo(result.busy)
         return
-    for line in _evaluated_lines(result, scale):
+    for line in _evaluated_lines(result, scale, "clip/mean" if options["metric"] is None else f"{options['metric']}/mean"):
         click.echo(line)
     click.echo(
         f"{len(result.evaluated)} evaluated, {len(result.up_to_date)} up to date, {len(result.skipped)} still being "
@@ -407,7 +407,7 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
         sys.exit(EXIT_GATE_FAILED)
 
 
-def _evaluated_lines(result, scale: str) -> list[str]:
+def _evaluated_lines(result, scale: str, label: str = "clip/mean") -> list[str]:
     """One line per checkpoint this sweep evaluated, for a cron log: its step, mean with CI, and
     the paired delta to the best earlier checkpoint with its CI."""
     if result.history is None or not result.history.is_file() or not result.evaluated:
@@ -421,7 +421,7 @@ def _evaluated_lines(result, scale: str) -> list[str]:
         v = {c: k * float(row[c]) for c in ("clip_mean", "clip_mean_ci_low", "clip_mean_ci_high", "delta_best",
                                             "delta_best_ci_low", "delta_best_ci_high") if row[c] != ""}
         where = f"step {row['step']}" if row["step"] != "" else f"{row['run']} (no step)"
-        line = f"{where}: clip/mean {v['clip_mean']:.{digits}f}"
+        line = f"{where}: {label} {v['clip_mean']:.{digits}f}"
         if "clip_mean_ci_low" in v:
             line += f" [{v['clip_mean_ci_low']:.{digits}f}, {v['clip_mean_ci_high']:.{digits}f}]"
         if row["alert"] != "" and "delta_best" in v:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import assert_user_error, files_of, run_subprocess
 
-pytestmark = pytest.mark.slow  # whole runs on the tiny models; tests/test_metrics.py is the fast part
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multi_scorer")]  # whole runs on the tiny models; tests/test_metrics.py is the fast part
 
 ARGS = ["--prompt-library", "smoke", "--limit", "4", "--images-per-prompt", "2", "--batch-size", "3", "--steps", "2",
         "--quiet"]
@@ -197,6 +197,7 @@ def test_the_sweep_history_is_of_the_chosen_metric(cli, models, vlms, tmp_path):
             "--metric", "llava", "--alert-if-worse", "0.01", *ARGS]
     swept = cli(*args)
     assert swept.exit_code == 0, swept.stderr
+    assert "step 200: llava/mean " in swept.stdout and "clip/mean" not in swept.stdout  # the cron log says whose
     history = pd.read_csv(out / "history.csv", keep_default_na=False)
     assert history["metric"].tolist() == ["llava", "llava"]
     for _, row in history.iterrows():

@@ -32,7 +32,7 @@ def _darker(source: Path, target: Path, shift: float = -2.0) -> Path:
 
 
 # Each test generates whole runs with tiny models, and the module builds a world of them first.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("until_decided")]
 
 
 @pytest.fixture(scope="module")
