@@ -18,6 +18,7 @@ from scipy import stats as sps
 from test_compare import make_run
 
 PROMPTS, SAMPLES, RESAMPLES = 14, 2, 500
+
 ODD = "food | drink \\ misc"  # a pipe and a backslash: both must be escaped in markdown
 
 

@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 from conftest import REPO, assert_user_error
 
+pytestmark = pytest.mark.xdist_group("report")  # its module fixtures are whole runs: built once
+
 HOSTILE = [
     '<script>alert("prompt")</script> a cat',
     '"><img src=x onerror=alert(1)> a dog',

@@ -15,6 +15,8 @@ from PIL import Image
 from clipeval.decode import load_rgb
 from clipeval.score import ClipScorer
 
+pytestmark = pytest.mark.xdist_group("rescore")  # its module fixtures are whole runs: built once
+
 PROMPTS = ['a "quoted" red cube, on a table', "東京の夜景 🌃", "a cat", "a dog"]
 
 

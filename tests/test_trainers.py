@@ -22,8 +22,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 RANK, ALPHA = 4, 2.0
+pytestmark = pytest.mark.xdist_group("trainers")  # its module fixtures are whole runs: built once
+
 # What kohya's networks/lora.py targets: every Linear (and 1x1 conv) of the UNet's transformer
 # blocks, and of the text encoder's attention and MLP.
+
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
