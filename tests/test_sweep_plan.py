@@ -357,3 +357,69 @@ def test_the_first_checkpoint_gets_an_eighth_of_the_order_and_at_least_twice_the
     from clipeval.sweep import first_prefix
 
     assert first_prefix(prompts) == prefix
+
+
+def _two_scorer_run(path, scores, clip_shift: float, vqa_shift: float, checkpoint: str):
+    """A finished run folder scored by CLIP (primary) and a VQA scorer, as run --scorer writes one."""
+    from clipeval import metrics, store
+    from test_compare import SETTINGS
+
+    path.mkdir(parents=True)
+    scores = scores.assign(clip_score=(scores["clip_score"] + clip_shift).round(8), flag="",
+                           **{"score:vqa": (0.6 + scores["clip_score"] - 0.3 + vqa_shift).round(8),
+                              "truncated:vqa": False})
+    cols = [metrics.ScoreColumn("clip", "/models/clip", "clip", True), metrics.ScoreColumn("vqa", "/models/vqa", "vqa", False)]
+    summary = metrics.summarize(scores, cols, [("cosine", "cosine"), ("vqa", "probability")])
+    store.write_results(path, scores=scores, prompts=metrics.prompts_table(scores, cols), summary=summary,
+                        manifest={"status": "complete", "settings": {**SETTINGS, "clip_model": "/models/clip",
+                                                                      "checkpoint": checkpoint}})
+
+
+def test_the_history_and_its_alert_follow_the_chosen_metric(cli, stand_in, tmp_path):
+    """By CLIP the newest checkpoint got worse, by VQAScore better: --metric decides which the history
+    and the alert are of. Folders that are not finished runs are passed over."""
+    training, results = tmp_path / "train", tmp_path / "results"
+    scores = base_scores(prompts=30)
+    for step, clip, vqa in ((100, 0.0, 0.0), (200, 0.02, -0.01), (300, -0.02, 0.03)):
+        _pipeline(training / f"checkpoint-{step}")
+        _two_scorer_run(results / f"checkpoint-{step}", scores, clip, vqa, str(training / f"checkpoint-{step}"))
+    (results / "logs").mkdir()  # a tracker's folder: not a run
+    (results / "checkpoint-150").mkdir()  # a run that never finished: no result files
+    by_vqa = _sweep(cli, training, results, "--metric", "vqa", "--alert-if-worse", "0.005")
+    assert by_vqa.exit_code == 0, by_vqa.stderr  # by VQAScore the newest is the best yet
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    assert history["run"].tolist() == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    assert history["metric"].tolist() == ["vqa"] * 3
+    for _, row in history.iterrows():
+        assert row["clip_mean"] == json.loads((results / row["run"] / "summary.json").read_text())["scorers"]["vqa"]["mean"]
+    assert history["best_step"].tolist() == ["", "100", "100"] and history["alert"].tolist() == ["", "true", "false"]
+    by_clip = _sweep(cli, training, results, "--alert-if-worse", "0.005")
+    assert by_clip.exit_code == 1, by_clip.stderr  # by CLIP it is 0.04 below step 200: the alert
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    assert history["metric"].tolist() == ["clip"] * 3 and history["alert"].tolist() == ["", "false", "true"]
+    assert history["best_step"].tolist() == ["", "100", "200"]
+    missing = _sweep(cli, training, results, "--metric", "pick")
+    assert missing.exit_code == 2 and "has no scorer 'pick' (it has clip, vqa)" in missing.stderr
+
+
+def test_a_run_left_unfinished_by_an_earlier_tick_is_in_the_history_once_finished(cli, stand_in, tmp_path, monkeypatch):
+    """Both checkpoints' folders were left half-done by a killed sweep; this tick finishes both, and the
+    history written after the second holds it (what was read of it while unfinished is not kept)."""
+    import shutil
+
+    from clipeval import runner
+
+    training, results = tmp_path / "train", tmp_path / "results"
+    for name in ("checkpoint-100", "checkpoint-200"):
+        _pipeline(training / name)
+        (results / name / ".clipeval").mkdir(parents=True)
+        (results / name / ".clipeval" / "run.json").write_text('{"status": "running"}')
+    stand = runner.run
+
+    def run(config):
+        shutil.rmtree(config.out)  # the stand-in writes its folder anew (a real run resumes it)
+        return stand(config)
+
+    monkeypatch.setattr(runner, "run", run)
+    assert _sweep(cli, training, results).exit_code == 0
+    assert pd.read_csv(results / "history.csv", keep_default_na=False)["run"].tolist() == ["checkpoint-100", "checkpoint-200"]
