@@ -107,16 +107,17 @@ def test_a_checkpoint_still_being_written_is_skipped_with_its_reason(cli, stand_
     training, results = tmp_path / "train", tmp_path / "results"
     _pipeline(training / "checkpoint-100")
     _pipeline(training / "checkpoint-200", age_s=0)
+    _pipeline(training / "checkpoint-300")  # after the one being written: still evaluated this tick
     result = _sweep(cli, training, results, "--settle", "600")
     assert result.exit_code == 0
-    assert [c.out.name for c in stand_in.calls] == ["checkpoint-100"]
+    assert [c.out.name for c in stand_in.calls] == ["checkpoint-100", "checkpoint-300"]
     skipped = result.stderr.splitlines()[1]
     assert skipped.startswith("skipping checkpoint-200: modified ") and skipped.endswith(
         " s ago (waiting 600 s for writes to settle); it will be evaluated by a later sweep")
-    assert "1 evaluated, 0 up to date, 1 still being written, 0 failed" in result.stdout
+    assert "2 evaluated, 0 up to date, 1 still being written, 0 failed" in result.stdout
     # Settled (or --settle 0): the next tick takes it.
     assert _sweep(cli, training, results, "--settle", "0").exit_code == 0
-    assert [c.out.name for c in stand_in.calls] == ["checkpoint-100", "checkpoint-200"]
+    assert [c.out.name for c in stand_in.calls] == ["checkpoint-100", "checkpoint-300", "checkpoint-200"]
 
 
 def test_trackers_get_each_step_and_its_delta_to_the_best_earlier(cli, stand_in, tmp_path, monkeypatch):
