@@ -167,3 +167,26 @@ def test_compare_through_one_scorer_and_never_across_two():
     mixed = [metrics.select(a, "vqa"), b]
     with pytest.raises(ClipevalError, match="the scores of two scorers are never compared"):
         compare([RunScores(str(r.path), r.path, r.settings, stats.usable(r.scores)) for r in mixed])
+
+
+def test_the_edges_of_naming_and_viewing(tmp_path):
+    cols = metrics.columns(["clip-b32", "vqa"], ["openai/clip-vit-base-patch32", "/models/vqa"])  # kinds not known yet
+    assert [(c.model, c.kind) for c in cols] == [("openai/clip-vit-base-patch32", "clip"), ("/models/vqa", "clip")]
+    with pytest.raises(ClipevalError) as err:
+        metrics.columns(["/a/x", "/b/x"], ["/a/x", "/b/x"])
+    assert str(err.value) == "two scorers are both called 'x' (/a/x and /b/x): give one of them another folder name"
+    assert metrics.names(None, {}) == {"clip": {"model": None, "column": "clip_score", "kind": "clip"}}
+    metrics.check_metric("/models/vqa", COLUMNS)  # by its model, too
+    with pytest.raises(ClipevalError) as err:
+        metrics.check_metric("vqa", COLUMNS, until_decided=True)
+    assert str(err.value) == ("--until-decided decides on the primary scorer (clip-b32); make vqa the primary one "
+                              "(--clip-model, or the first --scorer) instead of --metric")
+    run = record(settings={"clip_model": "openai/clip-vit-base-patch32", "clip_processor": "p", "clip_revision": "r",
+                           "clip_dtype": "float16", "preprocess": "exact", "seed": 0})
+    view = metrics.select(run, "vqa")
+    assert not {"clip_processor", "clip_revision", "clip_dtype", "preprocess"} & set(view.settings)  # the primary's
+    with pytest.raises(ClipevalError) as err:
+        metrics.select(run, "pick")
+    assert str(err.value).startswith("/runs/a has no scorer 'pick'")
+    unsummarised = RunRecord(run.path, run.manifest, None, run.scores)  # a run whose images were all flagged
+    assert metrics.select(unsummarised, "clip-b32") is unsummarised
