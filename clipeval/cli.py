@@ -289,13 +289,9 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
         return
     from clipeval import metrics
 
-    settings = result.manifest.get("settings", {})
-    blocks = metrics.names(result.summary, settings)
-    for name in blocks if len(blocks) > 1 else []:
-        click.echo(_closing_line(metrics.view(result.summary, settings, name, result.out)[1], result.out, f"{name}: mean", scale=scale))
-    metric, s = metrics.view(result.summary, settings, options["metric"], result.out)
-    if len(blocks) == 1:
-        click.echo(_closing_line(s, result.out, scale=scale))
+    for line in _closing_lines(result, scale):
+        click.echo(line)
+    metric, s = metrics.view(result.summary, result.manifest.get("settings", {}), options["metric"], result.out)
     if "sequential" in s:
         click.echo(sequential_line(s["sequential"], scale, images_per_prompt=options["images_per_prompt"]))
     _warn_flagged(s)
@@ -386,7 +382,7 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
     if result.busy:
         click.echo(result.busy)
         return
-    for line in _evaluated_lines(result, scale, "clip/mean" if options["metric"] is None else f"{options['metric']}/mean"):
+    for line in _evaluated_lines(result, scale, by_metric=options["metric"] is not None):
         click.echo(line)
     click.echo(
         f"{len(result.evaluated)} evaluated, {len(result.up_to_date)} up to date, {len(result.skipped)} still being "
@@ -407,9 +403,10 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
         sys.exit(EXIT_GATE_FAILED)
 
 
-def _evaluated_lines(result, scale: str, label: str = "clip/mean") -> list[str]:
+def _evaluated_lines(result, scale: str, by_metric: bool = False) -> list[str]:
     """One line per checkpoint this sweep evaluated, for a cron log: its step, mean with CI, and
-    the paired delta to the best earlier checkpoint with its CI."""
+    the paired delta to the best earlier checkpoint with its CI. ``by_metric``: the mean is named by
+    the history's scorer (--metric), not as clip/mean."""
     if result.history is None or not result.history.is_file() or not result.evaluated:
         return []
     import pandas as pd
@@ -421,7 +418,7 @@ def _evaluated_lines(result, scale: str, label: str = "clip/mean") -> list[str]:
         v = {c: k * float(row[c]) for c in ("clip_mean", "clip_mean_ci_low", "clip_mean_ci_high", "delta_best",
                                             "delta_best_ci_low", "delta_best_ci_high") if row[c] != ""}
         where = f"step {row['step']}" if row["step"] != "" else f"{row['run']} (no step)"
-        line = f"{where}: {label} {v['clip_mean']:.{digits}f}"
+        line = f"{where}: {row['metric'] + '/mean' if by_metric else 'clip/mean'} {v['clip_mean']:.{digits}f}"
         if "clip_mean_ci_low" in v:
             line += f" [{v['clip_mean_ci_low']:.{digits}f}, {v['clip_mean_ci_high']:.{digits}f}]"
         if row["alert"] != "" and "delta_best" in v:
@@ -513,6 +510,16 @@ def sequential_line(q: dict, scale: str = "cosine", images_per_prompt: int | Non
             f"{q['baseline']}; compare the two runs for the fixed-size answer")
 
 
+def _closing_lines(result, scale: str) -> list[str]:
+    """The closing line of each scorer of a run or score (one scorer: "clip/mean ...")."""
+    from clipeval import metrics
+
+    settings = result.manifest.get("settings", {})
+    blocks = metrics.names(result.summary, settings)
+    return [_closing_line(metrics.view(result.summary, settings, name, result.out)[1], result.out,
+                          f"{name}: mean" if len(blocks) > 1 else "clip/mean", scale=scale) for name in blocks]
+
+
 def _closing_line(s: dict, out: Path, label: str = "clip/mean", scale: str = "cosine") -> str:
     ci = s["clip/mean_ci"]
     level = int(round(s["ci"]["level"] * 100))
@@ -568,13 +575,8 @@ def score(ctx: click.Context, *, source, out, prompts_spec, clip_models, scorers
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
             click.echo(f"warning: {len(names)} {kind}: {shown} (all listed in manifest.json)", err=True)
     _warn_flagged(result.summary)
-    from clipeval import metrics
-
-    settings = result.manifest.get("settings", {})
-    blocks = metrics.names(result.summary, settings)
-    for name in blocks:
-        view = metrics.view(result.summary, settings, name, result.out)[1]
-        click.echo(_closing_line(view, result.out, f"{name}: mean" if len(blocks) > 1 else "clip/mean", scale=scale))
+    for line in _closing_lines(result, scale):
+        click.echo(line)
 
 
 @main.command()

@@ -205,14 +205,13 @@ def run_batches(batches: Sequence[list], *, pipe, scorer, gen, rundir, done: dic
     ``stop()``, asked before each batch, ends the loop early (another rank failed); what was
     generated is still committed. ``adaptive`` (else made from ``batch_size``) ends holding the
     number of images generated at once."""
+    from clipeval.metrics import columns
     from clipeval.store import image_name
-
-    from clipeval.metrics import ScoreColumn, label
 
     device = str(getattr(pipe, "device", "cpu"))
     overlap = device.startswith("cuda")
     scorers = list(scorer) if isinstance(scorer, (list, tuple)) else [scorer]
-    others = [ScoreColumn(label(s.name), "", getattr(s, "metric", "clip"), False) for s in scorers[1:]]
+    others = columns([s.name for s in scorers], [s.name for s in scorers])[1:]  # only their column names are read
     stage = ScoreStage(scorers, overlap, (item.prompt for batch in batches for item in batch))
     adaptive = adaptive or Adaptive.for_run(batch_size, device, log=log)
     if save_images and rundir is not None:

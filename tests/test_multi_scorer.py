@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import tiny_vlms
 from conftest import assert_user_error, files_of, run_subprocess
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multi_scorer")]  # whole runs on the tiny models; tests/test_metrics.py is the fast part
@@ -152,22 +153,9 @@ def test_bad_scorers_and_metrics_are_one_line_before_any_work(cli, models, vlms,
     assert_user_error(cli(*run_args(models, tmp_path / "b", "--clip-model", models.clip, "--scorer", twin)),
                       "two scorers are both called 'clip'")
     # Remote code, a processor without a chat template, a model that is neither kind.
-    remote = tmp_path / "remote"
-    shutil.copytree(vlms["llava"], remote)
-    config = json.loads((remote / "config.json").read_text())
-    config.update(model_type="my_custom_vlm", auto_map={"AutoConfig": "configuration_mine.MyConfig"})
-    (remote / "config.json").write_text(json.dumps(config))
-    (remote / "configuration_mine.py").write_text("raise SystemExit('remote code ran')\n")
+    remote = tiny_vlms.needing_remote_code(vlms["llava"], tmp_path / "remote")
     assert_user_error(cli(*run_args(models, tmp_path / "c", "--scorer", remote)), "needs remote code")
-    plain = tmp_path / "plain"
-    shutil.copytree(vlms["llava"], plain)
-    for name in ("chat_template.jinja", "chat_template.json"):
-        (plain / name).unlink(missing_ok=True)
-    for name in ("processor_config.json", "tokenizer_config.json"):
-        if (plain / name).is_file():
-            data = json.loads((plain / name).read_text())
-            data.pop("chat_template", None)
-            (plain / name).write_text(json.dumps(data))
+    plain = tiny_vlms.without_chat_template(vlms["llava"], tmp_path / "plain")
     assert_user_error(cli(*run_args(models, tmp_path / "d", "--clip-model", models.clip, "--scorer", plain)),
                       "plain: its processor has no chat template")
     text_only = tmp_path / "text-only"  # a text model with CLIP's tokenizer and image processor beside it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_vlms
 import torch
 
 from clipeval.errors import ClipevalError
@@ -93,32 +94,14 @@ def test_not_a_vision_language_model_is_one_line(models):
 
 
 def test_a_model_that_needs_remote_code_is_refused(vlms, tmp_path):
-    import shutil
-
-    folder = tmp_path / "remote"
-    shutil.copytree(vlms["llava"], folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="my_custom_vlm", auto_map={"AutoConfig": "configuration_mine.MyConfig"})
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "configuration_mine.py").write_text("raise SystemExit('remote code ran')\n")
+    folder = tiny_vlms.needing_remote_code(vlms["llava"], tmp_path / "remote")
     with pytest.raises(ClipevalError) as err:
         VqaScorer(str(folder), name="remote")
     assert "needs remote code" in str(err.value) and "never runs" in str(err.value)
 
 
 def test_a_processor_without_a_chat_template_is_refused(vlms, tmp_path):
-    import shutil
-
-    folder = tmp_path / "no-template"
-    shutil.copytree(vlms["llava"], folder)
-    for name in ("chat_template.jinja", "chat_template.json"):
-        (folder / name).unlink(missing_ok=True)
-    for name in ("processor_config.json", "tokenizer_config.json"):
-        path = folder / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            data.pop("chat_template", None)
-            path.write_text(json.dumps(data))
+    folder = tiny_vlms.without_chat_template(vlms["llava"], tmp_path / "no-template")
     with pytest.raises(ClipevalError) as err:
         VqaScorer(str(folder), name="plain")
     assert str(err.value) == ("plain: its processor has no chat template, so clipeval cannot ask it a question as the "
@@ -182,10 +165,7 @@ def test_a_vision_language_model_is_told_from_its_config(vlms, models, tmp_path)
     (leftover / "config.json").write_text(json.dumps(config))
     assert is_vision_language(str(leftover), None)
     assert VqaScorer(str(leftover)).model_class == "LlavaForConditionalGeneration"
-    remote = tmp_path / "remote"
-    shutil.copytree(vlms["llava"], remote)
-    config.update(model_type="my_custom_vlm")
-    (remote / "config.json").write_text(json.dumps(config))
+    remote = tiny_vlms.needing_remote_code(vlms["llava"], tmp_path / "remote")
     with pytest.raises(ClipevalError, match="needs remote code"):
         is_vision_language(str(remote), None)
 

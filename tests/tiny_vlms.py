@@ -133,3 +133,34 @@ def spread_answers(model, processor, seed: int) -> None:
         mean = h.mean(0)
         head.weight[yes] = row + offset * mean / (mean @ mean)
         head.weight[no] = -0.5 * row + math.log(len(processor.tokenizer)) * mean / (mean @ mean)
+
+
+def needing_remote_code(model: Path, folder: Path) -> Path:
+    """A copy of ``model`` whose config names a model type transformers does not know and maps it to
+    the folder's own code (which exits if it is ever run)."""
+    import json
+    import shutil
+
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="my_custom_vlm", auto_map={"AutoConfig": "configuration_mine.MyConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_mine.py").write_text("raise SystemExit('remote code ran')\n")
+    return folder
+
+
+def without_chat_template(model: Path, folder: Path) -> Path:
+    """A copy of ``model`` whose processor and tokenizer carry no chat template."""
+    import json
+    import shutil
+
+    shutil.copytree(model, folder)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data.pop("chat_template", None)
+            path.write_text(json.dumps(data))
+    return folder
