@@ -30,6 +30,20 @@ os.environ["CLIPEVAL_CACHE_DIR"] = _CACHE
 os.environ["HF_HUB_CACHE"] = os.path.join(_CACHE, "hf-hub")  # an empty hub cache the tests may fill
 
 
+def pytest_configure(config):
+    """Under --dist loadgroup, xdist 3.8 groups a module by a suffix it writes into each node id, which
+    pytest 9.2 ignores (pytest-xdist#1386): the marked modules' whole-run fixtures are then built on every
+    worker and the suite quietly takes minutes longer. Stop instead."""
+    from importlib.metadata import version
+
+    if config.getoption("dist", "no") != "loadgroup" or hasattr(config, "workerinput"):
+        return
+    major_minor = lambda name: tuple(int(x) for x in version(name).split(".")[:2])  # noqa: E731
+    if major_minor("pytest") >= (9, 2) and major_minor("pytest-xdist") <= (3, 8):
+        raise pytest.UsageError(f"pytest {version('pytest')} with pytest-xdist {version('pytest-xdist')} does not "
+                                "group --dist loadgroup (pytest-xdist#1386): pip install -e '.[test]' for its pytest")
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_CACHE, ignore_errors=True)
 
