@@ -71,6 +71,25 @@ def mirror(shared_data, monkeypatch) -> Path:
     return shared_data
 
 
+# Under mutmut every mutant is a pytest session of its own: the tiny models (demo.py and tiny_vlms.py, never
+# mutated) are built once into mutants/.tiny-models and reused, not rebuilt (seconds) for each mutant.
+_KEEP = REPO / ".tiny-models" if REPO.name == "mutants" else None
+
+
+def _built(path: Path, build) -> Path:
+    if _KEEP is None:
+        return build(path)
+    if not path.is_dir():
+        part = path.with_name(f".{path.name}-{os.getpid()}")
+        shutil.rmtree(part, ignore_errors=True)
+        build(part)
+        try:
+            part.rename(path)  # whole or not at all; a folder another mutant finished first stays
+        except OSError:
+            shutil.rmtree(part, ignore_errors=True)
+    return path
+
+
 class TinyModels:
     """Tiny CLIP, tiny SD and tiny SDXL, saved with save_pretrained: every test loads them
     through the same from_pretrained code paths a real checkpoint goes through. Each is built on
@@ -83,30 +102,30 @@ class TinyModels:
     def clip(self) -> Path:
         from clipeval import demo
 
-        return demo.build_clip(self.root / "clip")
+        return _built(self.root / "clip", demo.build_clip)
 
     @functools.cached_property
     def clip2(self) -> Path:
         from clipeval import demo
 
-        return demo.build_clip(self.root / "clip2", seed=7)
+        return _built(self.root / "clip2", functools.partial(demo.build_clip, seed=7))
 
     @functools.cached_property
     def sd(self) -> Path:
         from clipeval import demo
 
-        return demo.build_sd(self.root / "sd")
+        return _built(self.root / "sd", demo.build_sd)
 
     @functools.cached_property
     def sdxl(self) -> Path:
         from clipeval import demo
 
-        return demo.build_sdxl(self.root / "sdxl")
+        return _built(self.root / "sdxl", demo.build_sdxl)
 
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> TinyModels:
-    return TinyModels(tmp_path_factory.mktemp("models"))
+    return TinyModels(_KEEP or tmp_path_factory.mktemp("models"))
 
 
 TRICKY_PROMPTS = [
@@ -124,8 +143,8 @@ def vlms(tmp_path_factory) -> dict[str, Path]:
     """Tiny random vision-language models of two families (tests/tiny_vlms.py), saved once."""
     import tiny_vlms
 
-    root = tmp_path_factory.mktemp("vlms")
-    return {"llava": tiny_vlms.build_llava(root / "llava"), "smolvlm": tiny_vlms.build_smolvlm(root / "smolvlm")}
+    root = _KEEP or tmp_path_factory.mktemp("vlms")
+    return {"llava": _built(root / "llava", tiny_vlms.build_llava), "smolvlm": _built(root / "smolvlm", tiny_vlms.build_smolvlm)}
 
 
 @pytest.fixture
