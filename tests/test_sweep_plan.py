@@ -18,7 +18,8 @@ from test_health import make_run
 
 from clipeval.errors import ClipevalError
 
-SHIFTS = {"checkpoint-100": 0.0, "checkpoint-200": 0.03, "checkpoint-300": -0.02, "final": 0.01, "my-model": 0.0}
+SHIFTS = {"checkpoint-100": 0.0, "checkpoint-200": 0.03, "checkpoint-300": -0.02, "checkpoint-400": 0.0, "final": 0.01,
+          "my-model": 0.0}
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def stand_in(monkeypatch):
     def run(config):
         out = Path(config.out)
         history = out.parent / "history.csv"
-        calls.append(SimpleNamespace(checkpoint=config.checkpoint, out=out, trackers=config.trackers,
+        calls.append(SimpleNamespace(checkpoint=config.checkpoint, out=out, trackers=config.trackers, config=config,
                                      history=pd.read_csv(history, keep_default_na=False) if history.is_file() else None))
         if out.name in failing:
             raise ClipevalError("the unet would not load")
@@ -59,6 +60,35 @@ def _pipeline(path: Path, age_s: float = 3600) -> Path:
 
 def _sweep(cli, training, results, *extra):
     return cli("sweep", training, "--out", results, "--prompt-library", "smoke", *extra)
+
+
+def test_the_library_sweep_as_a_training_loop_calls_it(stand_in, tmp_path):
+    """sweep.sweep() with its defaults (the CLI always passes every option): a checkpoint written less
+    than a minute ago waits for a later sweep, the alert is the whole interval below 0, each checkpoint
+    is evaluated whole, and the result says what happened to each."""
+    from clipeval import sweep
+    from clipeval.runner import RunConfig
+
+    training, results = tmp_path / "train", tmp_path / "results"
+    for name in ("checkpoint-100", "checkpoint-200", "checkpoint-300"):
+        _pipeline(training / name)
+    _pipeline(training / "checkpoint-400", age_s=30)
+    lines: list[str] = []
+    base = RunConfig(checkpoint="", prompt_library="smoke", out=Path())
+    result = sweep.sweep(training, results, base, log=lines.append)
+    assert result.evaluated == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    assert list(result.skipped) == ["checkpoint-400"]
+    assert result.skipped["checkpoint-400"].endswith("s ago (waiting 60 s for writes to settle)")
+    assert (result.failed, result.up_to_date, result.busy) == ({}, [], None)
+    assert result.history == results / "history.csv" and result.history.is_file()
+    assert result.newest["run"] == "checkpoint-300" and result.newest["best_step"] == 200
+    assert str(result.newest["alert"]).lower() == "true"  # 0.05 below the best: the whole interval is below 0
+    assert [(c.config.until_decided, c.config.order_prefix) for c in stand_in.calls] == [(False, None)] * 3
+    assert lines[:3] == ["evaluating checkpoint-100 (step 100)", "evaluating checkpoint-200 (step 200)",
+                         "evaluating checkpoint-300 (step 300)"]
+    again = sweep.sweep(training, results, base, settle_s=10, log=lines.append)
+    assert again.evaluated == ["checkpoint-400"] and again.up_to_date == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    assert again.newest["run"] == "checkpoint-400"
 
 
 def test_checkpoints_are_evaluated_in_step_order_each_into_its_folder(cli, stand_in, tmp_path):
