@@ -167,6 +167,11 @@ def test_the_journal_keeps_whole_batches_and_seals_a_torn_line(tmp_path):
     assert sorted(rundir.done()) == [(0, 0), (0, 1), (1, 0), (2, 0)]
     assert rundir.done()[(0, 0)]["x"] == "東京"
     assert journal.read_bytes().count(b"\n") == 3  # the torn line was closed before the next batch
+    rundir.commit([{"prompt_id": 3, "sample": 0}])  # after a whole line: nothing to seal
+    assert journal.read_bytes() == ('{"rows": [{"prompt_id": 0, "sample": 0, "x": "東京"}, {"prompt_id": 0, "sample": 1}]}\n'
+                                    '{"rows": [{"prompt_id": 1, "sam\n'
+                                    '{"rows": [{"prompt_id": 2, "sample": 0}]}\n'
+                                    '{"rows": [{"prompt_id": 3, "sample": 0}]}\n').encode()
 
 
 def test_settings_are_compared_by_value_and_paths_by_place(tmp_path, monkeypatch):
@@ -368,3 +373,51 @@ def test_clearing_and_finishing_a_folder_that_holds_little_is_fine(tmp_path):
     rundir.finish(scores=scores, prompts=stats.prompts_table(scores), summary=stats.summarize(scores),
                   manifest={"status": "complete"})  # finished without a manifest in progress
     assert store.load_run(rundir.path).manifest["status"] == "complete"
+
+
+def test_the_output_folder_is_probed_where_the_run_will_write(tmp_path):
+    """check_parent, before any model loads: a file in the way, an unwritable place (a real probe,
+    so root is refused too), the folder itself when it exists and not its parent."""
+    import subprocess
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ClipevalError) as err:
+        store.check_parent(tmp_path / "file")
+    assert str(err.value) == f"--out {tmp_path / 'file'}: exists and is not a folder"
+    with pytest.raises(ClipevalError) as err:
+        store.check_parent(Path("/proc/clipeval/run"))
+    assert str(err.value).startswith("--out /proc/clipeval/run: /proc is not writable (") and str(err.value).endswith(")")
+    store.check_parent(tmp_path / "deep" / "er" / "run")  # its first existing parent is written to
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    if subprocess.run(["chattr", "+i", str(frozen)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        with pytest.raises(ClipevalError) as err:
+            store.check_parent(frozen)
+        assert str(err.value).startswith(f"--out {frozen}: {frozen} is not writable (")
+        store.check_parent(frozen.parent / "beside")  # its parent is writable
+    finally:
+        subprocess.run(["chattr", "-i", str(frozen)])
+
+
+def test_a_state_folder_that_cannot_be_made_names_its_path(tmp_path):
+    rundir = store.RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    rundir.state.write_text("a file where the state folder goes")
+    for call, named in ((lambda: rundir.start({"status": "running"}), rundir.state),
+                        (lambda: rundir.commit([{"prompt_id": 0, "sample": 0}]), rundir.state / "journal-0.jsonl")):
+        with pytest.raises(ClipevalError) as err:
+            call()
+        assert str(err.value).startswith(f"cannot write {named}: ")
+
+
+def test_every_setting_is_compared_after_one_the_old_run_did_not_have(tmp_path, monkeypatch):
+    folder = tmp_path / "models" / "sd-a"
+    folder.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    # A setting added since the old run was made is passed over; the ones after it are still compared.
+    assert store.settings_diff({"seed": 0}, {"scheduler": "euler", "seed": 1}) == ["seed 1 (was 0)"]
+    # Only settings that name a place are compared by place: text that happens to name a folder is text.
+    assert store.settings_diff({"negative_prompt": "models/sd-a"}, {"negative_prompt": "./models/sd-a"}) == [
+        "negative_prompt './models/sd-a' (was 'models/sd-a')"]
