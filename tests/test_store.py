@@ -421,3 +421,34 @@ def test_every_setting_is_compared_after_one_the_old_run_did_not_have(tmp_path, 
     # Only settings that name a place are compared by place: text that happens to name a folder is text.
     assert store.settings_diff({"negative_prompt": "models/sd-a"}, {"negative_prompt": "./models/sd-a"}) == [
         "negative_prompt './models/sd-a' (was 'models/sd-a')"]
+
+
+def test_demo_is_the_embedded_demo_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert store.canonical("demo") == "demo" and store.canonical("./demo") == str(tmp_path / "demo")
+
+
+def test_result_files_get_the_users_umask_and_a_failed_write_is_one_line_leaving_no_temp_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_set(tmp_path / "run")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert modes == dict.fromkeys(["scores.csv", "prompts.csv", "summary.json", "manifest.json"], 0o644)
+    target = tmp_path / "run" / "taken"
+    target.mkdir()  # the rename fails after the temp file was written
+    with pytest.raises(ClipevalError) as err:
+        store.write_atomic(target, b"data")
+    assert str(err.value).startswith(f"cannot write {target}: ")
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_summary_that_cannot_be_removed_names_its_path(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "summary.json").mkdir(parents=True)  # in the way of a set without usable images
+    with pytest.raises(ClipevalError) as err:
+        store.write_results(folder, scores=scores_frame(), prompts=stats.prompts_table(scores_frame()), summary=None,
+                            manifest={"status": "complete"})
+    assert str(err.value).startswith(f"cannot write {folder / 'summary.json'}: ")
