@@ -167,9 +167,7 @@ def load_run(path: str | Path) -> RunRecord:
                 raise ClipevalError(
                     f"{path}: {name} does not belong with manifest.json (a final write was interrupted or failed); {rerun}"
                 )
-        import csv
-
-        header = next(csv.reader([raw["scores.csv"].split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")]), [])
+        header = pd.read_csv(io.BytesIO(raw["scores.csv"]), nrows=0).columns
         numeric = ["clip_score"] + [c for c in header if c.startswith("score:")]  # other scorers' columns
         scores = pd.read_csv(io.BytesIO(raw["scores.csv"]), keep_default_na=False, na_values={c: [""] for c in numeric},
                              dtype=SCORES_DTYPES)

@@ -452,3 +452,16 @@ def test_a_summary_that_cannot_be_removed_names_its_path(tmp_path):
         store.write_results(folder, scores=scores_frame(), prompts=stats.prompts_table(scores_frame()), summary=None,
                             manifest={"status": "complete"})
     assert str(err.value).startswith(f"cannot write {folder / 'summary.json'}: ")
+
+
+def test_text_that_looks_like_numbers_stays_text_and_a_missing_score_of_any_scorer_is_nan(tmp_path):
+    scores = scores_frame().assign(prompt=lambda f: [f"{1984 + p}" for p in f["prompt_id"]], category="3", challenge="007",
+                                   flag="")
+    scores["score:my vqa"] = [0.5, float("nan")] + [0.75] * (len(scores) - 2)
+    scores["truncated:my vqa"] = False
+    write_set(tmp_path / "run", scores)
+    back = store.load_run(tmp_path / "run").scores
+    assert back["prompt"].tolist() == [f"{1984 + p}" for p in scores["prompt_id"]]
+    assert back["category"].tolist() == ["3"] * len(scores) and back["challenge"].tolist() == ["007"] * len(scores)
+    assert back["score:my vqa"].dtype == float and math.isnan(back["score:my vqa"][1])
+    assert back["score:my vqa"].drop(index=1).tolist() == scores["score:my vqa"].drop(index=1).tolist()
