@@ -153,6 +153,8 @@ def test_power_analysis_below_two_prompts_is_none_and_needs_at_least_two():
     assert power == {"alpha": 0.05, "power": 0.8, "prompts": 4, "prompt_delta_sd": pytest.approx(sd),
                      "mde": pytest.approx(z * sd / 2), "prompts_needed": {"0.005": math.ceil((z * sd / 0.005) ** 2),
                                                                           "0.01": math.ceil((z * sd / 0.01) ** 2)}}
+    two = stats.power_analysis([0.01, 0.03])  # two prompts are enough to have a spread
+    assert two["prompts"] == 2 and two["prompt_delta_sd"] == pytest.approx(np.std([0.01, 0.03], ddof=1))
     tiny = stats.power_analysis([0.01, 0.0100001, 0.0099999])
     assert tiny["prompts_needed"] == {"0.005": 2, "0.01": 2}  # a paired test needs two prompts at least
 
@@ -203,3 +205,8 @@ def test_a_journal_row_counts_only_with_a_score_and_no_flag():
     assert not stats.usable_row({"flag": ""})
     assert not stats.usable_row({"clip_score": 0.31, "flag": "black"})
     assert stats.usable_row({"clip_score": 0.0, "flag": None})  # a zero score is a score
+
+
+def test_the_prompts_tables_image_count_is_an_integer_column(table):
+    prompts = stats.prompts_table(table)
+    assert prompts["n"].dtype.kind == "i" and "." not in "".join(prompts["n"].astype(str))  # prompts.csv says 2, not 2.0
