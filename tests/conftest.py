@@ -72,8 +72,16 @@ def mirror(shared_data, monkeypatch) -> Path:
 
 
 # Under mutmut every mutant is a pytest session of its own: the tiny models (demo.py and tiny_vlms.py, never
-# mutated) are built once into mutants/.tiny-models and reused, not rebuilt (seconds) for each mutant.
-_KEEP = REPO / ".tiny-models" if REPO.name == "mutants" else None
+# mutated) are built once into mutants/.tiny-models and reused, not rebuilt (seconds) for each mutant; the
+# folder is named by those two files' hash, so models of older code are never reused.
+def _builders_hash() -> str:
+    import hashlib
+
+    files = (REPO / "clipeval" / "demo.py", Path(__file__).with_name("tiny_vlms.py"))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
+_KEEP = REPO / ".tiny-models" / _builders_hash() if REPO.name == "mutants" else None
 
 
 def _built(path: Path, build) -> Path:
@@ -82,6 +90,7 @@ def _built(path: Path, build) -> Path:
     if not path.is_dir():
         part = path.with_name(f".{path.name}-{os.getpid()}")
         shutil.rmtree(part, ignore_errors=True)
+        part.parent.mkdir(parents=True, exist_ok=True)
         build(part)
         try:
             part.rename(path)  # whole or not at all; a folder another mutant finished first stays
