@@ -137,10 +137,10 @@ def weighted_mean_ci(sums, counts, boot: Bootstrap = Bootstrap()) -> tuple[float
         return result.confidence_interval
 
     with warnings.catch_warnings():
-        # BCa cannot always estimate its acceleration (a few prompts, heavy ties); it then
-        # returns NaN with a warning, and the percentile interval below stands in.
+        # BCa is undefined when the estimate lies beyond every resample (a few prompts, few
+        # resamples): scipy then returns NaN with a DegenerateDataWarning (a RuntimeWarning) and
+        # the percentile interval of the same resamples stands in.
         warnings.simplefilter("ignore", RuntimeWarning)
-        warnings.simplefilter("ignore", sps.DegenerateDataWarning)
         low, high = interval("BCa")
     if math.isnan(low) or math.isnan(high):
         low, high = interval("percentile")

@@ -6,6 +6,7 @@ rounding shows."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -160,13 +161,28 @@ def test_power_analysis_below_two_prompts_is_none_and_needs_at_least_two():
 
 
 def test_the_interval_falls_back_to_the_percentile_where_bca_is_undefined():
-    """Two prompts (BCa's jackknife has nothing to say): scipy's percentile interval, seeded."""
-    sums, counts = np.array([0.2, 0.4]), np.array([1.0, 1.0])
-    got = stats.weighted_mean_ci(sums, counts, stats.Bootstrap(resamples=1000))
-    want = sps.bootstrap((sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True, vectorized=True,
-                         n_resamples=1000, batch=1000, method="percentile", rng=np.random.default_rng(0)).confidence_interval
-    assert got == pytest.approx((want.low, want.high), abs=1e-12) and got[0] < got[1]
-    # A wider level widens it; another seed moves it.
+    """Nine resamples of three prompts, seed 28: the point estimate (0.225) is the largest resample, so BCa's
+    bias correction is infinite and scipy returns NaN (the premise is checked). The percentile interval of the
+    same resamples stands in, and neither of scipy's warnings reaches the user."""
+    sums, counts = np.array([0.2, 0.4, 0.3]), np.array([1.0, 1.0, 2.0])
+
+    def scipy_interval(method):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sps.bootstrap((sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True,
+                                 vectorized=True, n_resamples=9, batch=1000, method=method,
+                                 rng=np.random.default_rng(28)).confidence_interval
+
+    assert np.isnan(scipy_interval("BCa").low) and np.isnan(scipy_interval("BCa").high)
+    want = scipy_interval("percentile")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = stats.weighted_mean_ci(sums, counts, stats.Bootstrap(resamples=9, seed=28))
+    assert got == pytest.approx((want.low, want.high), abs=1e-12)
+    assert got == pytest.approx((0.152, 0.225), abs=1e-12)
+
+
+def test_a_wider_level_widens_the_interval():
     wide = stats.weighted_mean_ci(np.array([0.2, 0.3, 0.5, 0.1]), np.ones(4), stats.Bootstrap(confidence=0.99, resamples=1000))
     narrow = stats.weighted_mean_ci(np.array([0.2, 0.3, 0.5, 0.1]), np.ones(4), stats.Bootstrap(confidence=0.8, resamples=1000))
     assert wide[0] < narrow[0] and wide[1] > narrow[1]
