@@ -264,7 +264,8 @@ def python_dict_records(data: bytes, variable: str, origin: str) -> list[Record]
     try:
         tree = ast.parse(text, filename=origin)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
-        raise ClipevalError(f"{origin}: not valid Python source ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+        detail = str(err)  # one line ("msg (file, line n)"); a MemoryError (nesting too deep) has none
+        raise ClipevalError(f"{origin}: not valid Python source ({type(err).__name__}{': ' * bool(detail)}{detail})") from err
     found = None
     for node in tree.body:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []

@@ -55,6 +55,51 @@ def test_an_unknown_file_type_names_the_accepted_ones(cli, tmp_path, name, messa
     assert result.exit_code == 2 and result.stderr == f"clipeval: error: {message}\n"
 
 
+BUILT_IN = ("drawbench, geneval, hpsv2-anime, hpsv2-concept-art, hpsv2-paintings, hpsv2-photo, hpsv2, parti, "
+            "simpletuner, smoke")
+
+
+@pytest.mark.parametrize("spec, message", [
+    # A file name, or anything with a folder in it, is a file that is not there, not a library name.
+    ("missing.tsv", "prompt library file not found: missing.tsv"),
+    ("MISSING.JSONL", "prompt library file not found: MISSING.JSONL"),
+    ("prompts/missing", "prompt library file not found: prompts/missing"),
+    ("prompts\\missing", "prompt library file not found: prompts\\missing"),
+    # Otherwise a name: the close ones first (at most three, from a ratio of 0.5), then every built-in.
+    ("partiprompts", f"unknown prompt library 'partiprompts'. Did you mean parti? Built-in: {BUILT_IN}; or give a file path."),
+    ("hpsv2-", "unknown prompt library 'hpsv2-'. Did you mean hpsv2 or hpsv2-photo or hpsv2-anime? "
+               f"Built-in: {BUILT_IN}; or give a file path."),
+    ("zzz", f"unknown prompt library 'zzz'. Built-in: {BUILT_IN}; or give a file path."),
+])
+def test_a_library_that_is_not_there_is_one_exact_line(cli, tmp_path, monkeypatch, spec, message):
+    monkeypatch.chdir(tmp_path)
+    result = cli("prompts", spec)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"clipeval: error: {message}\n"
+
+
+def test_a_folder_is_not_a_library(cli, tmp_path):
+    result = cli("prompts", f"{tmp_path}/")
+    assert result.exit_code == 2
+    assert result.stderr == (f"clipeval: error: prompt library {tmp_path}/ is a folder; "
+                             "give a .tsv/.csv/.jsonl/.json/.txt file\n")
+
+
+def test_a_broken_built_in_descriptor_is_named(cli, tmp_path, monkeypatch):
+    """Built-ins are data (prompts/*.toml): one that is broken, or whose file parses to another count
+    than it promises, is a line naming it, not a traceback or a silently shorter library."""
+    from clipeval import prompts
+
+    (tmp_path / "short.txt").write_text("one\ntwo\n")
+    (tmp_path / "short.toml").write_text('description = "d"\ncount = 3\nfiles = [{name = "short.txt", format = "txt"}]\n')
+    monkeypatch.setattr(prompts, "_library_dir", lambda: tmp_path)
+    result = cli("prompts", "short")
+    assert result.exit_code == 2 and result.stderr == "clipeval: error: library short: expected 3 prompts, parsed 2\n"
+    (tmp_path / "broken.toml").write_text('description = "d"\nfiles = []\n')
+    result = cli("prompts", "short")
+    assert result.exit_code == 2 and result.stderr == "clipeval: error: broken library descriptor broken.toml: 'count'\n"
+
+
 def test_an_unreadable_file_says_why(cli, tmp_path, monkeypatch):
     """As root (CI) every file is readable, so the failed read is made by hand: the OS's own reason."""
     import errno
@@ -74,13 +119,16 @@ def test_an_unreadable_file_says_why(cli, tmp_path, monkeypatch):
 def _rows(cli, path) -> list[list[str]]:
     result = cli("prompts", path)
     assert result.exit_code == 0, result.stderr
-    return list(csv.reader(io.StringIO(result.stdout)))
+    # The bytes, not click's result.stdout, which turns CRLF into LF.
+    return list(csv.reader(io.StringIO(result.stdout_bytes.decode(), newline="")))
 
 
 GOOD = [
     # Columns matched case-insensitively, best alias first; the named column wins over "text".
     ("csv", b"Text,Caption,CATEGORIES,Challenge\nt,c,k,h\n", [["0", "c", "k", "h"]]),
     ("csv", b'prompt\n"a, quoted ""one"""\r\n"two\nlines"\n', [["0", 'a, quoted "one"', "", ""], ["1", "two\nlines", "", ""]]),
+    # A line break inside quotes is the prompt's own: kept as written, CRLF included.
+    ("csv", b'prompt\r\n"two\r\nlines"\r\n', [["0", "two\r\nlines", "", ""]]),
     # TSV never unquotes (Parti's prompts may start with a quote); blank rows are skipped, line numbers kept.
     ("tsv", b'prompt\n"quoted" start\n\t\n \nlast\n', [["0", '"quoted" start', "", ""], ["1", "last", "", ""]]),
     # LF only: U+2028 stays inside its prompt; CRLF is tolerated; the last line needs no newline.
@@ -157,6 +205,8 @@ def test_a_descriptor_names_its_columns_format_and_variable():
 
 @pytest.mark.parametrize("source, message", [
     (b"prompts = {'a': 'x'\n", "lib.py: not valid Python source (SyntaxError: '{' was never closed (lib.py, line 1))"),
+    (b"prompts = " + b"-" * 100_000 + b"1\n", "lib.py: not valid Python source (MemoryError)"),
+    (b"prompts = {'a': '\xff'}\n", "lib.py: not valid UTF-8 (byte 0xff at offset 17); save the file as UTF-8"),
     (b"other = {}\n", "lib.py: no top-level assignment to 'prompts'"),
     (b"\nprompts = ['a']\n", "lib.py: line 2: prompts is not a dict literal"),
     (b"prompts = {\n  'a': 'x',\n  3: 'y'}\n", "lib.py: line 3: prompts has a key that is not a plain string"),
