@@ -67,24 +67,26 @@ def _unscaled(x: float) -> float:
     return LOW + x * (HIGH - LOW)
 
 
-def bets(x, alpha: float = ALPHA, theta: float = THETA, prior_variance: float = PRIOR_VARIANCE):
+def bets(x, alpha: float = ALPHA):
     """Predictable plug-in bets (the paper's eq. 26, as confseq's ``lambda_predmix_eb``): bet t uses
     the mean and variance of the first t - 1 values only, each regularised by one pseudo-observation
-    (mean 1/2, variance ``prior_variance``). Returns (bets for the upward capital, the downward)."""
+    (mean 1/2, variance PRIOR_VARIANCE). Returns (bets for the upward capital, the downward).
+
+    For CLIP deltas (a few hundredths of the [-2, 2] range) every bet exceeds log_capital's cap;
+    they matter for scorers whose deltas spread wider."""
     import numpy as np
 
     x = np.asarray(x, float)
     t = np.arange(1, len(x) + 1)
-    mean = np.minimum((0.5 + np.cumsum(x)) / (t + 1), 1)
-    variance = (prior_variance + np.cumsum((x - mean) ** 2)) / (t + 1)
-    before = np.append(prior_variance, variance[:-1])
-    up = np.sqrt(2 * np.log(1 / (alpha * theta)) / (t * np.log1p(t) * before))
-    down = np.sqrt(2 * np.log(1 / (alpha * (1 - theta))) / (t * np.log1p(t) * before))
+    mean = (0.5 + np.cumsum(x)) / (t + 1)  # below 1 for values in [0, 1]: confseq's cap at 1 never binds
+    variance = (PRIOR_VARIANCE + np.cumsum((x - mean) ** 2)) / (t + 1)
+    before = np.append(PRIOR_VARIANCE, variance[:-1])
+    up = np.sqrt(2 * np.log(1 / (alpha * THETA)) / (t * np.log1p(t) * before))
+    down = np.sqrt(2 * np.log(1 / (alpha * (1 - THETA))) / (t * np.log1p(t) * before))
     return up, down
 
 
-def log_capital(x, m: float, population: int, alpha: float = ALPHA, theta: float = THETA,
-                prior_variance: float = PRIOR_VARIANCE):
+def log_capital(x, m: float, population: int, alpha: float = ALPHA):
     """log K+_t(m) and log K-_t(m) for t = 1..n: the wealth of betting that the population mean
     (on [0, 1]) is above, and below, ``m``, after each of the values ``x`` drawn without replacement
     from ``population`` values. Where what was drawn rules m out, the capital betting against it is
@@ -96,7 +98,7 @@ def log_capital(x, m: float, population: int, alpha: float = ALPHA, theta: float
     drawn = np.append(0, np.cumsum(x)[:-1])
     left = population - (t - 1)
     mu = (population * m - drawn) / left  # the mean of what is left, were the population mean m
-    up, down = bets(x, alpha, theta, prior_variance)
+    up, down = bets(x, alpha)
     with np.errstate(divide="ignore", invalid="ignore"):
         up = np.minimum(up, TRUNCATION / mu)
         down = np.minimum(down, TRUNCATION / (1 - mu))
@@ -108,7 +110,9 @@ def log_capital(x, m: float, population: int, alpha: float = ALPHA, theta: float
     too_low, too_high = np.logical_or.accumulate(mu < 0), np.logical_or.accumulate(mu > 1)
     log_up = np.where(too_low, np.inf, np.where(too_high, -np.inf, log_up))
     log_down = np.where(too_high, np.inf, np.where(too_low, -np.inf, log_down))
-    return np.nan_to_num(log_up, nan=np.inf), np.nan_to_num(log_down, nan=np.inf)
+    # Nothing else is NaN: with mu in [0, 1] each bet is at most 1/2 / mu (or 1/2 / (1 - mu)), so
+    # every log1p argument is at least -1/2.
+    return log_up, log_down
 
 
 def asymptotic_bounds(deltas, population: int, alpha: float = ALPHA):
@@ -167,15 +171,14 @@ def decisions(deltas, population: int, margin: float, *, method: str = "asymptot
     """The verdict after each prompt, None until one is reached: the sequence lies wholly below
     -margin (worse), above +margin (better), or inside (-margin, +margin). The last prompt of the
     library never decides: the mean is then known exactly and the fixed-size answer stands."""
+    _known(method)
     if not len(deltas):
         return []
     if method == "betting":
         below, above, not_below, not_above = _betting_flags(deltas, population, margin, alpha)
-    elif method == "asymptotic":
+    else:
         lower, upper = asymptotic_bounds(deltas, population, alpha)
         below, above, not_below, not_above = upper < -margin, lower > margin, lower > -margin, upper < margin
-    else:
-        raise ValueError(f"unknown method {method!r}")
     out: list[str | None] = []
     for i, (b, a, nb, na) in enumerate(zip(below, above, not_below, not_above)):
         if i + 1 >= population:
@@ -183,6 +186,11 @@ def decisions(deltas, population: int, margin: float, *, method: str = "asymptot
         else:
             out.append(VERDICTS[0] if b else VERDICTS[1] if a else VERDICTS[2] if (nb and na and margin > 0) else None)
     return out
+
+
+def _known(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
 
 
 def betting_interval(deltas, population: int, alpha: float = ALPHA) -> tuple[float, float]:
@@ -219,13 +227,14 @@ def betting_interval(deltas, population: int, alpha: float = ALPHA) -> tuple[flo
         return LOW, HIGH
     if n >= population:
         return _unscaled(logical[0]), _unscaled(logical[1])
-    centre = float(np.clip(x.mean(), logical[0], logical[1]))
+    centre = float(x.mean())  # inside the logical bounds: drawn / N <= drawn / n <= (drawn + N - n) / N
     low = max(edge(rejected_from_below, centre, logical[0]), logical[0])
     high = min(edge(rejected_from_above, centre, logical[1]), logical[1])
     return _unscaled(low), _unscaled(high)
 
 
 def interval(deltas, population: int, *, method: str = "asymptotic", alpha: float = ALPHA) -> tuple[float, float]:
+    _known(method)
     if method == "betting":
         return betting_interval(deltas, population, alpha)
     if not len(deltas):

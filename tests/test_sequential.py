@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,93 @@ def test_the_betting_capital_equals_confseqs(m):
     theirs_down = reference.betting_mart(x, m, lambdas_fn_positive=lam, lambdas_fn_negative=lam, N=population, theta=0)
     assert np.allclose(np.exp(up), theirs_up, rtol=1e-9, atol=0)
     assert np.allclose(np.exp(down), theirs_down, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("m, alpha", [(0.45, sq.ALPHA), (0.5, sq.ALPHA), (0.52, 0.2)])
+def test_the_betting_capital_equals_confseqs_where_the_bets_are_below_the_cap(m, alpha):
+    """CLIP deltas (a few hundredths) make every plug-in bet exceed the truncation 1/2 / mu, so the test
+    above never sees the bets themselves. Deltas spread over [-1, 1] (a scorer of probabilities can
+    differ that much) put two thirds of them below the cap: the bets are then confseq's, at any level."""
+    population = 300
+    x = sq._scaled(np.random.default_rng(0).uniform(-1, 1, population))[:250]
+    t = np.arange(1, 251)
+    mu = (population * m - np.append(0, np.cumsum(x)[:-1])) / (population - t + 1)
+    up, down = sq.bets(x, alpha)
+    assert (up < 0.5 / mu).mean() > 0.5 and (down < 0.5 / (1 - mu)).mean() > 0.5
+    log_up, log_down = sq.log_capital(x, m, population, alpha)
+    for theta, ours in ((1, log_up), (0, log_down)):
+        share = sq.THETA if theta else 1 - sq.THETA
+        lam = lambda x, m, share=share: reference.lambda_predmix_eb(x, alpha=alpha * share, prior_variance=sq.PRIOR_VARIANCE)  # noqa: E731
+        theirs = reference.betting_mart(x, m, lambdas_fn_positive=lam, lambdas_fn_negative=lam, N=population, theta=theta)
+        assert np.allclose(np.exp(ours), theirs, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("m", [0.0, 0.01, 0.99, 1.0])
+def test_a_mean_the_values_drawn_rule_out_is_rejected_from_its_own_side_without_warnings(m):
+    """From the first draw on which the rest of the library would need a mean below 0 (or above 1), the
+    capital betting against m is +inf and the other -inf, never NaN; the divisions by a mean of the rest
+    of exactly 0 or 1 on the way print nothing (a user would see numpy's RuntimeWarning)."""
+    x = sq._scaled(np.random.default_rng(0).uniform(-1, 1, 50))
+    population = 60
+    t = np.arange(1, 51)
+    mu = (population * m - np.append(0, np.cumsum(x)[:-1])) / (population - t + 1)
+    out = np.logical_or.accumulate((mu < 0) | (mu > 1))
+    assert 0 < out.argmax() < 3 and out[-1]  # ruled out after a draw or two, and from then on
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        up, down = sq.log_capital(x, m, population)
+    against, other = (up, down) if m < 0.5 else (down, up)
+    assert np.isfinite(up[~out]).all() and np.isfinite(down[~out]).all()
+    assert (against[out] == np.inf).all() and (other[out] == -np.inf).all()
+
+
+@pytest.mark.parametrize("alpha", [sq.ALPHA, 0.2])
+def test_the_betting_interval_ends_where_the_capital_first_rejects_to_1e8(alpha):
+    """Each end is a candidate mean the capital rejects, and 1e-8 (in delta) inside it one it does not:
+    the documented precision of the bisection, at the level asked for."""
+    population = 300
+    d = np.clip(-0.05 + 0.5 * np.random.default_rng(9).standard_normal(120), -2, 2)
+    x = sq._scaled(d)
+    low, high = sq.betting_interval(list(d), population, alpha)
+    threshold = math.log(1 / alpha)
+
+    def rejected(delta, side):  # side 0: from below (upward capital), 1: from above (downward)
+        share = sq.THETA if side == 0 else 1 - sq.THETA
+        return math.log(share) + sq.log_capital(x, sq._scaled(delta), population, alpha)[side][-1] >= threshold
+
+    assert -2 < low < d.mean() < high < 2
+    assert rejected(low, 0) and not rejected(low + 1e-8, 0)
+    assert rejected(high, 1) and not rejected(high - 1e-8, 1)
+
+
+def test_an_unknown_method_is_refused_by_name_and_the_default_is_asymptotic():
+    d = list(np.random.default_rng(3).normal(-0.02, 0.01, 80))
+    assert sq.interval(d, 100) == sq.interval(d, 100, method="asymptotic") != sq.interval(d, 100, method="betting")
+    assert sq.decisions(d, 100, 0.0) == sq.decisions(d, 100, 0.0, method="asymptotic")
+    for call in (lambda: sq.decisions([0.1], 10, 0.0, method="bayes"), lambda: sq.interval([0.1], 10, method="bayes"),
+                 lambda: sq.interval([0.1], 10, method="Betting")):
+        with pytest.raises(ValueError, match=r"^unknown method '(bayes|Betting)'; one of asymptotic, betting$"):
+            call()
+
+
+def test_the_asymptotic_bounds_are_the_martingale_form_in_a_small_library():
+    """Where the without-replacement terms matter (300 prompts, up to 299 seen), each bound against a
+    prompt-by-prompt evaluation of the docstring's formula: A_t, B_t summed term by term, the plug-in
+    variance from scratch, the logical bounds, the burn-in."""
+    population, alpha = 300, sq.ALPHA
+    d = np.random.default_rng(8).normal(-0.004, 0.03, 299)
+    low, high = sq.asymptotic_bounds(d, population, alpha)
+    rho2 = (-2 * math.log(alpha) + math.log(-2 * math.log(alpha) + 1)) / (population / 2)
+    for t in range(1, 300):
+        seen = d[:t]
+        a = sum(population / (population - i + 1) for i in range(1, t + 1))
+        b = sum(d[: i - 1].sum() / (population - i + 1) for i in range(1, t + 1))
+        variance = seen.var(ddof=1) if t > 1 else 0.0
+        radius = math.sqrt(variance * (t * rho2 + 1) / rho2 * 2 * math.log(math.sqrt(t * rho2 + 1) / alpha))
+        logical = ((seen.sum() + (population - t) * sq.LOW) / population, (seen.sum() + (population - t) * sq.HIGH) / population)
+        want = ((max((seen.sum() + b - radius) / a, logical[0]), min((seen.sum() + b + radius) / a, logical[1]))
+                if t >= sq.BURN_IN else logical)
+        assert (low[t - 1], high[t - 1]) == pytest.approx(want, rel=1e-9, abs=1e-12), t
 
 
 def test_the_betting_interval_equals_confseqs_hedged_sequence():
@@ -193,20 +281,24 @@ def test_at_exactly_the_margin_any_decision_is_rare(method):
     assert wrong / 100 <= sq.ALPHA
 
 
-@pytest.mark.parametrize("population, shift, margin, seed, verdict, alpha", [
-    (300, -0.012, 0.005, 20, "worse", sq.ALPHA),
-    (300, 0.012, 0.005, 21, "better", sq.ALPHA),
-    (300, 0.0, 0.02, 22, "no difference larger than the margin", sq.ALPHA),
-    (300, -0.012, 0.005, 24, "worse", 0.2),  # another level reaches every capital
-    (8, -1.2, 0.005, 23, "worse", sq.ALPHA),  # a tiny library of large drops: the values drawn decide, not the capital
+@pytest.mark.parametrize("population, shift, margin, seed, verdict, alpha, spread", [
+    (300, -0.012, 0.005, 20, "worse", sq.ALPHA, None),
+    (300, 0.012, 0.005, 21, "better", sq.ALPHA, None),
+    (300, 0.0, 0.02, 22, "no difference larger than the margin", sq.ALPHA, None),
+    (300, -0.012, 0.005, 24, "worse", 0.2, None),  # another level reaches every capital
+    # Deltas spread wide enough that the bets themselves count (CLIP's are all capped), at another level.
+    (200, -0.15, 0.05, 25, "worse", 0.2, 0.6),
+    (200, 0.15, 0.05, 26, "better", 0.2, 0.6),
+    (8, -1.2, 0.005, 23, "worse", sq.ALPHA, 0.3),  # a tiny library of large drops: the values drawn decide, not the capital
 ])
-def test_each_betting_decision_is_the_verdict_of_the_betting_interval_so_far(population, shift, margin, seed, verdict, alpha):
+def test_each_betting_decision_is_the_verdict_of_the_betting_interval_so_far(population, shift, margin, seed, verdict, alpha,
+                                                                              spread):
     """decisions(method='betting') reads the capitals at exactly ±margin; betting_interval (equal to
     confseq's hedged sequence) bisects the same capitals independently. After every prefix both must
     give the same verdict, including where the logical bounds decide (the last case)."""
     rng = np.random.default_rng(seed)
-    if population < 50:
-        d = list(np.clip(shift + 0.3 * rng.standard_normal(population), -2, 2))
+    if spread:
+        d = list(np.clip(shift + spread * rng.standard_normal(population), -2, 2))
     else:
         d = list(rng.permutation(_population(population, seed, shift)))
     got = sq.decisions(d, population, margin, method="betting", alpha=alpha)
