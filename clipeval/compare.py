@@ -172,12 +172,12 @@ def _compare_one(base: RunScores, run: RunScores, margin: float, boot: Bootstrap
     )
     if paired.empty:
         raise ClipevalError(f"{run.name} and {base.name} share no image (same prompt_id, sample and prompt)")
-    overall = _delta(paired, "overall", "all", margin, boot, with_power=True)
+    overall = _delta(paired, "overall", "all", boot, with_power=True)
     groups = []
     for kind in ("category", "challenge"):
         labelled = paired[paired[kind] != ""]
         for label, part in labelled.groupby(kind, sort=True):
-            groups.append(_delta(part, kind, str(label), margin, boot))
+            groups.append(_delta(part, kind, str(label), boot))
     groups.sort(key=lambda g: (-abs(g.delta), g.kind, g.label))
     return RunComparison(
         name=run.name,
@@ -190,7 +190,7 @@ def _compare_one(base: RunScores, run: RunScores, margin: float, boot: Bootstrap
     )
 
 
-def _delta(paired, kind: str, label: str, margin: float, boot: Bootstrap, with_power: bool = False) -> GroupDelta:
+def _delta(paired, kind: str, label: str, boot: Bootstrap, with_power: bool = False) -> GroupDelta:
     import numpy as np
     from scipy import stats as sps
 

@@ -221,11 +221,13 @@ def test_baseline_option_and_three_runs_and_csv(cli, tmp_path):
 
 def test_markdown_escapes_table_cells(cli, tmp_path):
     scores = base_scores()
-    scores["category"] = np.where(scores["prompt_id"] % 2, "a|b", "c")
+    scores["category"] = np.where(scores["prompt_id"] % 2, "a|b", "two\nlines")
     a = make_run(tmp_path / "a", scores)
     b = make_run(tmp_path / "b", scores.assign(clip_score=scores["clip_score"] + 0.01))
     out = cli("compare", a, b, "--format", "markdown", "--resamples", "500").stdout
     assert "a\\|b" in out and "| a|b |" not in out
+    rows = [line for line in out.splitlines() if "two" in line]  # a line break would end the table's row
+    assert rows and all(line.startswith("| category | two lines |") for line in rows), rows
 
 
 @pytest.mark.parametrize("setup, needle", [
@@ -241,7 +243,37 @@ def test_bad_run_folders(cli, tmp_path, setup, needle):
 
 
 def test_one_run_is_not_a_comparison(cli, tmp_path):
-    assert_user_error(cli("compare", make_run(tmp_path / "a", base_scores())), "at least two runs")
+    from clipeval import compare
+    from clipeval.errors import ClipevalError
+
+    a = make_run(tmp_path / "a", base_scores())
+    result = cli("compare", a)
+    assert result.exit_code == 2 and result.stderr == (
+        "clipeval: error: compare needs at least two runs (RUN_A RUN_B ..., or one run and --baseline)\n")
+    with pytest.raises(ClipevalError, match=r"^compare needs at least two runs$"):  # the library's own check
+        compare.compare([compare.load_run(a)])
+
+
+def test_what_must_match_is_named_run_by_run_with_the_way_out(cli, tmp_path):
+    """Every difference, joined by '; ', then what to do: --metric where the scorers differ, else
+    --allow-mismatch, which pairs what the runs share, and says so when that is nothing."""
+    scores = base_scores(prompts=12)
+    a = make_run(tmp_path / "a", scores)
+    b = make_run(tmp_path / "b", scores, seed=1, library_sha256="def")
+    c = make_run(tmp_path / "c", scores, clip_model="google/siglip-base-patch16-224")
+    result = cli("compare", a, b)
+    assert result.exit_code == 2 and result.stderr == (
+        f"clipeval: error: runs differ in what must match ({b} has library_sha256 'def', {a} has library_sha256 'abc'; "
+        f"{b} has seed 1, {a} has seed 0); --allow-mismatch compares the prompts they share\n")
+    result = cli("compare", a, c)
+    assert result.exit_code == 2 and result.stderr == (
+        f"clipeval: error: runs differ in what must match ({c} has clip_model 'google/siglip-base-patch16-224', {a} has "
+        "clip_model 'openai/clip-vit-large-patch14-336'); the scores of two scorers are never compared: --metric NAME "
+        "compares a scorer both runs carry\n")
+    d = make_run(tmp_path / "d", scores.assign(prompt=scores["prompt"] + " (reworded)"), library_sha256="def")
+    result = cli("compare", a, d, "--allow-mismatch")
+    assert result.exit_code == 2 and result.stderr == (
+        f"clipeval: error: {d} and {a} share no image (same prompt_id, sample and prompt)\n")
 
 
 @pytest.mark.slow
