@@ -21,6 +21,8 @@ BAD = [
     ("txt", b"a\n\xff\n", "not valid UTF-8 (byte 0xff at offset 2); save the file as UTF-8"),
     ("txt", b"\xff\xfea\x00\x00\xd8", "not valid UTF-16 (byte 0x00 at offset 4); save the file as UTF-8"),
     ("txt", b"one\ntwo\nth\x00ree\n", "line 3: NUL character (a binary file, or UTF-16 without a BOM?)"),
+    ("txt", b"\nfirst\x00 and\nsecond\x00\n", "line 2: NUL character (a binary file, or UTF-16 without a BOM?)"),  # the first
+    ("jsonl", b"{}\n", "line 1: no prompt column (looked for prompt, prompts, caption, text); columns are none"),
     ("txt", b"\n  \n", "no prompts in the file"),
     ("jsonl", b'{"prompt": "a"}\n\n{"prompt": \n', "line 3: invalid JSON (Expecting value)"),
     ("jsonl", b'"a"\n[1]\n', "line 2: expected a string or an object, got list"),
@@ -135,6 +137,7 @@ GOOD = [
     ("txt", "a\u2028b\r\nsecond\nthird".encode(), [["0", "a\u2028b", "", ""], ["1", "second", "", ""], ["2", "third", "", ""]]),
     ("txt", b"\xef\xbb\xbfbom first\n", [["0", "bom first", "", ""]]),
     ("txt", "utf16 é\n".encode("utf-16"), [["0", "utf16 é", "", ""]]),
+    ("txt", b"\xfe\xff" + "big-endian utf16 é\n".encode("utf-16-be"), [["0", "big-endian utf16 é", "", ""]]),
     ("jsonl", b'"plain"\n{"caption": "cap", "category": 3}\n', [["0", "plain", "", ""], ["1", "cap", "3", ""]]),
     ("json", b'[{"prompt": "x", "challenge": null}]', [["0", "x", "", ""]]),
 ]
@@ -197,6 +200,10 @@ def test_a_descriptor_names_its_columns_format_and_variable():
         ("not this", "style", "", "")]
     with pytest.raises(ClipevalError, match=r"^f.csv: no column 'missing'; columns are text, body, kind, hard$"):
         parse_as_described({"name": "f.csv", "category": "missing"}, data)
+    with pytest.raises(ClipevalError, match=r"^f.csv: no column 'Hard'; columns are text, body, kind, hard$"):
+        parse_as_described({"name": "f.csv", "challenge": "Hard"}, data)  # a named column is matched exactly
+    with pytest.raises(ClipevalError, match=r"^f.csv: unknown format 'xml'$"):
+        parse_as_described({"name": "f.csv", "format": "xml"}, data)
     source = b"other = {'x': 'ignored'}\nchosen: dict = {'k': 'a dog'}\n"
     assert parse_as_described({"name": "lib.py", "format": "python-dict", "variable": "chosen"}, source) == [
         ("a dog", "", "", "k")]
