@@ -328,3 +328,26 @@ def test_combined_libraries_are_one_library_in_order_with_their_files(tmp_path):
     assert library.name == f"{first} + {second} + 'validation'" and library.description.startswith(library.name)
     assert [f.name for f in library.files] == ["a.tsv", "b.json"]
     assert load_library(Combined((str(first),))).sha256 == load_library(str(first)).sha256  # one part: the same rows
+
+
+def test_a_built_in_file_is_downloaded_from_its_pinned_url_on_first_use(shared_data, monkeypatch, tmp_path):
+    """With no mirror, the first use of a library reads the URL its descriptor pins (the network is
+    stood in for: nothing may be downloaded here), and the second use the verified cache."""
+    import io
+    import urllib.request
+
+    from clipeval import prompts
+
+    monkeypatch.delenv("CLIPEVAL_LIBRARY_MIRROR", raising=False)
+    monkeypatch.setenv("CLIPEVAL_CACHE_DIR", str(tmp_path))
+    asked = []
+
+    def urlopen(url, timeout):
+        asked.append(url)
+        return io.BytesIO((shared_data / "PartiPrompts.tsv").read_bytes())
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    assert len(prompts.load_library("parti").prompts) == 1632
+    assert len(prompts.load_library("parti").prompts) == 1632
+    assert asked == ["https://raw.githubusercontent.com/google-research/parti/5a657978134374ce28973948331b319adef164bd/"
+                     "PartiPrompts.tsv"]
