@@ -38,18 +38,22 @@ def test_the_order_is_the_sha256_order_and_a_prefix_of_any_longer_library():
         f"clipeval-order:0:{p}".encode()).digest())][:3]
 
 
+def _assert_capital_equals_confseqs(x, m: float, population: int, alpha: float = sq.ALPHA) -> None:
+    log_up, log_down = sq.log_capital(x, m, population, alpha)
+    for theta, ours in ((1, log_up), (0, log_down)):
+        share = sq.THETA if theta else 1 - sq.THETA
+        lam = lambda x, m, share=share: reference.lambda_predmix_eb(x, alpha=alpha * share, prior_variance=sq.PRIOR_VARIANCE)  # noqa: E731
+        theirs = reference.betting_mart(x, m, lambdas_fn_positive=lam, lambdas_fn_negative=lam, N=population, theta=theta)
+        assert np.allclose(np.exp(ours), theirs, rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("m", [0.497, 0.499, 0.5, 0.501, 0.52])
 def test_the_betting_capital_equals_confseqs(m):
     """clipeval's capital processes against confseq's betting_mart on the same data: bets of
     alpha * theta each side, truncation 1/2, without replacement from 300 values."""
     population = 300
     x = sq._scaled(np.random.default_rng(0).permutation(_population(population, 1, -0.002)))[:250]
-    up, down = sq.log_capital(x, m, population)
-    lam = lambda x, m: reference.lambda_predmix_eb(x, alpha=sq.ALPHA * sq.THETA, prior_variance=sq.PRIOR_VARIANCE)  # noqa: E731
-    theirs_up = reference.betting_mart(x, m, lambdas_fn_positive=lam, lambdas_fn_negative=lam, N=population, theta=1)
-    theirs_down = reference.betting_mart(x, m, lambdas_fn_positive=lam, lambdas_fn_negative=lam, N=population, theta=0)
-    assert np.allclose(np.exp(up), theirs_up, rtol=1e-9, atol=0)
-    assert np.allclose(np.exp(down), theirs_down, rtol=1e-9, atol=0)
+    _assert_capital_equals_confseqs(x, m, population)
 
 
 @pytest.mark.parametrize("m, alpha", [(0.45, sq.ALPHA), (0.5, sq.ALPHA), (0.52, 0.2)])
@@ -63,12 +67,7 @@ def test_the_betting_capital_equals_confseqs_where_the_bets_are_below_the_cap(m,
     mu = (population * m - np.append(0, np.cumsum(x)[:-1])) / (population - t + 1)
     up, down = sq.bets(x, alpha)
     assert (up < 0.5 / mu).mean() > 0.5 and (down < 0.5 / (1 - mu)).mean() > 0.5
-    log_up, log_down = sq.log_capital(x, m, population, alpha)
-    for theta, ours in ((1, log_up), (0, log_down)):
-        share = sq.THETA if theta else 1 - sq.THETA
-        lam = lambda x, m, share=share: reference.lambda_predmix_eb(x, alpha=alpha * share, prior_variance=sq.PRIOR_VARIANCE)  # noqa: E731
-        theirs = reference.betting_mart(x, m, lambdas_fn_positive=lam, lambdas_fn_negative=lam, N=population, theta=theta)
-        assert np.allclose(np.exp(ours), theirs, rtol=1e-9, atol=0)
+    _assert_capital_equals_confseqs(x, m, population, alpha)
 
 
 @pytest.mark.parametrize("m", [0.0, 0.01, 0.99, 1.0])
