@@ -36,21 +36,30 @@ class ImageTransform:
 
     @classmethod
     def from_processor(cls, processor: Any) -> "ImageTransform":
-        if "spatial_shapes" in getattr(processor, "model_input_names", ()):
+        """The processor's own configuration, switches included (a resize, crop, rescale or
+        normalisation it turns off is off here too); what this class cannot reproduce pixel for
+        pixel is refused, and the scorer then takes the exact path."""
+        if "spatial_shapes" in processor.model_input_names:
             raise ValueError("the fast path cannot reproduce NaFlex patching (each image on its own patch grid)")
-        size = _as_dict(getattr(processor, "size", None))
-        crop = _as_dict(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else {}
-        resample = int(getattr(processor, "resample", 3))
+        if getattr(processor, "rescale_offset", False):  # EfficientNet's (ALIGN's) [-1, 1] rescale
+            raise ValueError("the fast path cannot reproduce rescale_offset")
+        size = _as_dict(processor.size) if processor.do_resize else {}
+        if size and set(size) not in ({"shortest_edge"}, {"height", "width"}):
+            raise ValueError(f"the fast path cannot reproduce a resize to {size}")
+        # transformers 4's SigLIP processors have no crop attributes at all
+        crop = _as_dict(processor.crop_size) if getattr(processor, "do_center_crop", False) else {}
+        resample = int(processor.resample)
         if resample not in _TORCH_MODES:
-            raise ValueError(f"the fast path cannot reproduce PIL resample mode {resample}; use exact")
+            raise ValueError(f"the fast path cannot reproduce PIL resample mode {resample}")
+        normalise = processor.do_normalize
         return cls(
             shortest_edge=size.get("shortest_edge"),
             size=(size["height"], size["width"]) if "height" in size else None,
             crop=(crop["height"], crop["width"]) if crop else None,
             resample=resample,
-            rescale=float(getattr(processor, "rescale_factor", 1 / 255)),
-            mean=tuple(processor.image_mean),
-            std=tuple(processor.image_std),
+            rescale=float(processor.rescale_factor) if processor.do_rescale else 1.0,
+            mean=tuple(processor.image_mean) if normalise else (0.0, 0.0, 0.0),
+            std=tuple(processor.image_std) if normalise else (1.0, 1.0, 1.0),
         )
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -132,20 +141,20 @@ def _centre_crop(x, crop_h: int, crop_w: int):
 
 def exact(processor: Any, images) -> dict[str, Any]:
     """The model's own processor on PIL images made from uint8 tensors (a batch or a list): the
-    image tower's inputs, on the CPU where the processor works. Pixel values in float32, and
-    whatever else the tower takes (a NaFlex tower: each image's patch mask and grid shape)."""
-    import torch
+    image tower's inputs, on the CPU where the processor works: pixel values (float32, as every
+    processor returns them), and whatever else the tower takes (a NaFlex tower: each image's
+    patch mask and grid shape)."""
     from PIL import Image
 
     pil = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images]
     out = processor(images=pil, return_tensors="pt")
-    names = getattr(processor, "model_input_names", None) or ["pixel_values"]
-    return {k: out[k].to(torch.float32) if k == "pixel_values" else out[k] for k in names if k in out}
+    return {k: out[k] for k in processor.model_input_names if k in out}
 
 
 def _as_dict(value: Any) -> dict[str, int]:
+    """A size as transformers 5 keeps it (a ``SizeDict`` with every key, most None) or as 4 did
+    (a plain dict of the keys set) → the keys that are set."""
     if value is None:
         return {}
-    if isinstance(value, dict):
-        return {k: v for k, v in value.items() if v is not None}
-    return {k: v for k, v in vars(value).items() if v is not None and not k.startswith("_")}
+    items = value.items() if isinstance(value, dict) else vars(value).items()
+    return {k: v for k, v in items if v is not None}

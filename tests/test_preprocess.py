@@ -118,3 +118,73 @@ def test_the_accelerators_path_keeps_to_uint8_levels_at_hard_edges():
     theirs = exact(processor, batch.to(torch.uint8))["pixel_values"]
     # On these flat regions and hard edges the two rounded passes are PIL's exactly (not just within a level).
     assert ((x - theirs).abs() * torch.tensor(STD).view(1, 3, 1, 1) * 255).max() < 1e-3
+
+
+SWITCHES = ["do_resize", "do_center_crop", "do_rescale", "do_normalize"]
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_a_step_the_processor_turns_off_is_off_in_the_fast_path(switch):
+    """A processor configured without a step (a custom scorer's preprocessor_config.json) must get
+    the processor's pixels, not CLIP's usual ones."""
+    processor = clip_processor(40, (23, 27))
+    setattr(processor, switch, False)
+    batch = images(2, 41, 57, seed=7)
+    ours = ImageTransform.from_processor(processor)(batch)
+    theirs = exact(processor, batch)["pixel_values"]
+    assert ours.shape == theirs.shape == ((2, 3, 40, 55) if switch == "do_center_crop" else (2, 3, 23, 27))
+    # values reach 255 / 0.26 without the rescale: float32 rounding of the normalisation, relative
+    assert ((ours - theirs).abs() / theirs.abs().clamp(min=1)).max() < 1e-5
+
+
+def test_sizes_kept_as_transformers_4_kept_them_give_the_same_transform():
+    """transformers 4 kept sizes as plain dicts of the keys set, and its SigLIP processors had no
+    crop attributes at all; the fast path built from either equals the one from transformers 5's."""
+    from types import SimpleNamespace
+
+    current = clip_processor(40, (23, 27))
+    old = clip_processor(40, (23, 27))
+    old.size, old.crop_size = {"shortest_edge": 40}, {"height": 23, "width": 27}
+    assert ImageTransform.from_processor(old) == ImageTransform.from_processor(current)
+    assert ImageTransform.from_processor(current).shortest_edge == 40
+
+    siglip = siglip_processor(24, 32, resample=3)
+    siglip.rescale_factor = 1 / 127.5  # not the default, so a transform that ignores it differs
+    siglip_4 = SimpleNamespace(
+        size={"height": 24, "width": 32}, resample=3, do_resize=True, do_rescale=True, rescale_factor=1 / 127.5,
+        do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], model_input_names=["pixel_values"],
+    )
+    transform = ImageTransform.from_processor(siglip_4)
+    assert transform == ImageTransform.from_processor(siglip)
+    assert (transform.size, transform.crop, transform.rescale) == ((24, 32), None, 1 / 127.5)
+    batch = images(1, 30, 20, seed=3)
+    assert (transform(batch) - exact(siglip, batch)["pixel_values"]).abs().max() < 1e-5
+
+
+def test_what_else_the_fast_path_cannot_reproduce_is_refused_in_one_line():
+    def refusal(processor) -> str:
+        with pytest.raises(ValueError) as err:
+            ImageTransform.from_processor(processor)
+        return str(err.value)
+
+    from transformers import Siglip2ImageProcessorPil
+
+    assert refusal(Siglip2ImageProcessorPil()) == (
+        "the fast path cannot reproduce NaFlex patching (each image on its own patch grid)")
+    assert refusal(clip_processor(32, (32, 32), resample=1)) == "the fast path cannot reproduce PIL resample mode 1"
+    longest = clip_processor(32, (32, 32))
+    longest.size = {"longest_edge": 32}
+    assert refusal(longest) == "the fast path cannot reproduce a resize to {'longest_edge': 32}"
+    offset = siglip_processor(24, 24)
+    offset.rescale_offset = True
+    assert refusal(offset) == "the fast path cannot reproduce rescale_offset"
+    offset.rescale_offset = False
+    assert ImageTransform.from_processor(offset).size == (24, 24)
+
+
+def test_the_fast_path_stays_on_the_images_device():
+    """On the meta device any CPU tensor mixed into the computation is an error, so this is the
+    accelerator's path without an accelerator: resize, crop and normalisation all on the batch's device."""
+    transform = ImageTransform.from_processor(clip_processor(40, (23, 27)))
+    out = transform(torch.zeros(2, 3, 41, 57, device="meta"))
+    assert out.device.type == "meta" and tuple(out.shape) == (2, 3, 23, 27) and out.dtype == torch.float32

@@ -373,7 +373,7 @@ def test_a_resampling_the_fast_path_cannot_reproduce_falls_back_to_exact_and_say
     said = []
     scorer = ClipScorer(str(folder), name="nearest", log=said.append)
     assert scorer.preprocess == "exact" and scorer.transform is None
-    assert said == ["nearest: the fast path cannot reproduce PIL resample mode 0; use exact; using --preprocess exact"]
+    assert said == ["nearest: the fast path cannot reproduce PIL resample mode 0; using --preprocess exact"]
     images = smooth_images(2, 40, 48)
     assert scorer.score(images, PROMPTS[:2])[0] == ClipScorer(str(folder), preprocess="exact").score(images, PROMPTS[:2])[0]
 
