@@ -26,6 +26,8 @@ def hub_error(err: BaseException) -> str:
         return "no such model on the Hub (or it is private: log in with huggingface-cli login)"
     if "LocalEntryNotFound" in name or "offline" in first.lower() or "couldn't connect" in first.lower():
         return "not in the local Hugging Face cache and the Hub cannot be reached (offline?)"
+    if "cannot be loaded with `safetensors`" in first:  # transformers' "do not set use_safetensors=True"
+        return f"it has only pickle weights: {PICKLE_HINT}"
     if "does not appear to have a file named" in first and _hub_offline():
         return "not in the local Hugging Face cache, and HF_HUB_OFFLINE forbids downloading it"
     return f"{first} ({name})"

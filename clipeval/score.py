@@ -9,6 +9,7 @@ CLIP pools on (torchmetrics slices it off), and are flagged.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -156,9 +157,9 @@ class ClipScorer:
     def _autocast(self):
         """Mixed precision for --clip-dtype bfloat16/float16 on the image tower: matmuls in half,
         the rest in float32."""
-        torch = self._torch
-        half = None if self.dtype == "float32" else torch_dtype(self.dtype)
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=half or torch.float32, enabled=half is not None)
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return self._torch.autocast(device_type=self.device.split(":")[0], dtype=torch_dtype(self.dtype))
 
     # -- text ------------------------------------------------------------------------------
     def embed_texts(self, prompts: Sequence[str]) -> list[TextEmbedding]:

@@ -224,6 +224,22 @@ def run_subprocess(args: list[str], *, env: dict[str, str] | None = None, timeou
     )
 
 
+def cache_repo(repo_id: str, folder: Path, commit: str = "a" * 40, *, ref: str = "main", skip: tuple[str, ...] = ()) -> str:
+    """Lay out one revision of a hub repo in the (test) Hugging Face cache, as a download would have:
+    ``folder``'s files but those named in ``skip``, under ``commit``, which ``ref`` points to. A file
+    looked for and not in the repo is marked in ``.no_exist``, as huggingface_hub marks it."""
+    root = Path(os.environ["HF_HUB_CACHE"], "models--" + repo_id.replace("/", "--"))
+    snapshot = root / "snapshots" / commit
+    if not snapshot.is_dir():
+        shutil.copytree(folder, snapshot, ignore=lambda _, names: [n for n in names if n in skip])
+        for name in skip:
+            (root / ".no_exist" / commit).mkdir(parents=True, exist_ok=True)
+            (root / ".no_exist" / commit / name).touch()
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / ref).write_text(commit)
+    return commit
+
+
 def files_of(run_dir: Path) -> dict[str, bytes]:
     """The result files that must be identical between equivalent runs (not the manifest's times)."""
     names = ["scores.csv", "prompts.csv", "summary.json"]

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import assert_user_error
+from conftest import assert_user_error, cache_repo
 
 
 @pytest.fixture
@@ -297,24 +297,9 @@ def test_checkpoints_that_ask_for_custom_code_are_refused(run_tiny, models, tmp_
 
 # -- the Hugging Face Hub, offline --------------------------------------------------------------------
 
-def _cache_repo(repo_id: str, folder, commit: str = "a" * 40):
-    """Lay out a hub repo in the (test) Hugging Face cache, as a download would have."""
-    import os
-    import shutil
-
-    root = os.path.join(os.environ["HF_HUB_CACHE"], "models--" + repo_id.replace("/", "--"))
-    snapshot = os.path.join(root, "snapshots", commit)
-    if not os.path.isdir(snapshot):
-        shutil.copytree(folder, snapshot)
-        os.makedirs(os.path.join(root, "refs"), exist_ok=True)
-        with open(os.path.join(root, "refs", "main"), "w") as f:
-            f.write(commit)
-    return commit
-
-
 def test_hub_ids_load_from_the_cache_offline_with_revisions(run_tiny, models, tmp_path):
-    commit = _cache_repo("clipeval-tests/tiny-sd", models.sd)
-    _cache_repo("clipeval-tests/tiny-clip", models.clip, "b" * 40)
+    commit = cache_repo("clipeval-tests/tiny-sd", models.sd)
+    cache_repo("clipeval-tests/tiny-clip", models.clip, "b" * 40)
     out = tmp_path / "hub"
     result = run_tiny(out, "--limit", "2", "--revision", commit, "--clip-model", "clipeval-tests/tiny-clip",
                       checkpoint="clipeval-tests/tiny-sd")
@@ -337,6 +322,8 @@ def test_hub_ids_load_from_the_cache_offline_with_revisions(run_tiny, models, tm
     ("RepositoryNotFoundError", "404 Client Error", "no such model"),
     ("LocalEntryNotFoundError", "Cannot find the requested files in the disk cache", "local Hugging Face cache"),
     ("OSError", "We couldn't connect to 'https://huggingface.co' to load the files", "Hub cannot be reached"),
+    ("OSError", "o/r does not appear to have a file named model.safetensors or model.safetensors.index.json and thus "
+     "cannot be loaded with `safetensors`. Please do not set `use_safetensors=True`.", "only pickle weights: pickle"),
 ])
 def test_hub_errors_become_what_to_do(name, message, needle):
     from clipeval.pipelines import hub_error

@@ -419,4 +419,137 @@ def test_loading_mistakes_are_one_line_each(models, tmp_path):
     shutil.copytree(models.clip, broken)
     (broken / "config.json").write_text("{ not json")
     assert error(str(broken), name="short").startswith(f"could not load CLIP model short ({broken}): ")
+    assert error(str(broken)).endswith(" (OSError)") and "None" not in error(str(broken))
     assert error(str(broken)).startswith(f"could not load CLIP model {broken}: ")
+
+
+def _processor_files(folder: Path) -> tuple[str, ...]:
+    return tuple(f.name for f in folder.iterdir() if f.suffix in (".json", ".txt") and f.name != "config.json")
+
+
+def test_a_hub_model_is_read_at_its_revision_with_that_revisions_tokenizer_and_processor(models):
+    """main holds other weights and no tokenizer or processor, so a loader that reads any of the
+    three at main instead of the revision asked for fails or scores differently; a separate
+    --clip-processor is read at its own main."""
+    from conftest import cache_repo
+
+    cache_repo("clipeval-tests/clip-revs", models.clip2, "c" * 40, skip=_processor_files(models.clip2))
+    v2 = cache_repo("clipeval-tests/clip-revs", models.clip, "d" * 40, ref="v2")
+    cache_repo("clipeval-tests/clip-processor", models.clip, "e" * 40, skip=("model.safetensors", "config.json"))
+    images = smooth_images(2, 40, 48, seed=5)
+    local = ClipScorer(str(models.clip)).score(images, PROMPTS[:2])
+    assert ClipScorer("clipeval-tests/clip-revs", revision="v2").score(images, PROMPTS[:2]) == local
+    assert ClipScorer("clipeval-tests/clip-revs", revision=v2).score(images, PROMPTS[:2]) == local
+    separate = ClipScorer("clipeval-tests/clip-revs", revision="v2", processor="clipeval-tests/clip-processor")
+    assert separate.score(images, PROMPTS[:2]) == local
+
+
+def test_pickle_weights_load_only_with_allow_pickle_from_a_folder_or_the_hub(models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from clipeval.errors import ClipevalError
+    from clipeval.hub import PICKLE_HINT
+    from conftest import cache_repo
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(models.clip, pickled, ignore=lambda _, names: ["model.safetensors"])
+    torch.save(load_file(models.clip / "model.safetensors"), pickled / "pytorch_model.bin")
+    cache_repo("clipeval-tests/clip-pickle", pickled)
+    images = smooth_images(2, 32, 32, seed=6)
+    reference = ClipScorer(str(models.clip)).score(images, PROMPTS[:2])[0]
+    for spec in (str(pickled), "clipeval-tests/clip-pickle"):
+        with pytest.raises(ClipevalError) as refused:
+            ClipScorer(spec)
+        assert str(refused.value) in (f"--clip-model {spec} holds only pickle weights: {PICKLE_HINT}",
+                                      f"could not load CLIP model {spec}: it has only pickle weights: {PICKLE_HINT}")
+        assert ClipScorer(spec, allow_pickle=True).score(images, PROMPTS[:2])[0] == pytest.approx(reference, abs=1e-6)
+    # A processor is only its tokenizer and image configuration: its folder's pickle weights are never read.
+    bare = tmp_path / "bare"
+    shutil.copytree(models.clip, bare, ignore=lambda _, names: [n for n in names if n in _processor_files(models.clip)])
+    assert ClipScorer(str(bare), processor=str(pickled)).score(images, PROMPTS[:2])[0] == reference
+
+
+def test_half_precision_weights_are_loaded_in_float32(models, tmp_path):
+    """A scorer saved in float16 (as many are on the hub) runs in float32 unless --clip-dtype asks
+    otherwise: its scores are those of transformers' own model loaded in float32."""
+    from transformers import CLIPModel
+
+    half = tmp_path / "half"
+    CLIPModel.from_pretrained(models.clip).half().save_pretrained(half)
+    for name in _processor_files(models.clip):
+        (half / name).write_bytes((models.clip / name).read_bytes())
+    scorer = ClipScorer(str(half), preprocess="exact")
+    reference = CLIPModel.from_pretrained(half, dtype=torch.float32)
+    images = smooth_images(2, 32, 32, seed=8)
+    inputs = scorer.tokenizer(PROMPTS[:2], padding=True, return_tensors="pt")
+    pixels = scorer.processor(images=to_pil(images), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = reference(**inputs, pixel_values=pixels)
+    expected = (out.logits_per_image / reference.logit_scale.exp()).diagonal().tolist()
+    assert scorer.score(images, PROMPTS[:2])[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_siglip_pads_every_prompt_to_its_fixed_length(tmp_path):
+    """SigLIP was trained on text padded to 64 tokens with no attention mask: a prompt's embedding
+    is the tower's output for the padded ids, which differs from the unpadded one."""
+    from clipeval.demo import build_siglip
+
+    scorer = ClipScorer(str(build_siglip(tmp_path / "siglip")))
+    model, tokenizer = scorer.model, scorer.tokenizer
+    for prompt in ("a cat", PROMPTS[2]):
+        got = scorer.embed_texts([prompt])[0].vector
+        with torch.no_grad():
+            padded = model.get_text_features(**tokenizer([prompt], padding="max_length", max_length=scorer.max_length,
+                                                         return_tensors="pt")).pooler_output[0]
+            alone = model.get_text_features(**tokenizer([prompt], return_tensors="pt")).pooler_output[0]
+        assert torch.allclose(got, padded / padded.norm(), atol=1e-6)
+        assert not torch.allclose(got, alone / alone.norm(), atol=1e-3)
+
+
+def test_images_of_different_sizes_score_as_each_would_alone(fast, exact):
+    """A list of images of several sizes (a folder of images to re-score) takes each image through
+    the fast path on its own; a list of one size is one batch. Either way, the scores of each alone."""
+    small, square = smooth_images(1, 40, 56, seed=9)[0], smooth_images(1, 48, 48, seed=10)[0]
+    for scorer in (fast, exact):
+        alone = [scorer.score(img[None], [p])[0][0] for img, p in ((small, PROMPTS[0]), (square, PROMPTS[1]))]
+        assert scorer.score([small, square], PROMPTS[:2])[0] == pytest.approx(alone, abs=1e-6)
+        same = scorer.score([square, square], PROMPTS[:2])[0]
+        assert same == pytest.approx(scorer.score(torch.stack([square, square]), PROMPTS[:2])[0], abs=1e-6)
+    with pytest.raises(ValueError, match=r"^2 images for 1 prompts$"):
+        fast.score([small, square], PROMPTS[:1])
+
+
+def test_the_scorer_computes_on_its_own_device(models):
+    """On the meta device any CPU tensor mixed into a forward is an error: the model, the pixels
+    and the token ids all go to the scorer's device."""
+    scorer = ClipScorer(str(models.clip), device="meta")
+    images = smooth_images(2, 40, 40)
+    assert scorer.image_inputs(images)["pixel_values"].device.type == "meta"  # preprocessed there, no host copy
+    assert scorer.embed_images(images).device.type == "meta"
+    assert scorer.embed_texts(["a cat"])[0].vector.device.type == "meta"
+    assert ClipScorer(str(models.clip), device="meta", preprocess="exact").embed_images(images).device.type == "meta"
+
+
+def test_demo_is_the_embedded_demo_scorer(models):
+    from clipeval import demo
+
+    images = smooth_images(1, 32, 32, seed=11)
+    assert ClipScorer("demo").score(images, ["a cat"]) == ClipScorer(str(demo.demo_clip_dir())).score(images, ["a cat"])
+
+
+def test_a_model_that_is_not_a_dual_encoder_is_refused_by_its_class(models, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from clipeval.errors import ClipevalError
+
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=8)).save_pretrained(folder)
+    for name in _processor_files(models.clip):
+        (folder / name).write_bytes((models.clip / name).read_bytes())
+    with pytest.raises(ClipevalError) as err:
+        ClipScorer(str(folder), name="bert")
+    assert str(err.value) == ("--clip-model bert is a BertModel, neither a dual encoder with image and text features "
+                              "(CLIP, SigLIP, ...) nor a vision-language model (LLaVA, SmolVLM, Qwen2.5-VL, ...)")
