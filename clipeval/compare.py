@@ -107,7 +107,9 @@ def compare(
     margin: float = 0.0,
     boot: Bootstrap = Bootstrap(),
     sequence: str | None = None,
+    way_out: str = "--allow-mismatch compares the prompts they share",
 ) -> Comparison:
+    """``way_out``: what the mismatch error offers (sweep has no --allow-mismatch)."""
     if len(runs) < 2:
         raise ClipevalError("compare needs at least two runs")
     base = runs[baseline]
@@ -123,7 +125,7 @@ def compare(
         raise ClipevalError(
             f"runs differ in what must match ({'; '.join(mismatches)}); "
             + ("the scores of two scorers are never compared: --metric NAME compares a scorer both runs carry"
-               if any(" has clip_model " in m for m in mismatches) else "--allow-mismatch compares the prompts they share")
+               if any(" has clip_model " in m for m in mismatches) else way_out)
         )
     base_sums = _prompt_means(base.scores)
     results = [_compare_one(base, run, margin, boot) for run in others]

@@ -298,6 +298,9 @@ def write_history(results_dir: Path, steps: dict[str, int | None], *, margin: fl
     return frame
 
 
+SWEEP_WAY_OUT = "sweep into another --out to start a history of runs evaluated alike"
+
+
 def _against_best(frame, records: dict, results_dir: Path, margin: float) -> None:
     """Fill the best_step ... alert columns in place (empty for the first checkpoint)."""
     import pandas as pd
@@ -319,7 +322,7 @@ def _against_best(frame, records: dict, results_dir: Path, margin: float) -> Non
         runs = [RunScores(str(results_dir / n), records[n].path, records[n].settings, usable(records[n].scores))
                 for n in names]
         try:
-            result = compare(runs, margin=margin).runs[0]
+            result = compare(runs, margin=margin, way_out=SWEEP_WAY_OUT).runs[0]
         except ClipevalError as err:
             raise ClipevalError(f"{runs[0].path} and {runs[1].path} cannot be paired: {err}") from err
         ci = result.overall.delta_ci or (None, None)

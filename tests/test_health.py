@@ -85,6 +85,30 @@ def test_runs_that_cannot_be_paired_are_one_line_naming_both(cli, tmp_path):
     training, results = _training(tmp_path, {100: 0.0, 200: 0.0}, settings={200: {"seed": 5}})
     result = sweep(cli, training, results)
     assert_user_error(result, "checkpoint-100", "checkpoint-200", "cannot be paired")
+    a, b = results / "checkpoint-100", results / "checkpoint-200"
+    assert result.stderr == (f"clipeval: error: {a} and {b} cannot be paired: runs differ in what must match ({b} has seed "
+                             f"5, {a} has seed 0); sweep into another --out to start a history of runs evaluated alike\n")
+
+
+def test_a_checkpoint_is_compared_only_with_smaller_steps_and_the_stepless_final_model_with_all(tmp_path):
+    """Two runs at one step (a model and its EMA copy, saved together) are not each other's earlier
+    checkpoint; the final model, which has no step, comes after every checkpoint."""
+    from clipeval.compare import compare, load_run
+    from clipeval.sweep import write_history
+
+    training, results = _training(tmp_path, {100: 0.0, 200: 0.03, 201: 0.05, 300: 0.01})
+    steps = {"checkpoint-100": 100, "checkpoint-200": 200, "checkpoint-201": 200, "checkpoint-300": None}
+    frame = write_history(results, steps, margin=0.0, read={})
+    assert frame["run"].tolist() == ["checkpoint-100", "checkpoint-200", "checkpoint-201", "checkpoint-300"]
+    assert frame["best_step"].tolist()[1:] == [100, 100, 200]
+
+    def delta(best: str, run: str) -> float:
+        return compare([load_run(results / best), load_run(results / run)]).runs[0].overall.delta
+
+    assert frame["delta_best"].tolist()[1:] == pytest.approx(
+        [delta("checkpoint-100", "checkpoint-200"), delta("checkpoint-100", "checkpoint-201"),
+         delta("checkpoint-201", "checkpoint-300")], abs=1e-12)
+    assert frame.at[3, "delta_best"] == pytest.approx(-0.04, abs=0.003)  # against 201 (+0.05), not 200 (+0.03)
 
 
 def _junit(path):

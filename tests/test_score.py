@@ -465,6 +465,11 @@ def test_pickle_weights_load_only_with_allow_pickle_from_a_folder_or_the_hub(mod
         assert str(refused.value) in (f"--clip-model {spec} holds only pickle weights: {PICKLE_HINT}",
                                       f"could not load CLIP model {spec}: it has only pickle weights: {PICKLE_HINT}")
         assert ClipScorer(spec, allow_pickle=True).score(images, PROMPTS[:2])[0] == pytest.approx(reference, abs=1e-6)
+    # safetensors weights beside a pickle that is not a model (HF Trainer's training_args.bin) load as they are.
+    trained = tmp_path / "trained"
+    shutil.copytree(models.clip, trained)
+    torch.save({"learning_rate": 1e-5}, trained / "training_args.bin")
+    assert ClipScorer(str(trained)).score(images, PROMPTS[:2])[0] == reference
     # A processor is only its tokenizer and image configuration: its folder's pickle weights are never read.
     bare = tmp_path / "bare"
     shutil.copytree(models.clip, bare, ignore=lambda _, names: [n for n in names if n in _processor_files(models.clip)])
