@@ -55,9 +55,9 @@ class ScoreColumn:
 def label(spec: str) -> str:
     """A scorer's name in column headers: a short name or hub id as given, a local folder by its
     name (a path with its slashes would be a poor column header; an absolute path is a folder, also
-    one that has moved since: hub ids are never absolute)."""
+    one that has moved since: hub ids are never absolute). ``demo`` is "demo" either way."""
     path = Path(spec).expanduser()
-    if spec != "demo" and (path.exists() or path.is_absolute()):
+    if path.exists() or path.is_absolute():
         return path.resolve().name
     return spec
 
