@@ -39,6 +39,13 @@ class ImageTransform:
         """The processor's own configuration, switches included (a resize, crop, rescale or
         normalisation it turns off is off here too); what this class cannot reproduce pixel for
         pixel is refused, and the scorer then takes the exact path."""
+        try:
+            return cls._from_processor(processor)
+        except AttributeError as err:  # a processor class this was not written for
+            raise ValueError(f"the fast path cannot read {type(processor).__name__}'s configuration (no {err.name})") from err
+
+    @classmethod
+    def _from_processor(cls, processor: Any) -> "ImageTransform":
         if "spatial_shapes" in processor.model_input_names:
             raise ValueError("the fast path cannot reproduce NaFlex patching (each image on its own patch grid)")
         if getattr(processor, "rescale_offset", False):  # EfficientNet's (ALIGN's) [-1, 1] rescale

@@ -180,6 +180,10 @@ def test_what_else_the_fast_path_cannot_reproduce_is_refused_in_one_line():
     assert refusal(offset) == "the fast path cannot reproduce rescale_offset"
     offset.rescale_offset = False
     assert ImageTransform.from_processor(offset).size == (24, 24)
+    from types import SimpleNamespace
+
+    unknown = SimpleNamespace(model_input_names=["pixel_values"], size={"height": 8, "width": 8}, do_resize=True)
+    assert refusal(unknown) == "the fast path cannot read SimpleNamespace's configuration (no resample)"
 
 
 def test_the_fast_path_stays_on_the_images_device():
