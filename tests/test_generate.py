@@ -22,8 +22,20 @@ def test_seed_formula_known_values():
     assert image_seed(3, 0, 0) == 2**31 + 2**30
     assert image_seed(2**31 - 1, 2**20 - 1, 4095) == (2**32 - 1) ^ (2**32 - 2) == 1
     assert max(image_seed(s, p, k) for s in (0, 1, 2**31 - 1) for p in (0, 2**20 - 1) for k in (0, 4095)) < 2**32
-    with pytest.raises(ValueError):
-        image_seed(0, 0, 4096)
+    for base, prompt_id, sample in ((0, 0, 4096), (0, 2**20, 0), (0, -1, 0), (0, 0, -1)):
+        with pytest.raises(ValueError, match=rf"^prompt_id {prompt_id} or sample {sample} out of range$"):
+            image_seed(base, prompt_id, sample)
+    for base in (-1, 2**31):
+        with pytest.raises(ValueError, match=rf"^seed {base} outside \[0, 2147483647\]$"):
+            image_seed(base, 0, 0)
+
+
+def test_batches_cut_the_work_in_order_with_a_short_last_one():
+    from clipeval.generate import batches
+
+    items = list(range(7))
+    assert list(batches(items, 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(batches(items, 7)) == [items] and list(batches(items, 10)) == [items] and list(batches([], 4)) == []
 
 
 @pytest.mark.parametrize("a,b,prompts", [(0, 1, 4096), (41, 42, 4096), (0, 255, 4096), (7, 200, 4096), (0, 2**12, 2)])
