@@ -156,7 +156,7 @@ def view(summary: dict[str, Any], settings: dict[str, Any], metric: str | None, 
     blocks = names(summary, settings)
     name = next(iter(blocks)) if metric is None else find(metric, blocks, where)
     block = blocks[name]
-    if block.get("column", PRIMARY) == PRIMARY:
+    if block["column"] == PRIMARY:  # names() gives every block its column
         return name, summary
     out = dict(summary)
     for key in PER_SCORER:
@@ -171,7 +171,7 @@ def select(record, metric: str | None):
         return record
     name, summary = view(record.summary or {}, record.settings, metric, record.path)
     block = names(record.summary, record.settings)[name]
-    if block.get("column", PRIMARY) == PRIMARY:
+    if block["column"] == PRIMARY:  # names() gives every block its column
         return record
     column = block["column"]
     truncated = "truncated:" + column.removeprefix("score:")
