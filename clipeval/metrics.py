@@ -180,4 +180,5 @@ def select(record, metric: str | None):
     for key in ("clip_processor", "clip_revision", "clip_dtype", "preprocess"):
         settings.pop(key, None)  # the primary scorer's, not this one's
     manifest = {**record.manifest, "settings": settings}
-    return replace(record, manifest=manifest, summary=summary if record.summary is not None else None, scores=scores)
+    # A run without a summary has only its primary scorer (names()), so it returned above.
+    return replace(record, manifest=manifest, summary=summary, scores=scores)
