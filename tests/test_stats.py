@@ -226,3 +226,22 @@ def test_a_journal_row_counts_only_with_a_score_and_no_flag():
 def test_the_prompts_tables_image_count_is_an_integer_column(table):
     prompts = stats.prompts_table(table)
     assert prompts["n"].dtype.kind == "i" and "." not in "".join(prompts["n"].astype(str))  # prompts.csv says 2, not 2.0
+
+
+def test_two_prompts_have_an_interval_and_one_has_none():
+    """The README's "None below two prompts": two prompts with different means are resampled as any
+    library is (scipy's BCa on the same resamples), one prompt has no interval."""
+    import warnings
+
+    from scipy import stats as sps
+
+    sums, counts = np.array([0.4, 0.9]), np.array([2.0, 3.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = sps.bootstrap((sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True,
+                             vectorized=True, n_resamples=1000, batch=1000, method="BCa",
+                             rng=np.random.default_rng(0)).confidence_interval
+    got = stats.weighted_mean_ci(sums, counts, stats.Bootstrap(resamples=1000, seed=0))
+    # Two prompts: every resample is one prompt twice (0.2), the other twice (0.3) or both (0.26).
+    assert got == pytest.approx((want.low, want.high), abs=1e-12) == (0.2, 0.3)
+    assert stats.weighted_mean_ci(np.array([0.4]), np.array([2.0])) is None
