@@ -241,7 +241,7 @@ class ClipScorer:
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         texts = self.embed_texts(prompts)
         image_vectors = self.embed_images(images)
-        text_vectors = torch.stack([t.vector for t in texts]).to(image_vectors.device)
+        text_vectors = torch.stack([t.vector for t in texts])  # both on our device
         cosines = (image_vectors * text_vectors).sum(dim=-1).cpu().tolist()
         return cosines, [t.truncated for t in texts]
 

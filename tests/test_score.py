@@ -244,6 +244,8 @@ def test_half_precision_model_still_compares_in_float32(models, fast):
     ours, _ = half.score(images, PROMPTS)
     reference, _ = fast.score(images, PROMPTS)
     assert ours != reference
+    # float16 is float16, not autocast's default for the device (bfloat16 on a CPU).
+    assert ClipScorer(str(models.clip), dtype="float16").score(images, PROMPTS)[0] != ours
 
 
 @pytest.fixture(scope="module")
@@ -403,9 +405,11 @@ def test_loading_mistakes_are_one_line_each(models, tmp_path):
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(models.clip / name, bare / name)
-    assert error(str(bare)).startswith(f"--clip-model {bare} has no image processor and no tokenizer files: pass --clip-processor")
+    way_out = ("pass --clip-processor with the folder or hub id of the model it was trained from "
+               "(PickScore: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+    assert error(str(bare)) == f"--clip-model {bare} has no image processor and no tokenizer files: {way_out}"
     shutil.copy(models.clip / "preprocessor_config.json", bare / "preprocessor_config.json")
-    assert error(str(bare)).startswith(f"--clip-model {bare} has no tokenizer files: pass --clip-processor")
+    assert error(str(bare)) == f"--clip-model {bare} has no tokenizer files: {way_out}"
     processor_only = tmp_path / "processor-only"  # a tokenizer and image processor, no model: no config.json needed
     processor_only.mkdir()
     for name in models.clip.iterdir():
@@ -532,8 +536,16 @@ def test_the_scorer_computes_on_its_own_device(models):
     scorer = ClipScorer(str(models.clip), device="meta")
     images = smooth_images(2, 40, 40)
     assert scorer.image_inputs(images)["pixel_values"].device.type == "meta"  # preprocessed there, no host copy
+    mixed = [images[0], smooth_images(1, 48, 40)[0]]  # images of several sizes, each preprocessed there too
+    assert scorer.image_inputs(mixed)["pixel_values"].device.type == "meta"
     assert scorer.embed_images(images).device.type == "meta"
+    # The meta device lets an embedding look up CPU token ids (an accelerator does not): so the ids
+    # the text tower receives are checked where they arrive.
+    received = []
+    forward = scorer.model.get_text_features
+    scorer.model.get_text_features = lambda input_ids: received.append(input_ids.device.type) or forward(input_ids=input_ids)
     assert scorer.embed_texts(["a cat"])[0].vector.device.type == "meta"
+    assert received == ["meta"]
     assert ClipScorer(str(models.clip), device="meta", preprocess="exact").embed_images(images).device.type == "meta"
 
 
