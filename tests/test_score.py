@@ -538,6 +538,9 @@ def test_the_scorer_computes_on_its_own_device(models):
     assert scorer.image_inputs(images)["pixel_values"].device.type == "meta"  # preprocessed there, no host copy
     mixed = [images[0], smooth_images(1, 48, 40)[0]]  # images of several sizes, each preprocessed there too
     assert scorer.image_inputs(mixed)["pixel_values"].device.type == "meta"
+    # A list of one size (decoded PNGs) is stacked for the accelerator, not as the CPU's channels-last batch.
+    same = scorer.image_inputs(list(images))["pixel_values"]
+    assert same.device.type == "meta" and tuple(same.shape) == (2, 3, 32, 32)
     assert scorer.embed_images(images).device.type == "meta"
     # The meta device lets an embedding look up CPU token ids (an accelerator does not): so the ids
     # the text tower receives are checked where they arrive.
@@ -547,6 +550,16 @@ def test_the_scorer_computes_on_its_own_device(models):
     assert scorer.embed_texts(["a cat"])[0].vector.device.type == "meta"
     assert received == ["meta"]
     assert ClipScorer(str(models.clip), device="meta", preprocess="exact").embed_images(images).device.type == "meta"
+
+
+def test_scoring_never_imports_diffusers(models, monkeypatch):
+    """`clipeval score` and a training loop's scorer skip diffusers' import (about 5 s): with it made
+    unimportable, a scorer still loads and scores."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises
+    scores, truncated = ClipScorer(str(models.clip)).score(smooth_images(1, 32, 32), ["a cat"])
+    assert len(scores) == 1 and -1 <= scores[0] <= 1 and truncated == [False]
 
 
 def test_demo_is_the_embedded_demo_scorer(models):
