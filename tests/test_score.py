@@ -515,6 +515,14 @@ def test_siglip_pads_every_prompt_to_its_fixed_length(tmp_path):
             alone = model.get_text_features(**tokenizer([prompt], return_tensors="pt")).pooler_output[0]
         assert torch.allclose(got, padded / padded.norm(), atol=1e-6)
         assert not torch.allclose(got, alone / alone.norm(), atol=1e-3)
+    # Beyond its 16 positions a prompt is cut to them (padding to max_length alone would not cut it) and flagged.
+    long = "a red cat on a table at night " * 4
+    cut = tokenizer([long], padding="max_length", truncation=True, max_length=scorer.max_length, return_tensors="pt")
+    assert cut["input_ids"].shape == (1, 16)
+    with torch.no_grad():
+        expected = model.get_text_features(input_ids=cut["input_ids"]).pooler_output[0]
+    (embedding,) = scorer.embed_texts([long])
+    assert embedding.truncated and torch.allclose(embedding.vector, expected / expected.norm(), atol=1e-6)
 
 
 def test_images_of_different_sizes_score_as_each_would_alone(fast, exact):
