@@ -245,3 +245,28 @@ def test_two_prompts_have_an_interval_and_one_has_none():
     # Two prompts: every resample is one prompt twice (0.2), the other twice (0.3) or both (0.26).
     assert got == pytest.approx((want.low, want.high), abs=1e-12) == (0.2, 0.3)
     assert stats.weighted_mean_ci(np.array([0.4]), np.array([2.0])) is None
+
+
+def test_prompts_with_different_means_are_resampled_even_where_sums_times_counts_tie():
+    """A prompt with one usable image at 0.5 and one with two at 0.125 each: their means differ, so the
+    interval is the bootstrap's (scipy's BCa on the same resamples), never the point; a shortcut that
+    looked at score sums times image counts (both 0.5) would call them equal."""
+    from scipy import stats as sps
+
+    sums, counts = np.array([0.5, 0.25]), np.array([1.0, 2.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = sps.bootstrap((sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True,
+                             vectorized=True, n_resamples=1000, batch=1000, method="BCa",
+                             rng=np.random.default_rng(0)).confidence_interval
+    got = stats.weighted_mean_ci(sums, counts, stats.Bootstrap(resamples=1000, seed=0))
+    assert got == pytest.approx((want.low, want.high), abs=1e-12) and got[0] < 0.25 < got[1]
+
+
+def test_a_spread_of_float_rounding_is_no_spread_up_to_1e_12_inclusive():
+    """Means 1e-12 apart (the threshold itself) are one value: the interval is the point; beyond
+    it, the resampled interval."""
+    assert np.ptp(np.array([0.0, 1e-12])) == 1e-12  # exactly the threshold, no rounding in between
+    assert stats.weighted_mean_ci(np.array([0.0, 1e-12]), np.ones(2)) == (5e-13, 5e-13)
+    spread = stats.weighted_mean_ci(np.array([0.0, 1e-9]), np.ones(2))
+    assert spread[0] < spread[1]
