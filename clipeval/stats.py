@@ -54,7 +54,8 @@ def scores_table(rows: list[dict[str, Any]], extra: list[str] = ()):
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=SCORE_COLUMNS + list(extra))
-    frame["flag"] = frame["flag"].fillna("")
+    # object first: a column of rows that all lack a flag is float NaN, which pandas will not fill with text
+    frame["flag"] = frame["flag"].astype(object).fillna("")
     return frame.sort_values(["prompt_id", "sample"], kind="stable").reset_index(drop=True)
 
 
@@ -62,7 +63,7 @@ def usable(scores):
     """Rows that count: not flagged, with a score. Flagged images stay in scores.csv for the record."""
     keep = scores["clip_score"].notna()
     if "flag" in scores.columns:
-        keep &= scores["flag"].fillna("") == ""
+        keep &= scores["flag"].astype(object).fillna("") == ""
     return scores[keep]
 
 
@@ -210,7 +211,7 @@ def summarize(scores, boot: Bootstrap = Bootstrap(), *, definition: str = SCORE_
 
 
 def _counts(flags) -> dict[str, int]:
-    return {str(k): int(v) for k, v in flags.fillna("unscored").replace("", "unscored").value_counts().sort_index().items()}
+    return {str(k): int(v) for k, v in flags.astype(object).fillna("unscored").replace("", "unscored").value_counts().sort_index().items()}
 
 
 # -- how many prompts a difference needs ------------------------------------------------------------

@@ -270,3 +270,20 @@ def test_a_spread_of_float_rounding_is_no_spread_up_to_1e_12_inclusive():
     assert stats.weighted_mean_ci(np.array([0.0, 1e-12]), np.ones(2)) == (5e-13, 5e-13)
     spread = stats.weighted_mean_ci(np.array([0.0, 1e-9]), np.ones(2))
     assert spread[0] < spread[1]
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_missing_flag_is_a_clean_image_in_the_table_and_the_summary():
+    """An older journal's rows have no flag key, and a training loop's own frame may hold None: either is
+    an unflagged image, as `usable_row` reads one row; an image without a score is counted 'unscored'."""
+    # (warnings are errors here: pandas warns, and will refuse, filling a float column of NaN with text)
+    rows = _frame(4).drop(columns="flag").to_dict("records")
+    table = stats.scores_table(rows)
+    assert table["flag"].tolist() == ["", "", "", ""]  # scores.csv's flag column, filled
+    summary = stats.summarize(table)
+    assert summary["images"] == 4 and summary["flagged_images"] == {}
+    for missing in (None, math.nan):
+        frame = _frame(4).assign(flag=missing)
+        frame.loc[2, "clip_score"] = math.nan
+        summary = stats.summarize(frame, stats.Bootstrap(resamples=200))
+        assert summary["images"] == 3 and summary["prompts"] == 3 and summary["flagged_images"] == {"unscored": 1}
