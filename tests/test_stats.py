@@ -287,3 +287,11 @@ def test_a_missing_flag_is_a_clean_image_in_the_table_and_the_summary():
         frame.loc[2, "clip_score"] = math.nan
         summary = stats.summarize(frame, stats.Bootstrap(resamples=200))
         assert summary["images"] == 3 and summary["prompts"] == 3 and summary["flagged_images"] == {"unscored": 1}
+
+
+def test_a_prompt_the_names_leave_out_has_an_empty_name(table):
+    """prompts.csv's name column for a {name: prompt} library; a caller's names that cover only some
+    prompts leave the others' names empty, never NaN or a placeholder."""
+    names = stats.prompts_table(table, {0: "first", 7: "seventh"}).set_index("prompt_id")["name"]
+    assert names[0] == "first" and names[7] == "seventh"
+    assert (names.drop([0, 7]) == "").all() and len(names) == 24
