@@ -167,6 +167,8 @@ def test_trackers_get_each_step_and_its_delta_to_the_best_earlier(cli, stand_in,
     os.utime(training / "model_index.json", (time.time() - 3600,) * 2)
     result = _sweep(cli, training, results, "--report-to", "tensorboard")
     assert result.exit_code == 0, result.stderr
+    # Each checkpoint's run is given no tracker: the sweep logs it once, with its delta, not the run a second time.
+    assert [c.trackers for c in stand_in.calls] == [None] * 4
     history = pd.read_csv(results / "history.csv", keep_default_na=False)
     assert [(s, c) for s, c, _, _ in logged] == [(n, str(training / f"checkpoint-{n}")) for n in (100, 200, 300)]
     assert checked == [(n, str(training / f"checkpoint-{n}")) for n in (100, 200, 300)]  # before each evaluation
