@@ -54,8 +54,7 @@ def scores_table(rows: list[dict[str, Any]], extra: list[str] = ()):
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=SCORE_COLUMNS + list(extra))
-    # object first: a column of rows that all lack a flag is float NaN, which pandas will not fill with text
-    frame["flag"] = frame["flag"].astype(object).fillna("")
+    frame["flag"] = _flag_text(frame["flag"])
     return frame.sort_values(["prompt_id", "sample"], kind="stable").reset_index(drop=True)
 
 
@@ -63,8 +62,14 @@ def usable(scores):
     """Rows that count: not flagged, with a score. Flagged images stay in scores.csv for the record."""
     keep = scores["clip_score"].notna()
     if "flag" in scores.columns:
-        keep &= scores["flag"].astype(object).fillna("") == ""
+        keep &= _flag_text(scores["flag"]) == ""
     return scores[keep]
+
+
+def _flag_text(flags):
+    """Flags as text, a missing one (an older journal's row, a caller's None or NaN) as "" (clean).
+    object first: a column every row lacks is float NaN, which pandas will not fill with text."""
+    return flags.astype(object).fillna("")
 
 
 def usable_row(row: dict[str, Any]) -> bool:
@@ -211,7 +216,7 @@ def summarize(scores, boot: Bootstrap = Bootstrap(), *, definition: str = SCORE_
 
 
 def _counts(flags) -> dict[str, int]:
-    return {str(k): int(v) for k, v in flags.astype(object).fillna("unscored").replace("", "unscored").value_counts().sort_index().items()}
+    return {str(k): int(v) for k, v in _flag_text(flags).replace("", "unscored").value_counts().sort_index().items()}
 
 
 # -- how many prompts a difference needs ------------------------------------------------------------
