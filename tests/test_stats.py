@@ -40,15 +40,22 @@ def table():
     return stats.scores_table(_scores().to_dict("records"))
 
 
+def _scipy_ci(sums, counts, *, resamples: int, seed: int, method: str = "BCa"):
+    """The reference: scipy's own bootstrap of the ratio of sums, resampling prompts, as its users call it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sps.bootstrap((np.asarray(sums), np.asarray(counts, float)), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis),
+                             paired=True, vectorized=True, n_resamples=resamples, batch=1000, method=method,
+                             rng=np.random.default_rng(seed)).confidence_interval
+
+
 def _ci(part: pd.DataFrame) -> list[float] | None:
     per = part.groupby("prompt_id")["clip_score"].agg(["sum", "size"])
     if len(per) < 2:
         return None
     if np.ptp(per["sum"] / per["size"]) <= 1e-12:
         return [per["sum"].sum() / per["size"].sum()] * 2
-    result = sps.bootstrap((per["sum"].to_numpy(), per["size"].to_numpy(float)),
-                           lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True, vectorized=True,
-                           n_resamples=2000, batch=1000, method="BCa", rng=np.random.default_rng(0)).confidence_interval
+    result = _scipy_ci(per["sum"].to_numpy(), per["size"].to_numpy(), resamples=2000, seed=0)
     return [result.low, result.high]
 
 
@@ -166,15 +173,9 @@ def test_the_interval_falls_back_to_the_percentile_where_bca_is_undefined():
     same resamples stands in, and neither of scipy's warnings reaches the user."""
     sums, counts = np.array([0.2, 0.4, 0.3]), np.array([1.0, 1.0, 2.0])
 
-    def scipy_interval(method):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return sps.bootstrap((sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True,
-                                 vectorized=True, n_resamples=9, batch=1000, method=method,
-                                 rng=np.random.default_rng(28)).confidence_interval
-
-    assert np.isnan(scipy_interval("BCa").low) and np.isnan(scipy_interval("BCa").high)
-    want = scipy_interval("percentile")
+    bca = _scipy_ci(sums, counts, resamples=9, seed=28)
+    assert np.isnan(bca.low) and np.isnan(bca.high)
+    want = _scipy_ci(sums, counts, resamples=9, seed=28, method="percentile")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = stats.weighted_mean_ci(sums, counts, stats.Bootstrap(resamples=9, seed=28))
@@ -231,16 +232,8 @@ def test_the_prompts_tables_image_count_is_an_integer_column(table):
 def test_two_prompts_have_an_interval_and_one_has_none():
     """The README's "None below two prompts": two prompts with different means are resampled as any
     library is (scipy's BCa on the same resamples), one prompt has no interval."""
-    import warnings
-
-    from scipy import stats as sps
-
     sums, counts = np.array([0.4, 0.9]), np.array([2.0, 3.0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = sps.bootstrap((sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True,
-                             vectorized=True, n_resamples=1000, batch=1000, method="BCa",
-                             rng=np.random.default_rng(0)).confidence_interval
+    want = _scipy_ci(sums, counts, resamples=1000, seed=0)
     got = stats.weighted_mean_ci(sums, counts, stats.Bootstrap(resamples=1000, seed=0))
     # Two prompts: every resample is one prompt twice (0.2), the other twice (0.3) or both (0.26).
     assert got == pytest.approx((want.low, want.high), abs=1e-12) == (0.2, 0.3)
@@ -251,14 +244,8 @@ def test_prompts_with_different_means_are_resampled_even_where_sums_times_counts
     """A prompt with one usable image at 0.5 and one with two at 0.125 each: their means differ, so the
     interval is the bootstrap's (scipy's BCa on the same resamples), never the point; a shortcut that
     looked at score sums times image counts (both 0.5) would call them equal."""
-    from scipy import stats as sps
-
     sums, counts = np.array([0.5, 0.25]), np.array([1.0, 2.0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = sps.bootstrap((sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True,
-                             vectorized=True, n_resamples=1000, batch=1000, method="BCa",
-                             rng=np.random.default_rng(0)).confidence_interval
+    want = _scipy_ci(sums, counts, resamples=1000, seed=0)
     got = stats.weighted_mean_ci(sums, counts, stats.Bootstrap(resamples=1000, seed=0))
     assert got == pytest.approx((want.low, want.high), abs=1e-12) and got[0] < 0.25 < got[1]
 
