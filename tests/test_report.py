@@ -243,7 +243,10 @@ def test_the_report_in_chromium_renders_filters_and_sorts(cli, hostile_runs, tmp
     assert page.inner_text("#count") == "5 of 5 prompts"
     assert page.locator("#prompts tbody tr").count() == 5
     assert page.locator("img").count() >= 5 and page.evaluate("document.querySelectorAll('img').length > 0")
-    assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    # The report's images are loading="lazy": the load event does not wait for them, so wait for
+    # each to decode (a broken one has naturalWidth 0 and times this out) rather than race them.
+    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)",
+                           timeout=20_000)
     page.wait_for_timeout(300)  # handlers such as onerror fire after load
     assert problems == []  # no dialog: nothing injected ran
     page.fill("#search", "café")
