@@ -333,6 +333,10 @@ def test_still_written_says_why_a_checkpoint_looks_half_written(tmp_path):
     assert still_written(aged(pipe, 120), 60) == "component vae/ is missing"
     (pipe / "vae").mkdir()
     assert still_written(aged(pipe, 120), 60) is None
+    # diffusers loads no key that starts with "_" as a component, whatever it holds: nothing is missing.
+    index = json.loads((pipe / "model_index.json").read_text())
+    (pipe / "model_index.json").write_text(json.dumps({**index, "_ignore_files": ["unet/model.bin"]}))
+    assert still_written(aged(pipe, 120), 60) is None
 
 
 def test_until_decided_runs_against_the_best_earlier_and_extends_it_when_too_short(cli, stand_in, tmp_path, monkeypatch):
@@ -349,7 +353,7 @@ def test_until_decided_runs_against_the_best_earlier_and_extends_it_when_too_sho
     for step in (100, 200, 300, 400):
         _pipeline(training / f"checkpoint-{step}")
     configs, stand = [], runner.run
-    too_short = {"checkpoint-400": [30]}  # its first try finds the best earlier run 30 prompts long
+    too_short = {"checkpoint-400": [60, 30]}  # the best earlier run is 30 prompts long, then (extended) 60
 
     def run(config):
         configs.append(config)
@@ -366,7 +370,7 @@ def test_until_decided_runs_against_the_best_earlier_and_extends_it_when_too_sho
     monkeypatch.setattr(runner, "run", run)
     result = cli("sweep", training, "--out", results, "--prompt-library", library, "--until-decided",
                  "--alert-if-worse", "0.01")
-    assert result.exit_code == 1, result.stderr  # the newest, 400, is 0.02 below 200 (its best earlier): alert
+    assert result.exit_code == 1, result.stderr  # the newest, 400, is 0.03 below 200 (its best earlier, twice extended): alert
     calls = [(Path(c.out).name, Path(c.checkpoint).name, c.until_decided, c.baseline and Path(c.baseline).name,
               c.order_prefix, c.margin) for c in configs]
     assert calls == [
@@ -376,9 +380,12 @@ def test_until_decided_runs_against_the_best_earlier_and_extends_it_when_too_sho
         ("checkpoint-400", "checkpoint-400", True, "checkpoint-200", None, 0.01),  # the best, not the previous
         ("checkpoint-200", "checkpoint-200", False, None, 60, 0.005),  # extended to 2 x 30 prompts
         ("checkpoint-400", "checkpoint-400", True, "checkpoint-200", None, 0.01),
+        ("checkpoint-200", "checkpoint-200", False, None, 120, 0.005),  # and again, to 2 x 60
+        ("checkpoint-400", "checkpoint-400", True, "checkpoint-200", None, 0.01),
     ]
-    assert ("extending checkpoint-200 to 60 prompts of the seeded order: checkpoint-400 needs more of it to be "
-            "decided") in result.stderr
+    for prompts in (60, 120):
+        assert (f"extending checkpoint-200 to {prompts} prompts of the seeded order: checkpoint-400 needs more of it "
+                "to be decided") in result.stderr
     # history.csv reads the extended run anew, not what the sweep had read of it before.
     history = pd.read_csv(results / "history.csv", keep_default_na=False)
     extended = json.loads((results / "checkpoint-200" / "summary.json").read_text())["clip/mean"]
@@ -456,3 +463,115 @@ def test_a_run_left_unfinished_by_an_earlier_tick_is_in_the_history_once_finishe
     monkeypatch.setattr(runner, "run", run)
     assert _sweep(cli, training, results).exit_code == 0
     assert pd.read_csv(results / "history.csv", keep_default_na=False)["run"].tolist() == ["checkpoint-100", "checkpoint-200"]
+
+
+def test_a_rank_other_than_0_evaluates_what_rank_0_planned_and_says_writes_and_logs_nothing(stand_in, tmp_path, monkeypatch):
+    """Under torchrun every rank evaluates each checkpoint together; rank 0 alone speaks, writes
+    history.csv, logs to the trackers and returns the result, also when another sweep holds the folder."""
+    import fcntl
+
+    from clipeval import distributed, sweep, trackers
+    from clipeval.runner import RunConfig
+
+    class SecondRank(distributed.Ranks):
+        def on_main(self, fn):  # what rank 0 would broadcast: the same plan and answers, computed here
+            return fn()
+
+    monkeypatch.setattr(distributed, "ranks", lambda: SecondRank(rank=1, world=2))
+    logged = []
+    monkeypatch.setattr(trackers, "_require", lambda target: None)
+    monkeypatch.setattr(trackers.Tracking, "log", lambda self, result, **kw: logged.append(self.step) or "logged")
+    training, results = tmp_path / "train", tmp_path / "results"
+    for name in ("checkpoint-100", "checkpoint-200"):
+        _pipeline(training / name)
+    lines: list[str] = []
+    base = RunConfig(checkpoint="", prompt_library="smoke", out=Path(),
+                     trackers=trackers.Tracking("tensorboard", tmp_path / "logs"))
+    assert sweep.sweep(training, results, base, log=lines.append) is None
+    assert [c.out.name for c in stand_in.calls] == ["checkpoint-100", "checkpoint-200"]  # it did its share
+    assert (lines, logged, (results / "history.csv").exists()) == ([], [], False)
+    _pipeline(training / "checkpoint-300")
+    with open(results / ".clipeval-sweep.lock", "r+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert sweep.sweep(training, results, base, log=lines.append) is None  # busy: rank 0 says so, not this one
+    assert len(stand_in.calls) == 2 and lines == []
+
+
+def test_a_stepless_checkpoint_is_noted_only_where_a_tracker_would_log(cli, stand_in, tmp_path):
+    """--scale percent without --report-to logs nowhere: the final model's "not logged" note would be noise."""
+    training, results = tmp_path / "train", tmp_path / "results"
+    _pipeline(training / "checkpoint-100")
+    (training / "model_index.json").write_text("{}")
+    os.utime(training / "model_index.json", (time.time() - 3600,) * 2)
+    result = _sweep(cli, training, results, "--scale", "percent")
+    assert result.exit_code == 0, result.stderr
+    assert [c.out.name for c in stand_in.calls] == ["checkpoint-100", "final"]
+    assert not [line for line in result.stderr.splitlines() if line.startswith("note:")]
+
+
+@pytest.fixture
+def two_scorer_stand_in(stand_in, monkeypatch):
+    """runner.run writing runs scored by CLIP and a VQA scorer: CLIP's shift is SHIFTS[name], VQA's
+    VQA_SHIFTS[name] (by CLIP checkpoint-300 is worse than 200, by VQA it is the best)."""
+    from clipeval import runner
+
+    shifts = {"checkpoint-100": 0.0, "checkpoint-200": -0.01, "checkpoint-300": 0.03, "old-run": 0.05}
+    scores = base_scores(prompts=30)
+
+    def run(config):
+        out = Path(config.out)
+        stand_in.calls.append(SimpleNamespace(checkpoint=config.checkpoint, out=out, config=config))
+        _two_scorer_run(out, scores, SHIFTS[out.name], shifts[out.name], config.checkpoint)
+        from clipeval.store import load_run
+
+        record = load_run(out)
+        return SimpleNamespace(summary=record.summary, scores=record.scores, out=out)
+
+    monkeypatch.setattr(runner, "run", run)
+    return stand_in
+
+
+def test_the_history_written_after_each_evaluation_and_the_trackers_follow_the_chosen_metric(
+        cli, two_scorer_stand_in, tmp_path, monkeypatch):
+    from clipeval import trackers
+
+    logged = []
+    monkeypatch.setattr(trackers, "_require", lambda target: None)
+    monkeypatch.setattr(trackers.Tracking, "log", lambda self, result, *, checkpoint, extra=None: (
+        logged.append((self.step, extra)) or f"logged step {self.step}"))
+    training, results = tmp_path / "train", tmp_path / "results"
+    for step in (100, 200, 300):
+        _pipeline(training / f"checkpoint-{step}")
+    result = _sweep(cli, training, results, "--metric", "vqa", "--alert-if-worse", "0.005", "--report-to", "tensorboard")
+    assert result.exit_code == 0, result.stderr  # by CLIP the newest is 0.05 below step 200: that would alert
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    assert history["metric"].tolist() == ["vqa"] * 3 and history["best_step"].tolist() == ["", "100", "100"]
+    assert history["alert"].tolist() == ["", "true", "false"]
+    assert [step for step, _ in logged] == [100, 200, 300]
+    assert [list(extra) for _, extra in logged] == [["vqa/delta_best"]] * 3
+    assert logged[0][1]["vqa/delta_best"] is None
+    assert logged[2][1]["vqa/delta_best"] == pytest.approx(float(history.iloc[2]["delta_best"]))
+    assert logged[2][1]["vqa/delta_best"] == pytest.approx(0.03, abs=0.003)  # against 100, the best by VQA
+
+
+def test_until_decided_decides_against_the_best_earlier_by_the_chosen_metric_at_a_smaller_step(
+        cli, two_scorer_stand_in, tmp_path):
+    """checkpoint-200 was still being written when 300 was evaluated, and the trainer was restarted once:
+    old-run is another checkpoint saved at step 200. Evaluated now, 200 is decided against the best run
+    at a *smaller* step by the chosen metric: 100 (not 300, later; not old-run, the same step), as is its
+    history row."""
+    training, results = tmp_path / "train", tmp_path / "results"
+    scores = base_scores(prompts=30)
+    for step in (100, 200, 300):
+        _pipeline(training / f"checkpoint-{step}")
+    # Finished runs: by VQA, 100 is the best before step 200 and 100b the worst; by CLIP, 100b is the best.
+    for name, clip, vqa, step in (("checkpoint-100", 0.0, 0.0, 100), ("checkpoint-100b", 0.04, -0.04, 100),
+                                  ("old-run", 0.05, 0.05, 200), ("checkpoint-300", 0.03, 0.05, 300)):
+        _two_scorer_run(results / name, scores, clip, vqa, str(tmp_path / "gone" / f"checkpoint-{step}"))
+    result = _sweep(cli, training, results, "--until-decided", "--metric", "vqa", "--alert-if-worse", "0.01")
+    assert result.exit_code == 0, result.stderr  # the newest, 300, ties old-run, its best earlier
+    [call] = two_scorer_stand_in.calls
+    assert (call.out.name, call.config.until_decided, Path(call.config.baseline).name) == (
+        "checkpoint-200", True, "checkpoint-100")
+    history = pd.read_csv(results / "history.csv", keep_default_na=False)
+    assert history.loc[history["run"] == "checkpoint-200", "best_step"].item() == "100"
