@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,7 +76,12 @@ def test_the_library_sweep_as_a_training_loop_calls_it(stand_in, tmp_path):
     _pipeline(training / "checkpoint-400", age_s=30)
     lines: list[str] = []
     base = RunConfig(checkpoint="", prompt_library="smoke", out=Path())
-    result = sweep.sweep(training, results, base, log=lines.append)
+    old = os.umask(0o022)
+    try:
+        result = sweep.sweep(training, results, base, log=lines.append)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((results / ".clipeval-sweep.lock").stat().st_mode) == 0o644  # not executable
     assert result.evaluated == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
     assert list(result.skipped) == ["checkpoint-400"]
     assert result.skipped["checkpoint-400"].endswith("s ago (waiting 60 s for writes to settle)")
@@ -197,7 +203,15 @@ def test_the_lock_names_its_holder_and_a_finished_sweep_leaves_its_pid(cli, stan
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         _pipeline(training / "checkpoint-200")
         busy = _sweep(cli, training, results)
+        lock.truncate(0)  # caught between the holder's truncation and its pid's write
+        from clipeval import sweep
+        from clipeval.runner import RunConfig
+
+        unnamed = sweep.sweep(training, results, RunConfig(checkpoint="", prompt_library="smoke", out=Path()),
+                              log=lambda line: None)
     assert busy.exit_code == 0 and busy.stdout == f"another sweep (pid 4242) is working on {results}; nothing to do\n"
+    assert unnamed.busy == f"another sweep (pid ?) is working on {results}; nothing to do"
+    assert (unnamed.evaluated, unnamed.up_to_date, unnamed.skipped, unnamed.failed, unnamed.newest) == ([], [], {}, {}, None)
     assert len(stand_in.calls) == 1  # nothing evaluated while another sweep held the folder
 
 
@@ -439,7 +453,10 @@ def test_the_history_and_its_alert_follow_the_chosen_metric(cli, stand_in, tmp_p
     assert history["metric"].tolist() == ["clip"] * 3 and history["alert"].tolist() == ["", "false", "true"]
     assert history["best_step"].tolist() == ["", "100", "200"]
     missing = _sweep(cli, training, results, "--metric", "pick")
-    assert missing.exit_code == 2 and "has no scorer 'pick' (it has clip, vqa)" in missing.stderr
+    first = results / "checkpoint-100"  # the run that lacks it is named, with the way to add the scorer
+    assert missing.exit_code == 2 and missing.stderr == (
+        f"clipeval: error: {first} has no scorer 'pick' (it has clip, vqa): re-score it with "
+        f"'clipeval score {first} --out NEW --scorer pick'\n")
 
 
 def test_a_run_left_unfinished_by_an_earlier_tick_is_in_the_history_once_finished(cli, stand_in, tmp_path, monkeypatch):
@@ -575,3 +592,19 @@ def test_until_decided_decides_against_the_best_earlier_by_the_chosen_metric_at_
         "checkpoint-200", True, "checkpoint-100")
     history = pd.read_csv(results / "history.csv", keep_default_na=False)
     assert history.loc[history["run"] == "checkpoint-200", "best_step"].item() == "100"
+
+
+@pytest.mark.parametrize("outcome", ["failed", "still being written"])
+def test_a_sweep_that_finished_no_checkpoint_has_no_newest_row(cli, stand_in, tmp_path, outcome):
+    """The only checkpoint failed (exit 2) or is still being written (exit 0, a later tick takes it):
+    history.csv is its header alone, and the summary line says so without a traceback."""
+    from clipeval.sweep import HISTORY_COLUMNS
+
+    training, results = tmp_path / "train", tmp_path / "results"
+    _pipeline(training / "checkpoint-100", age_s=3600 if outcome == "failed" else 0)
+    stand_in.failing.add("checkpoint-100")
+    result = _sweep(cli, training, results, "--alert-if-worse", "0.01")
+    assert result.exit_code == (2 if outcome == "failed" else 0), result.stderr
+    assert result.stdout == (f"0 evaluated, 0 up to date, {int(outcome != 'failed')} still being written, "
+                             f"{int(outcome == 'failed')} failed → {results / 'history.csv'}\n")
+    assert (results / "history.csv").read_text() == ",".join(HISTORY_COLUMNS) + "\n"
