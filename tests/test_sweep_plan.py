@@ -88,6 +88,7 @@ def test_the_library_sweep_as_a_training_loop_calls_it(stand_in, tmp_path):
     assert (result.failed, result.up_to_date, result.busy) == ({}, [], None)
     assert result.history == results / "history.csv" and result.history.is_file()
     assert result.newest["run"] == "checkpoint-300" and result.newest["best_step"] == 200
+    assert (result.newest["verdict"], result.newest["prompts_used"]) == ("", 30)  # no sequential decision: whole runs
     assert str(result.newest["alert"]).lower() == "true"  # 0.05 below the best: the whole interval is below 0
     assert [(c.config.until_decided, c.config.order_prefix) for c in stand_in.calls] == [(False, None)] * 3
     assert lines[:3] == ["evaluating checkpoint-100 (step 100)", "evaluating checkpoint-200 (step 200)",
@@ -608,3 +609,27 @@ def test_a_sweep_that_finished_no_checkpoint_has_no_newest_row(cli, stand_in, tm
     assert result.stdout == (f"0 evaluated, 0 up to date, {int(outcome != 'failed')} still being written, "
                              f"{int(outcome == 'failed')} failed → {results / 'history.csv'}\n")
     assert (results / "history.csv").read_text() == ",".join(HISTORY_COLUMNS) + "\n"
+
+
+@pytest.mark.parametrize("manifest_settings", ["without a checkpoint", "none"])
+def test_a_run_whose_manifest_lacks_its_checkpoint_takes_the_step_of_its_folder(cli, stand_in, tmp_path, manifest_settings):
+    """A finished run written by hand or by another tool, its manifest without the checkpoint setting
+    (or without settings): its row's step comes from its folder's name, its checkpoint cell is empty."""
+    from clipeval import stats, store
+    from test_compare import SETTINGS
+
+    training, results = tmp_path / "train", tmp_path / "results"
+    _pipeline(training / "checkpoint-500")
+    scores = base_scores(prompts=30).assign(flag="")
+    settings = {k: v for k, v in SETTINGS.items() if k != "checkpoint"}
+    names = ["checkpoint-500", "checkpoint-700"] if manifest_settings != "none" else ["checkpoint-500"]
+    for name in names:  # checkpoint-700 is gone from the training folder
+        (results / name).mkdir(parents=True)
+        manifest = {"status": "complete", **({"settings": settings} if manifest_settings != "none" else {})}
+        store.write_results(results / name, scores=scores, prompts=stats.prompts_table(scores),
+                            summary=stats.summarize(scores), manifest=manifest)
+    result = _sweep(cli, training, results)
+    assert result.exit_code == 0, result.stderr
+    assert stand_in.calls == []  # up to date
+    history = pd.read_csv(results / "history.csv", keep_default_na=False, dtype=str)
+    assert history[["step", "checkpoint", "run"]].values.tolist() == [[n.split("-")[1], "", n] for n in names]
