@@ -96,6 +96,11 @@ def test_the_library_sweep_as_a_training_loop_calls_it(stand_in, tmp_path):
     again = sweep.sweep(training, results, base, settle_s=10, log=lines.append)
     assert again.evaluated == ["checkpoint-400"] and again.up_to_date == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
     assert again.newest["run"] == "checkpoint-400"
+    _pipeline(training / "checkpoint-500")
+    stand_in.failing.add("checkpoint-500")
+    failed = sweep.sweep(training, results, base, log=lines.append)
+    assert (failed.evaluated, failed.failed) == ([], {"checkpoint-500": "the unet would not load"})
+    assert failed.newest["run"] == "checkpoint-400"  # the history is the finished runs'
 
 
 def test_checkpoints_are_evaluated_in_step_order_each_into_its_folder(cli, stand_in, tmp_path):
