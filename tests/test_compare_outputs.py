@@ -425,3 +425,22 @@ def test_a_run_stopped_by_until_decided_says_what_it_decided(cli, tmp_path):
             "runs/base; the figures here cover the prompts it shares, of the 20 it generated") in text
     markdown = cli("compare", a, tmp_path / "decided", "--format", "markdown", "--resamples", "200").stdout.splitlines()
     assert any(line.startswith(f"> {tmp_path / 'decided'} is a run stopped by --until-decided: worse") for line in markdown)
+
+
+def test_a_one_prompt_group_shows_its_delta_alone_and_the_library_lists_five_groups(tmp_path):
+    """Six categories and one of a single prompt (it moved most): its row has no interval to show, and
+    render() called from Python lists the five groups that moved most, as compare's --top default does."""
+    from clipeval import compare as comparing
+    from clipeval.stats import Bootstrap
+    from test_compare import base_scores
+
+    a = base_scores(prompts=13).assign(challenge="")
+    a["category"] = [f"c{p % 6}" if p < 12 else "single" for p in a["prompt_id"]]
+    shift = np.where(a["prompt_id"] == 12, 0.05, 0.001 * (a["prompt_id"] % 6 + 1))
+    b = a.assign(clip_score=(a["clip_score"] + shift).round(8))
+    runs = [comparing.load_run(make_run(tmp_path / name, s)) for name, s in (("a", a), ("b", b))]
+    text = comparing.render(comparing.compare(runs, boot=Bootstrap(resamples=200)), "text")
+    groups = text.split("Groups that moved most")[1].splitlines()[2:]
+    assert [row.split()[1] for row in groups] == ["single", "c5", "c4", "c3", "c2"]
+    assert groups[0].split() == ["category", "single", "(few", "prompts)", "1", "+0.0500", "n/a"]  # no interval
+    assert "[" in groups[1]  # two prompts or more: an interval
