@@ -444,3 +444,18 @@ def test_a_one_prompt_group_shows_its_delta_alone_and_the_library_lists_five_gro
     assert [row.split()[1] for row in groups] == ["single", "c5", "c4", "c3", "c2"]
     assert groups[0].split() == ["category", "single", "(few", "prompts)", "1", "+0.0500", "n/a"]  # no interval
     assert "[" in groups[1]  # two prompts or more: an interval
+
+
+def test_compare_metric_compares_the_named_scorer(cli, tmp_path):
+    """Two runs scored by CLIP and a VQA scorer, B 0.02 above A by CLIP and 0.03 below by VQA:
+    --metric vqa compares VQA's columns, and without it the primary scorer's."""
+    from test_compare import base_scores
+    from test_sweep_plan import _two_scorer_run
+
+    scores = base_scores(prompts=12)
+    for name, clip, vqa in (("a", 0.0, 0.0), ("b", 0.02, -0.03)):
+        _two_scorer_run(tmp_path / name, scores, clip, vqa, f"/models/{name}")
+    for extra, delta in (((), 0.02), (("--metric", "vqa"), -0.03)):
+        data = json.loads(cli("compare", tmp_path / "a", tmp_path / "b", "--format", "json", "--resamples", "200",
+                              *extra).stdout)
+        assert data["runs"][0]["overall"]["delta"] == pytest.approx(delta, abs=1e-9)
