@@ -133,6 +133,10 @@ def test_unreadable_and_malformed_files_are_one_line(tmp_path):
     with pytest.raises(ClipevalError) as err:
         store.load_run(folder)
     assert str(err.value) == f"{folder}/scores.csv: missing columns clip_score"
+    (folder / "scores.csv").write_text("prompt_id,sample,prompt,clip_score\n0,0,a,0.5\n")
+    with pytest.raises(ClipevalError) as err:
+        store.load_run(folder)
+    assert str(err.value) == f"{folder}/scores.csv: missing columns category, challenge, seed"  # sorted, comma-separated
     (folder / "scores.csv").write_text("prompt_id,sample,seed,prompt,category,challenge,clip_score\n0,0,0,a,,,high\n")
     with pytest.raises(ClipevalError) as err:
         store.load_run(folder)
