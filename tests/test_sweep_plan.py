@@ -25,29 +25,48 @@ SHIFTS = {"checkpoint-100": 0.0, "checkpoint-200": 0.03, "checkpoint-300": -0.02
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    """runner.run replaced: each call is recorded with the history.csv it found, and writes a run
-    whose scores are the base scores shifted by SHIFTS[name]; a name in ``failing`` fails."""
+    """runner.run replaced: each call is recorded with the history.csv it found, and ``write(out,
+    checkpoint)`` makes its run (by default the base scores shifted by SHIFTS[name]); a name in
+    ``failing`` fails."""
     from clipeval import runner
 
-    calls, failing = [], set()
     scores = base_scores(prompts=30)
+
+    def write(out: Path, checkpoint: str) -> None:
+        shifted = scores.assign(clip_score=(scores["clip_score"] + SHIFTS[out.name] + 0.002 * (scores["sample"] - 0.5)).round(8))
+        make_run(out, shifted, checkpoint=checkpoint)
+
+    state = SimpleNamespace(calls=[], failing=set(), write=write)
 
     def run(config):
         out = Path(config.out)
         history = out.parent / "history.csv"
-        calls.append(SimpleNamespace(checkpoint=config.checkpoint, out=out, trackers=config.trackers, config=config,
-                                     history=pd.read_csv(history, keep_default_na=False) if history.is_file() else None))
-        if out.name in failing:
+        state.calls.append(SimpleNamespace(
+            checkpoint=config.checkpoint, out=out, trackers=config.trackers, config=config,
+            history=pd.read_csv(history, keep_default_na=False) if history.is_file() else None))
+        if out.name in state.failing:
             raise ClipevalError("the unet would not load")
-        shifted = scores.assign(clip_score=(scores["clip_score"] + SHIFTS[out.name] + 0.002 * (scores["sample"] - 0.5)).round(8))
-        make_run(out, shifted, checkpoint=config.checkpoint)
+        state.write(out, config.checkpoint)
         from clipeval.store import load_run
 
         record = load_run(out)
         return SimpleNamespace(summary=record.summary, scores=record.scores, out=out)
 
     monkeypatch.setattr(runner, "run", run)
-    return SimpleNamespace(calls=calls, failing=failing)
+    return state
+
+
+@pytest.fixture
+def logged(monkeypatch) -> list:
+    """What the sweep logs to its trackers, (step, checkpoint, extra, run folder) per call, instead of logging it;
+    each call prints "logged step N"."""
+    from clipeval import trackers
+
+    calls: list = []
+    monkeypatch.setattr(trackers, "_require", lambda target: None)
+    monkeypatch.setattr(trackers.Tracking, "log", lambda self, result, *, checkpoint, extra=None: (
+        calls.append((self.step, checkpoint, extra, result.out.name)) or f"logged step {self.step}"))
+    return calls
 
 
 def _pipeline(path: Path, age_s: float = 3600) -> Path:
@@ -162,13 +181,10 @@ def test_a_checkpoint_still_being_written_is_skipped_with_its_reason(cli, stand_
     assert [c.out.name for c in stand_in.calls] == ["checkpoint-100", "checkpoint-300", "checkpoint-200"]
 
 
-def test_trackers_get_each_step_and_its_delta_to_the_best_earlier(cli, stand_in, tmp_path, monkeypatch):
+def test_trackers_get_each_step_and_its_delta_to_the_best_earlier(cli, stand_in, logged, tmp_path, monkeypatch):
     from clipeval import trackers
 
-    logged, checked = [], []
-    monkeypatch.setattr(trackers, "_require", lambda target: None)
-    monkeypatch.setattr(trackers.Tracking, "log", lambda self, result, *, checkpoint, extra=None: (
-        logged.append((self.step, checkpoint, extra, result.out.name)) or f"logged step {self.step}"))
+    checked = []
     original = trackers.Tracking.check
     monkeypatch.setattr(trackers.Tracking, "check", lambda self, checkpoint: (checked.append((self.step, checkpoint)),
                                                                               original(self, checkpoint))[1])
@@ -195,6 +211,9 @@ def test_trackers_get_each_step_and_its_delta_to_the_best_earlier(cli, stand_in,
 def test_the_lock_names_its_holder_and_a_finished_sweep_leaves_its_pid(cli, stand_in, tmp_path):
     import fcntl
 
+    from clipeval import sweep
+    from clipeval.runner import RunConfig
+
     training, results = tmp_path / "train", tmp_path / "results"
     _pipeline(training / "checkpoint-100")
     results.mkdir()
@@ -210,9 +229,6 @@ def test_the_lock_names_its_holder_and_a_finished_sweep_leaves_its_pid(cli, stan
         _pipeline(training / "checkpoint-200")
         busy = _sweep(cli, training, results)
         lock.truncate(0)  # caught between the holder's truncation and its pid's write
-        from clipeval import sweep
-        from clipeval.runner import RunConfig
-
         unnamed = sweep.sweep(training, results, RunConfig(checkpoint="", prompt_library="smoke", out=Path()),
                               log=lambda line: None)
     assert busy.exit_code == 0 and busy.stdout == f"another sweep (pid 4242) is working on {results}; nothing to do\n"
@@ -488,7 +504,8 @@ def test_a_run_left_unfinished_by_an_earlier_tick_is_in_the_history_once_finishe
     assert pd.read_csv(results / "history.csv", keep_default_na=False)["run"].tolist() == ["checkpoint-100", "checkpoint-200"]
 
 
-def test_a_rank_other_than_0_evaluates_what_rank_0_planned_and_says_writes_and_logs_nothing(stand_in, tmp_path, monkeypatch):
+def test_a_rank_other_than_0_evaluates_what_rank_0_planned_and_says_writes_and_logs_nothing(stand_in, logged, tmp_path,
+                                                                                             monkeypatch):
     """Under torchrun every rank evaluates each checkpoint together; rank 0 alone speaks, writes
     history.csv, logs to the trackers and returns the result, also when another sweep holds the folder."""
     import fcntl
@@ -501,9 +518,6 @@ def test_a_rank_other_than_0_evaluates_what_rank_0_planned_and_says_writes_and_l
             return fn()
 
     monkeypatch.setattr(distributed, "ranks", lambda: SecondRank(rank=1, world=2))
-    logged = []
-    monkeypatch.setattr(trackers, "_require", lambda target: None)
-    monkeypatch.setattr(trackers.Tracking, "log", lambda self, result, **kw: logged.append(self.step) or "logged")
     training, results = tmp_path / "train", tmp_path / "results"
     for name in ("checkpoint-100", "checkpoint-200"):
         _pipeline(training / name)
@@ -532,36 +546,21 @@ def test_a_stepless_checkpoint_is_noted_only_where_a_tracker_would_log(cli, stan
     assert not [line for line in result.stderr.splitlines() if line.startswith("note:")]
 
 
+VQA_SHIFTS = {"checkpoint-100": 0.0, "checkpoint-200": -0.01, "checkpoint-300": 0.03}
+
+
 @pytest.fixture
-def two_scorer_stand_in(stand_in, monkeypatch):
-    """runner.run writing runs scored by CLIP and a VQA scorer: CLIP's shift is SHIFTS[name], VQA's
-    VQA_SHIFTS[name] (by CLIP checkpoint-300 is worse than 200, by VQA it is the best)."""
-    from clipeval import runner
-
-    shifts = {"checkpoint-100": 0.0, "checkpoint-200": -0.01, "checkpoint-300": 0.03, "old-run": 0.05}
+def two_scorer_stand_in(stand_in):
+    """The stand-in writing runs scored by CLIP (shifted by SHIFTS[name]) and a VQA scorer (by VQA_SHIFTS[name]):
+    by CLIP checkpoint-300 is worse than 200, by VQA it is the best."""
     scores = base_scores(prompts=30)
-
-    def run(config):
-        out = Path(config.out)
-        stand_in.calls.append(SimpleNamespace(checkpoint=config.checkpoint, out=out, config=config))
-        _two_scorer_run(out, scores, SHIFTS[out.name], shifts[out.name], config.checkpoint)
-        from clipeval.store import load_run
-
-        record = load_run(out)
-        return SimpleNamespace(summary=record.summary, scores=record.scores, out=out)
-
-    monkeypatch.setattr(runner, "run", run)
+    stand_in.write = lambda out, checkpoint: _two_scorer_run(out, scores, SHIFTS[out.name], VQA_SHIFTS[out.name],
+                                                             checkpoint)
     return stand_in
 
 
 def test_the_history_written_after_each_evaluation_and_the_trackers_follow_the_chosen_metric(
-        cli, two_scorer_stand_in, tmp_path, monkeypatch):
-    from clipeval import trackers
-
-    logged = []
-    monkeypatch.setattr(trackers, "_require", lambda target: None)
-    monkeypatch.setattr(trackers.Tracking, "log", lambda self, result, *, checkpoint, extra=None: (
-        logged.append((self.step, extra)) or f"logged step {self.step}"))
+        cli, two_scorer_stand_in, logged, tmp_path):
     training, results = tmp_path / "train", tmp_path / "results"
     for step in (100, 200, 300):
         _pipeline(training / f"checkpoint-{step}")
@@ -570,11 +569,12 @@ def test_the_history_written_after_each_evaluation_and_the_trackers_follow_the_c
     history = pd.read_csv(results / "history.csv", keep_default_na=False)
     assert history["metric"].tolist() == ["vqa"] * 3 and history["best_step"].tolist() == ["", "100", "100"]
     assert history["alert"].tolist() == ["", "true", "false"]
-    assert [step for step, _ in logged] == [100, 200, 300]
-    assert [list(extra) for _, extra in logged] == [["vqa/delta_best"]] * 3
-    assert logged[0][1]["vqa/delta_best"] is None
-    assert logged[2][1]["vqa/delta_best"] == pytest.approx(float(history.iloc[2]["delta_best"]))
-    assert logged[2][1]["vqa/delta_best"] == pytest.approx(0.03, abs=0.003)  # against 100, the best by VQA
+    assert [step for step, _, _, _ in logged] == [100, 200, 300]
+    extras = [extra for _, _, extra, _ in logged]
+    assert [list(extra) for extra in extras] == [["vqa/delta_best"]] * 3
+    assert extras[0]["vqa/delta_best"] is None
+    assert extras[2]["vqa/delta_best"] == pytest.approx(float(history.iloc[2]["delta_best"]))
+    assert extras[2]["vqa/delta_best"] == pytest.approx(0.03, abs=0.003)  # against 100, the best by VQA
 
 
 def test_until_decided_decides_against_the_best_earlier_by_the_chosen_metric_at_a_smaller_step(
