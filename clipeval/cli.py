@@ -264,7 +264,8 @@ def _run_config(options: dict, **extra):
 @click.option("--baseline", type=click.Path(path_type=Path), help="With --until-decided: the run folder (same library, seed and scorer) this checkpoint is decided against.")
 @click.option("--until-decided", "until_decided", is_flag=True, help="Generate the library in one seeded order and stop as soon as an anytime-valid confidence sequence for the mean paired delta against --baseline lies wholly below -MARGIN (worse), above +MARGIN (better) or inside them; the folder stays resumable and extendable.")
 @click.option("--margin", "margin", type=Finite(0), default=0.005, show_default=True, help="With --until-decided: the difference of clip/mean that matters, in the scale printed.")
-@click.option("--sequence", type=click.Choice(["asymptotic", "betting"]), default="asymptotic", show_default=True, help="With --until-decided: the confidence sequence; betting is exact for any library but needs far more prompts (README).")
+@click.option("--sequence", type=click.Choice(["betting", "asymptotic"]), default="betting", show_default=True, help="With --until-decided: betting (exact: wrong at most 5% of the time on every library whose deltas lie within --delta-bound, checked on each one) or asymptotic (faster, its error rate holds only for large libraries of normal-looking deltas: up to 14% on skewed or sparse ones).")
+@click.option("--delta-bound", "delta_bound", type=Finite(0), help="With --until-decided: the largest |paired delta| of a prompt the betting sequence assumes, in the scale printed; from the first delta beyond it, it decides on the whole range [-2, 2] (no assumption) and says so  [default: 0.25 for a cosine, 1 for a VQAScore probability].")
 @click.pass_context
 def run(ctx: click.Context, step: int | None, fail_below: float | None, with_report: bool, junit_xml: Path | None,
         **options) -> None:
@@ -281,6 +282,7 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
     trackers, scale = _tracking(options, Path(options["out"]) / "logs", step)
     threshold = _in_cosine(fail_below, scale, "--fail-below", bound=1.0)  # before any model loads
     options["margin"] = _in_cosine(options["margin"], scale, "--margin", bound=2.0)
+    options["delta_bound"] = _in_cosine(options["delta_bound"], scale, "--delta-bound", bound=2.0)
     demo = "demo" in (options["checkpoint"], options["clip_model"])
     if demo:
         click.secho(DEMO_WARNING, fg="yellow", err=True)
@@ -338,10 +340,11 @@ def run(ctx: click.Context, step: int | None, fail_below: float | None, with_rep
 @click.option("--junit-xml", "junit_xml", type=click.Path(path_type=Path), help="Also write the gate's result as JUnit XML (one test case per gate), for CI systems.")
 @click.option("--alert-if-worse", "alert_margin", type=Finite(0), help="Exit 1 (after writing every file), with an 'alert:' line, when the newest checkpoint is worse than the best earlier one by more than this: the whole CI of the paired delta below -MARGIN.")
 @click.option("--until-decided", "until_decided", is_flag=True, help="Generate each checkpoint in the seeded order only until a confidence sequence decides it against the best earlier one (worse, better, or within --alert-if-worse), extending that one as needed; history.csv says the prompts used and the verdict.")
-@click.option("--sequence", type=click.Choice(["asymptotic", "betting"]), default="asymptotic", show_default=True, help="With --until-decided: the confidence sequence.")
+@click.option("--sequence", type=click.Choice(["betting", "asymptotic"]), default="betting", show_default=True, help="With --until-decided: betting (exact: wrong at most 5% of the time on every library whose deltas lie within --delta-bound, checked on each one) or asymptotic (faster, its error rate holds only for large libraries of normal-looking deltas: up to 14% on skewed or sparse ones).")
+@click.option("--delta-bound", "delta_bound", type=Finite(0), help="With --until-decided: as run --delta-bound.")
 @click.pass_context
-def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: float, alert_margin: float | None,
-          junit_xml: Path | None, until_decided: bool, sequence: str, **options) -> None:
+def sweep(ctx: click.Context, training_dir: Path | None, out: Path, *, settle: float, alert_margin: float | None,
+          junit_xml: Path | None, until_decided: bool, sequence: str, delta_bound: float | None, **options) -> None:
     """Evaluate every checkpoint of TRAINING_DIR not evaluated yet, oldest step first (for cron).
 
     \b
@@ -374,7 +377,8 @@ def sweep(ctx: click.Context, training_dir: Path | None, out: Path, settle: floa
     margin = _in_cosine(alert_margin, scale, "--alert-if-worse", bound=2.0)  # deltas of cosines lie in [-2, 2]
     if until_decided and margin is None:
         raise ClipevalError("--until-decided needs --alert-if-worse MARGIN: the difference each decision is about")
-    base = _run_config(options, checkpoint="", out=out, trackers=trackers, sequence=sequence)
+    bound = _in_cosine(delta_bound, scale, "--delta-bound", bound=2.0)
+    base = _run_config(options, checkpoint="", out=out, trackers=trackers, sequence=sequence, delta_bound=bound)
     result = sweeping.sweep(folder, out, base, settle_s=settle, margin=margin or 0.0, until_decided=until_decided,
                             log=lambda m: click.echo(m, err=True))
     if result is None:  # another rank of a multi-process sweep: rank 0 reports
@@ -494,20 +498,26 @@ def _printed(scale: str) -> tuple[float, int]:
 
 
 def sequential_line(q: dict, scale: str = "cosine", images_per_prompt: int | None = None) -> str:
-    """What a sequential run decided, in how many prompts, and what the whole library would cost."""
+    """What a sequential run decided, after how many prompts, and what it generated and saved."""
     k, digits = _printed(scale)
     unit = " (100 x cosine)" if k != 1 else ""
     low, high = q["mean_delta_ci"]
     share = q["prompts_used"] / q["library_prompts"]
-    sequence = (f"mean paired delta {k * q['mean_delta']:+.{digits}f}, {int(round(100 * (1 - q['alpha'])))}% confidence "
+    scorer = f" of {q['scorer']}" if q.get("scorer") else ""
+    sequence = (f"mean paired delta{scorer} {k * q['mean_delta']:+.{digits}f}, {int(round(100 * (1 - q['alpha'])))}% "
                 f"sequence [{k * low:+.{digits}f}, {k * high:+.{digits}f}]{unit}") if q["mean_delta"] is not None else "no prompt paired"
     images = f" ({images_per_prompt} image{'s' if images_per_prompt != 1 else ''} each)" if images_per_prompt else ""
+    generated = q.get("prompts_generated", q["prompts_seen"])
+    cost = f"{generated} generated, {q['library_prompts'] - generated} of the library saved"
+    bound = (q.get("rule") or {}).get("delta_bound")
+    if q.get("bound_exceeded_at"):
+        cost += (f"; prompt {q['bound_exceeded_at']}'s delta left the declared bound ±{k * bound:g}{unit}, so from "
+                 f"there it decided on the whole range ±{k * 2:g}")
     if q["decided"]:
         return (f"sequential: {q['verdict']} (margin {k * q['margin']:g}{unit}) after {q['prompts_used']} of "
-                f"{q['library_prompts']} prompts ({share:.0%}){images}: {sequence} against {q['baseline']}; the whole "
-                f"library would have cost {q['library_prompts'] - q['prompts_used']} more prompts")
+                f"{q['library_prompts']} prompts ({share:.0%}){images}: {sequence} against {q['baseline']}; {cost}")
     return (f"sequential: undecided after {q['prompts_used']} of {q['library_prompts']} prompts: {sequence} against "
-            f"{q['baseline']}; compare the two runs for the fixed-size answer")
+            f"{q['baseline']}; {cost}; compare the two runs for the fixed-size answer")
 
 
 def _closing_lines(result, scale: str) -> list[str]:
@@ -605,11 +615,12 @@ def scorers() -> None:
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--top", type=click.IntRange(0), default=5, show_default=True, help="Groups listed as moving most (text, markdown).")
 @click.option("--junit-xml", "junit_xml", type=click.Path(path_type=Path), help="Also write the gate's result as JUnit XML (one test case per gate), for CI systems.")
-@click.option("--sequential", "sequence", flag_value="asymptotic", help="Also say after how many prompts of the seeded order (that of run --until-decided) a confidence sequence would have decided, with --margin.")
-@click.option("--sequence", "sequence", type=click.Choice(["asymptotic", "betting"]), help="As --sequential, with this confidence sequence.")
+@click.option("--sequential", "sequence", flag_value="betting", help="Also say after how many prompts of the seeded order (that of run --until-decided) the betting sequence would have decided, with --margin.")
+@click.option("--sequence", "sequence", type=click.Choice(["betting", "asymptotic"]), help="As --sequential, with this sequence (run --help says what each guarantees).")
+@click.option("--delta-bound", "delta_bound", type=Finite(0), help="With --sequential: as run --delta-bound, in cosine.")
 @click.option("--metric", help="The scorer compared, in every run: a label from summary.json's scorers, a model or a short name  [default: each run's primary scorer, which must be the same].")
 def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confidence, resamples, seed, top,
-            junit_xml, sequence, metric) -> None:
+            junit_xml, sequence, delta_bound, metric) -> None:
     """Is a run better than the baseline, or is it noise? Paired by prompt and seed.
 
     A run is worse by more than --margin when the whole confidence interval of its paired delta
@@ -626,6 +637,7 @@ def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confi
     if len(paths) < 2:
         raise ClipevalError("compare needs at least two runs (RUN_A RUN_B ..., or one run and --baseline)")
     _in_cosine(margin, "cosine", "--margin", bound=2.0, scales=False)  # a paired delta of cosines lies in [-2, 2]
+    _in_cosine(delta_bound, "cosine", "--delta-bound", bound=2.0, scales=False)
     loaded = [comparing.load_run(p, metric) for p in paths]
     result = comparing.compare(
         loaded,
@@ -634,6 +646,7 @@ def compare(*, runs, baseline, fmt, allow_mismatch, fail_if_worse, margin, confi
         margin=margin,
         boot=Bootstrap(confidence=confidence, resamples=resamples, seed=seed),
         sequence=sequence,
+        delta_bound=delta_bound,
     )
     click.echo(comparing.render(result, fmt, top=top), nl=False)
     from clipeval import gates

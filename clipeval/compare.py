@@ -38,18 +38,26 @@ class RunScores:
     scores: Any  # DataFrame, the run's scores.csv
     library_prompts: int | None = None  # a run --until-decided stopped: the prompts of its whole library
     decided: dict[str, Any] | None = None  # its summary's "sequential": what it decided, against which run
+    prompt_ids: frozenset[int] = frozenset()  # every prompt the run holds an image of, usable or not
+    scorer: str = ""  # the label of the scorer compared
+    kind: str = "clip"  # its kind ("clip" or "vqa")
 
 
 def load_run(path: str | Path, metric: str | None = None) -> RunScores:
     """``metric``: the scorer compared (``clipeval.metrics``); None, the run's primary one."""
-    from clipeval.metrics import select
+    from clipeval.metrics import PRIMARY, names, select
     from clipeval.stats import usable
     from clipeval.store import load_run as load
 
-    record = select(load(path), metric)
+    whole = load(path)
+    blocks = names(whole.summary, whole.settings)
+    record = select(whole, metric)
     library = (record.manifest.get("selection") or {}).get("library_prompts")
     decided = (record.summary or {}).get("sequential")
-    return RunScores(str(path), record.path, record.settings, usable(record.scores), library, decided)  # flagged images never pair
+    label = record.settings.get("metric") or next(n for n, b in blocks.items() if b["column"] == PRIMARY)
+    held = frozenset(int(p) for p in record.scores["prompt_id"].unique())
+    return RunScores(str(path), record.path, record.settings, usable(record.scores), library, decided,  # flagged images never pair
+                     held, label, blocks[label].get("kind", "clip"))
 
 
 @dataclass
@@ -107,6 +115,7 @@ def compare(
     margin: float = 0.0,
     boot: Bootstrap = Bootstrap(),
     sequence: str | None = None,
+    delta_bound: float | None = None,
     way_out: str = "--allow-mismatch compares the prompts they share",
 ) -> Comparison:
     """``way_out``: what the mismatch error offers (sweep has no --allow-mismatch)."""
@@ -132,7 +141,7 @@ def compare(
     stopped = [f"{r.name} is a run stopped by --until-decided: {_decided(r.decided)}" for r in runs if r.decided]
     if sequence is not None:
         for run, result in zip(others, results):
-            result.sequential = sequential_result(base, run, margin, sequence)
+            result.sequential = sequential_result(base, run, margin, sequence, delta_bound)
     return Comparison(
         baseline=base.name,
         baseline_mean=float(base.scores["clip_score"].mean()),
@@ -151,20 +160,24 @@ def _prompt_means(scores):
     return grouped.agg(sum="sum", n="size")
 
 
-def sequential_result(base: RunScores, run: RunScores, margin: float, method: str) -> dict[str, Any]:
+def sequential_result(base: RunScores, run: RunScores, margin: float, method: str,
+                      delta_bound: float | None = None) -> dict[str, Any]:
     """After how many prompts of the seeded order (the one ``run --until-decided`` follows) the
-    confidence sequence would have decided, on the prompts the two runs pair. The library is the
-    population: the whole library where a run was stopped early (its prefix is the start of the
-    order), else the prompts paired."""
+    sequence would have decided. Its prompts are those both runs hold, in that order; one without a
+    usable pair is skipped, as ``compare`` leaves it out (one target: the mean over paired prompts).
+    The library is the population: the whole library where a run was stopped early (its prefix is
+    the start of the order), else the prompts both hold."""
     from clipeval import sequential
 
     keys = ["prompt_id", "sample", "prompt"]
     paired = base.scores[keys + ["clip_score"]].merge(run.scores[keys + ["clip_score"]], on=keys, suffixes=("_a", "_b"))
     per_prompt = paired.groupby("prompt_id", sort=True)[["clip_score_a", "clip_score_b"]].mean()
-    deltas = dict(zip(per_prompt.index, per_prompt["clip_score_b"] - per_prompt["clip_score_a"]))
-    population = max([len(deltas)] + [r.library_prompts for r in (base, run) if r.library_prompts])
-    ordered = [float(deltas[p]) for p in sequential.order(list(deltas), int(base.settings.get("seed") or 0))]
-    return sequential.summarize(ordered, population, margin, method=method, baseline=base.name)
+    deltas = {int(p): float(d) for p, d in zip(per_prompt.index, per_prompt["clip_score_b"] - per_prompt["clip_score_a"])}
+    held = sorted((base.prompt_ids & run.prompt_ids) | set(deltas))
+    population = max([len(held)] + [r.library_prompts for r in (base, run) if r.library_prompts])
+    ordered = [deltas.get(p) for p in sequential.order(held, int(base.settings.get("seed") or 0))]
+    rule = sequential.rule(method, kind=run.kind, bound=delta_bound)
+    return sequential.summarize(ordered, population, margin, rule=rule, baseline=base.name, scorer=run.scorer)
 
 
 def _compare_one(base: RunScores, run: RunScores, margin: float, boot: Bootstrap) -> RunComparison:

@@ -10,6 +10,7 @@ baseline, the deltas of what is done, and the decision to stop.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,19 @@ class Decider:
     base: dict[int, dict[int, float]] = field(default_factory=dict)  # prompt_id: {sample: usable score}
     base_prompts: set[int] = field(default_factory=set)  # prompts whose every image the baseline holds
     prefix: int | None = None  # generate exactly this many prompts of the order, deciding nothing
+    bound: float | None = None  # --delta-bound; None: the deciding scorer's default (sequential.DELTA_BOUND)
+    scorer: str = ""  # the label of the scorer that decides (the primary one)
+    kind: str = "clip"  # its kind, which sets the default bound; the runner sets both once it has loaded
 
     @property
     def population(self) -> int:
         return len(self.order)
+
+    @property
+    def rule(self):
+        from clipeval import sequential
+
+        return sequential.rule(self.method, kind=self.kind, bound=self.bound)
 
     def seen(self, done: dict) -> list[int]:
         """The prompts of the order whose every image is done, up to the first that is not."""
@@ -49,25 +59,21 @@ class Decider:
             out.append(prompt_id)
         return out
 
-    def deltas(self, done: dict, seen: list[int] | None = None) -> tuple[list[float], int]:
+    def deltas(self, done: dict, seen: list[int] | None = None) -> list[float | None]:
         """Each seen prompt's paired delta (the mean of its usable images minus the baseline's mean
-        over the same samples), in order, as far as the baseline reaches; and how many prompts had no
-        usable pair (counted as 0: a prompt cannot leave the library without biasing its mean)."""
+        over the same samples), in order, as far as the baseline reaches; None for a prompt with no
+        usable pair, which ``compare`` leaves out too: the sequence skips it."""
         from clipeval.stats import usable_row
 
-        out, unpaired = [], 0
+        out: list[float | None] = []
         for prompt_id in self.seen(done) if seen is None else seen:
             if prompt_id not in self.base_prompts:
                 break
             theirs = self.base.get(prompt_id, {})
             pairs = [(done[(prompt_id, s)]["clip_score"], theirs[s]) for s in range(self.samples)
                      if s in theirs and usable_row(done[(prompt_id, s)])]
-            if pairs:
-                out.append(sum(a - b for a, b in pairs) / len(pairs))
-            else:
-                out.append(0.0)
-                unpaired += 1
-        return out, unpaired
+            out.append(sum(a - b for a, b in pairs) / len(pairs) if pairs else None)
+        return out
 
     def should_stop(self, done: dict) -> bool:
         """Asked before each generation call: stop once the sequence has decided, once the prefix
@@ -79,8 +85,8 @@ class Decider:
             return False
         from clipeval import sequential
 
-        deltas, _ = self.deltas(done, seen)
-        if any(v is not None for v in sequential.decisions(deltas, self.population, self.margin, method=self.method)):
+        deltas = self.deltas(done, seen)
+        if any(v is not None for v in sequential.decisions(deltas, self.population, self.margin, self.rule)):
             return True
         return len(deltas) < len(seen) or (len(seen) < self.population and self.order[len(seen)] not in self.base_prompts)
 
@@ -96,14 +102,13 @@ class Decider:
                 return json.loads((out / "summary.json").read_text(encoding="utf-8")).get("sequential")
             except (OSError, ValueError):
                 return None
-        deltas, unpaired = self.deltas(done)
-        return sequential.summarize(deltas, self.population, self.margin, method=self.method,
-                                    baseline=str(self.baseline), unpaired=unpaired)
+        return sequential.summarize(self.deltas(done), self.population, self.margin, rule=self.rule,
+                                    baseline=str(self.baseline), scorer=self.scorer, generated=len(self.seen(done)))
 
     def check_reached(self, done: dict, result: dict[str, Any]) -> None:
         """After the tables are written: an undecided run whose baseline ran out is an error that
         says how to go on (the sweep extends the baseline itself)."""
-        have = len(self.deltas(done)[0])
+        have = len(self.deltas(done))
         # The loop may end (its last calls in flight) before asking should_stop again: judge by the deltas.
         if not result["decided"] and have < self.population and self.order[have] not in self.base_prompts:
             raise BaselineTooShort(
@@ -126,14 +131,37 @@ def prepare(config, library, ranks) -> Decider | None:
         raise ClipevalError("--until-decided runs in one process (a decision after each prompt of one order)")
     if config.sequence not in sequential.METHODS:
         raise ClipevalError(f"--sequence {config.sequence}: use {' or '.join(sequential.METHODS)}")
+    if config.delta_bound is not None and not 0 < config.delta_bound <= sequential.FULL_RANGE:
+        raise ClipevalError(f"--delta-bound {config.delta_bound:g}: a paired delta of scores in [-1, 1] lies in "
+                            f"[-{sequential.FULL_RANGE:g}, {sequential.FULL_RANGE:g}]; give a bound in (0, "
+                            f"{sequential.FULL_RANGE:g}]")
     order = sequential.order([p.prompt_id for p in library.prompts], config.seed)
-    decider = Decider(order, config.images_per_prompt, config.margin, config.sequence, None, prefix=config.order_prefix)
+    decider = Decider(order, config.images_per_prompt, config.margin, config.sequence, None, prefix=config.order_prefix,
+                      bound=config.delta_bound, kind=_kind(config.clip_model))
     if config.order_prefix is not None:
         return decider
     if config.baseline is None:
         raise ClipevalError("--until-decided needs --baseline RUN: the run folder it decides against")
     _load_baseline(decider, Path(config.baseline).expanduser(), config, library)
+    if ranks.main:
+        fewest = sequential.fewest_prompts(decider.population, decider.margin, decider.rule)
+        if fewest is None:
+            print(f"note: no decision is possible on {library.name}'s {_prompts(decider.population)} with --sequence "
+                  f"{decider.method} at margin {decider.margin:g}, whatever the images: the whole library is generated "
+                  "and the summary says 'undecided' (compare the runs for the fixed-size answer)", file=sys.stderr)
     return decider
+
+
+def _prompts(n: int) -> str:
+    return f"{n} prompt{'' if n == 1 else 's'}"
+
+
+def _kind(spec: str) -> str:
+    """The deciding scorer's kind as far as its name tells, before it loads (the runner corrects it)."""
+    from clipeval.scorers import resolve
+
+    entry = resolve(spec)
+    return entry.kind if entry else "clip"
 
 
 def _load_baseline(decider: Decider, path: Path, config, library) -> None:

@@ -60,7 +60,8 @@ class RunConfig:
     baseline: str | Path | None = None  # the run folder --until-decided decides against
     until_decided: bool = False  # the library in its seeded order, until the sequence decides (clipeval.decide)
     margin: float = 0.005  # in cosine: the difference that matters to --until-decided
-    sequence: str = "asymptotic"  # clipeval.sequential.METHODS
+    sequence: str = "betting"  # clipeval.sequential.METHODS
+    delta_bound: float | None = None  # in cosine: the declared bound on every paired delta; None, the scorer's default
     order_prefix: int | None = None  # exactly the first N prompts of the seeded order (a sweep extending a baseline)
     progress: bool = True
     command: list[str] | None = None  # recorded in the manifest
@@ -247,6 +248,8 @@ def _run(config: RunConfig, ranks, clock: dict[str, float]) -> RunResult | None:
                 log=lambda message: print(f"note: {message}", file=sys.stderr),
             ))
         columns = metrics.columns(specs, models, [s.metric for s in scorers])
+        if decider is not None:  # the scorer that decides, now that its kind is known
+            decider.scorer, decider.kind = columns[0].label, columns[0].kind
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
         if ranks.world == 1:
             raise

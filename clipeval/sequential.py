@@ -1,32 +1,50 @@
-"""Deciding with fewer prompts: anytime-valid confidence sequences for a library's mean paired delta.
+"""Deciding with fewer prompts: sequential tests of a library's mean paired delta that may be read
+after every prompt.
 
-The quantity is the mean, over the N prompts of the library, of each prompt's paired delta (the
-new run's mean score over its images minus the baseline's over the same images). Prompts are
-visited in one seeded order, a finite population sampled without replacement, and after each
-one the sequence says whether the mean is already known to lie wholly below -M (worse), wholly
-above +M (better) or wholly inside (-M, +M) (no difference larger than M). Looking after every
-prompt and stopping at the first decision keeps the error rate at alpha, because the sequence
-covers the mean at every prompt at once with probability 1 - alpha.
+The quantity is the mean, over the library's prompts that pair (a usable image in both runs, the
+prompts ``compare`` counts), of each prompt's paired delta: the new run's mean score over its images
+minus the baseline's over the same images. Prompts are visited in one seeded order, a finite
+population sampled without replacement, and after each one the rule says whether the mean is
+already known to lie below -M (worse), above +M (better) or inside (-M, +M) (no difference larger
+than M).
 
-Two sequences, both built on the without-replacement martingale of Waudby-Smith & Ramdas ("Confidence
-sequences for sampling without replacement", NeurIPS 2020; JRSS-B 2024, section 6): each increment is
-a prompt's delta minus the mean of the prompts not yet seen, were the library's mean m.
+The default, ``betting``, is four one-sided tests by betting, each a nonnegative supermartingale
+under its null, so that by Ville's inequality the chance that any of them ever rejects a true null,
+however often it is read, is at most alpha/2 (Waudby-Smith & Ramdas, "Estimating means of bounded
+random variables by betting", JRSS-B 2024, sections 4 and 6). Which nulls can be true together
+makes the error of the verdict at most alpha: "worse" rejects mean >= -M, "better" rejects
+mean <= +M, "no difference" rejects both mean <= -M and mean >= +M; whatever the true mean, at most
+two of these four nulls are false, and a wrong verdict needs a true null rejected on one side.
 
-- ``asymptotic`` (the default): the Robbins normal-mixture boundary on that martingale with a
-  plug-in variance, Waudby-Smith, Arnold, Wu, Wang & Ramdas, "Time-uniform central limit theory
-  and asymptotic confidence sequences" (Annals of Statistics 2024), the martingale form of their
-  asymptotic confidence sequence, tuned for half the library. Its coverage is asymptotic (as for
-  a t-test); measured in simulation (tests, benchmarks/RESULTS.md). No decision before BURN_IN prompts.
-- ``betting``: the hedged-capital betting sequence (JRSS-B 2024, Theorem 3 and section 6) with their
-  predictable plug-in bets: valid for every library, no approximation, since deltas lie in [-2, 2].
-  That range is its cost: a bet may risk at most about 1/2 of the capital on the gap to a bound
-  two cosines away, so a difference of 0.004 takes most of Parti to show (measured: 89% of it at
-  twice the fixed-size minimum detectable difference, against 20% for ``asymptotic``).
+- Each test bets on the next prompt's delta against the mean of the prompts not yet seen, were the
+  library's mean at the null's edge (the without-replacement martingale, their section 6). The bet
+  is their approximate-Kelly (aGRAPA) bet, clipped at zero so it only ever bets on its own side
+  (which keeps the test valid for every mean of its null, not only the edge) and truncated at
+  TRUNCATION of what the capital could lose.
+- The guarantee holds for every library whose deltas lie within the declared bound: exact, for
+  any shape (skewed, sparse, heavy-tailed), any size, any order of reading. The bound is what makes
+  the bets large enough to save prompts: a cosine delta can be anything in [-2, 2], and betting
+  on that range needs most of a library (benchmarks/RESULTS.md). The default bound is 0.25 for a
+  cosine (a checkpoint that stops following prompts altogether moves CLIP's cosine by about that;
+  deltas between checkpoints of one run are a tenth of it) and 1, the whole range, for a VQAScore
+  probability. Every delta is checked: from the first delta outside the bound on, the rule
+  decides by the same tests on the whole range [-2, 2] (no assumption at all), and the summary
+  says at which prompt that happened.
+- An unpaired prompt (no usable image in one of the runs) is no observation: the population shrinks
+  by one, so that the target is the mean over the paired prompts, as in ``compare``. (The count of
+  paired prompts still to come is taken to be all prompts still to come; exact when every prompt
+  pairs.)
 
-No maintained library implements either for sampling without replacement (confseq, the authors'
-own, needs a Boost build and is unmaintained; ville and sequential-analysis sample with
-replacement), so both are written here; the betting one is tested against confseq's reference
-code, the asymptotic one against its closed form and by simulation.
+``asymptotic`` stays as a faster option with a weaker guarantee: the asymptotic confidence
+sequence of Waudby-Smith, Arbour, Sinha, Kennedy & Ramdas ("Time-uniform central limit theory and
+asymptotic confidence sequences", Annals of Statistics 2024, arXiv 2103.06476) on the same
+martingale. Its coverage holds only as the library grows and the deltas look normal: measured on
+skewed and sparse deltas it is wrong in up to 14% of runs (benchmarks/RESULTS.md). No decision
+before BURN_IN prompts.
+
+No maintained library implements these for sampling without replacement (confseq, the authors'
+own, needs a Boost build and is unmaintained), so they are written here; the capitals are tested
+against confseq's own ``betting_mart`` and ``lambda_aKelly``.
 """
 
 from __future__ import annotations
@@ -37,19 +55,61 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 ALPHA = 0.05
-THETA = 0.5  # the share of capital betting that the mean is above m; the rest bets below
-TRUNCATION = 0.5  # bets at most c/mu and c/(1 - mu): capital never reaches 0
-LOW, HIGH = -2.0, 2.0  # a paired delta of two cosines
-# The plug-in variance starts from one pseudo-observation of this variance (on [0, 1]): a per-prompt
-# delta sd of 0.04 in cosine, a typical spread. The paper's default (1/4, the largest possible) makes
-# the first hundreds of bets far too timid for deltas that span 1% of their range; any fixed value
-# keeps the guarantee, which holds for every predictable bet.
-PRIOR_VARIANCE = (0.04 / (HIGH - LOW)) ** 2
+FULL_RANGE = 2.0  # every scorer's number lies in [-1, 1], so a paired delta in [-2, 2]
+DELTA_BOUND = {"clip": 0.25, "vqa": 1.0}  # the default declared bound, by the scorer's kind
+TRUNCATION = 0.9  # a bet risks at most this share of the capital
+# The bets' estimates start from one pseudo-observation: delta 0 with a spread of 0.04, a typical
+# per-prompt sd of cosine deltas. Any value keeps the guarantee (it holds for every predictable bet).
+PRIOR_SD = 0.04
 ORDER = "sha256('clipeval-order:{seed}:{prompt_id}'), ascending"
 VERDICTS = ("worse", "better", "no difference larger than the margin")
-METHODS = ("asymptotic", "betting")
+METHODS = ("betting", "asymptotic")
 BURN_IN = 50  # prompts before the asymptotic sequence may decide: its variance estimate needs them
+GUARANTEES = {
+    "betting": "wrong at most alpha of the time, on every library whose deltas lie within the bound",
+    "asymptotic": "wrong about alpha of the time as the library grows and its deltas look normal; measured up to "
+                  "14% on skewed or sparse deltas",
+}
 
+
+@dataclass(frozen=True)
+class Rule:
+    """How a sequential run decides; summary.json records it whole."""
+
+    method: str = "betting"
+    alpha: float = ALPHA
+    bound: float = DELTA_BOUND["clip"]  # the declared bound on every |delta| (betting)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; one of {', '.join(METHODS)}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), not {self.alpha}")
+        if not 0 < self.bound <= FULL_RANGE:
+            raise ValueError(f"the delta bound must be in (0, {FULL_RANGE:g}], not {self.bound}")
+
+    def record(self) -> dict[str, Any]:
+        if self.method == "asymptotic":
+            return {"method": self.method, "alpha": self.alpha, "burn_in": BURN_IN, "tuned_for": "half the library",
+                    "guarantee": GUARANTEES[self.method]}
+        return {"method": self.method, "alpha": self.alpha, "delta_bound": self.bound, "fallback_range": FULL_RANGE,
+                "bets": "approximate Kelly (aGRAPA), one-sided", "truncation": TRUNCATION, "prior_sd": PRIOR_SD,
+                "tests_at": "alpha/2 each", "guarantee": GUARANTEES[self.method]}
+
+    @property
+    def description(self) -> str:
+        if self.method == "asymptotic":
+            return ("asymptotic confidence sequence (Waudby-Smith, Arbour, Sinha, Kennedy & Ramdas, Annals of "
+                    "Statistics 2024) on the sampling-without-replacement martingale, normal mixture tuned at half "
+                    f"the library, no decision before {BURN_IN} prompts; coverage asymptotic")
+        return ("one-sided tests by betting for sampling without replacement (Waudby-Smith & Ramdas, JRSS-B 2024), "
+                f"approximate-Kelly bets, each at alpha/2; exact while every delta lies within ±{self.bound:g}, "
+                f"then on the whole range ±{FULL_RANGE:g}")
+
+
+def rule(method: str = "betting", *, kind: str = "clip", bound: float | None = None, alpha: float = ALPHA) -> Rule:
+    """The rule for a scorer of this kind: the declared bound, or the kind's default."""
+    return Rule(method, alpha, DELTA_BOUND.get(kind, FULL_RANGE) if bound is None else bound)
 
 
 def order(prompt_ids: Sequence[int], seed: int) -> list[int]:
@@ -59,221 +119,233 @@ def order(prompt_ids: Sequence[int], seed: int) -> list[int]:
     return sorted(prompt_ids, key=lambda p: hashlib.sha256(f"clipeval-order:{seed}:{p}".encode()).digest())
 
 
-def _scaled(delta: float) -> float:
-    return (delta - LOW) / (HIGH - LOW)
-
-
-def _unscaled(x: float) -> float:
-    return LOW + x * (HIGH - LOW)
-
-
-def bets(x, alpha: float = ALPHA):
-    """Predictable plug-in bets (the paper's eq. 26, as confseq's ``lambda_predmix_eb``): bet t uses
-    the mean and variance of the first t - 1 values only, each regularised by one pseudo-observation
-    (mean 1/2, variance PRIOR_VARIANCE). Returns (bets for the upward capital, the downward).
-
-    For CLIP deltas (a few hundredths of the [-2, 2] range) every bet exceeds log_capital's cap;
-    they matter for scorers whose deltas spread wider."""
+def _before(a, first):
+    """Each position's value at the position before (``first`` at the first): what a bet may use."""
     import numpy as np
 
-    x = np.asarray(x, float)
-    t = np.arange(1, len(x) + 1)
-    mean = (0.5 + np.cumsum(x)) / (t + 1)  # below 1 for values in [0, 1]: confseq's cap at 1 never binds
-    variance = (PRIOR_VARIANCE + np.cumsum((x - mean) ** 2)) / (t + 1)
-    before = np.append(PRIOR_VARIANCE, variance[:-1])
-    up = np.sqrt(2 * np.log(1 / (alpha * THETA)) / (t * np.log1p(t) * before))
-    down = np.sqrt(2 * np.log(1 / (alpha * (1 - THETA))) / (t * np.log1p(t) * before))
-    return up, down
+    return np.concatenate([np.full(a.shape[:-1] + (1,), first), a[..., :-1]], axis=-1)
 
 
-def log_capital(x, m: float, population: int, alpha: float = ALPHA):
-    """log K+_t(m) and log K-_t(m) for t = 1..n: the wealth of betting that the population mean
-    (on [0, 1]) is above, and below, ``m``, after each of the values ``x`` drawn without replacement
-    from ``population`` values. Where what was drawn rules m out, the capital betting against it is
-    +inf and the other -inf (m is then rejected from that side, as the monotone reading needs)."""
+def log_capital(d, m: float, population, bound: float, side: int):
+    """log of one test's capital after each delta of ``d`` (last axis): ``side`` +1 bets that the
+    library's mean is above ``m`` (rejecting mean <= m), -1 below it. ``population``: the library's
+    paired prompts as known at each delta (a number, or an array shaped like ``d``). Deltas are
+    taken to lie in [-bound, bound]; a mean the deltas drawn already rule out is rejected (+inf)."""
     import numpy as np
 
-    x = np.asarray(x, float)
-    t = np.arange(1, len(x) + 1)
-    drawn = np.append(0, np.cumsum(x)[:-1])
-    left = population - (t - 1)
-    mu = (population * m - drawn) / left  # the mean of what is left, were the population mean m
-    up, down = bets(x, alpha)
+    d = np.asarray(d, float)
+    scale = 2 * bound
+    x, mm = (d + bound) / scale, (m + bound) / scale
+    t = np.arange(1, d.shape[-1] + 1)
+    drawn = np.cumsum(x, axis=-1)
+    before = drawn - x
+    left = population - t + 1
+    mu = (population * mm - before) / left  # the mean of what is left, were the library's mean m
+    prior_mean, prior_variance = bound / scale, (PRIOR_SD / scale) ** 2
+    mean = (prior_mean + drawn) / (t + 1)
+    variance = (prior_variance + np.cumsum((x - mean) ** 2, axis=-1)) / (t + 1)
+    expected = (population * _before(mean, prior_mean) - before) / left  # confseq's conditional estimate
+    edge = side * (expected - mu)
+    room = mu if side > 0 else 1 - mu  # what the capital loses per unit of bet on the worst delta
     with np.errstate(divide="ignore", invalid="ignore"):
-        up = np.minimum(up, TRUNCATION / mu)
-        down = np.minimum(down, TRUNCATION / (1 - mu))
-        log_up = np.cumsum(np.log1p(up * (x - mu)))
-        log_down = np.cumsum(np.log1p(-down * (x - mu)))
-    # An m the values drawn already rule out is rejected, and on its own side only: one so low that the
-    # rest would need a mean below 0 by the upward capital (which also rejects every m below it), one
-    # so high that the rest would need a mean above 1 by the downward (and every m above it).
-    too_low, too_high = np.logical_or.accumulate(mu < 0), np.logical_or.accumulate(mu > 1)
-    log_up = np.where(too_low, np.inf, np.where(too_high, -np.inf, log_up))
-    log_down = np.where(too_high, np.inf, np.where(too_low, -np.inf, log_down))
-    # Nothing else is NaN: with mu in [0, 1] each bet is at most 1/2 / mu (or 1/2 / (1 - mu)), so
-    # every log1p argument is at least -1/2.
-    return log_up, log_down
+        bet = np.clip(edge / (_before(variance, prior_variance) + edge * edge), 0, None)
+        bet = np.where(room > 0, np.minimum(bet, TRUNCATION / room), 0.0)
+        log = np.cumsum(np.log1p(side * bet * (x - mu)), axis=-1)
+    impossible = np.logical_or.accumulate((mu < 0) if side > 0 else (mu > 1), axis=-1)
+    return np.where(impossible, np.inf, log)
 
 
-def asymptotic_bounds(deltas, population: int, alpha: float = ALPHA):
-    """The asymptotic sequence after each prompt, as (lower, upper) arrays of the mean delta.
+def _betting_codes(d, population, margin: float, bound: float, alpha: float):
+    """Codes of the four tests, each also rejecting once the deltas drawn so far (this one included)
+    leave its null no room: the rest of the library would need a mean beyond the bound."""
+    import numpy as np
+
+    threshold = math.log(2 / alpha)
+    t = np.arange(1, d.shape[-1] + 1)
+    drawn = np.cumsum(d, axis=-1)
+    lowest, highest = (drawn - (population - t) * bound) / population, (drawn + (population - t) * bound) / population
+
+    def rejects(m: float, side: int):
+        return log_capital(d, m, population, bound, side) >= threshold
+
+    worse = rejects(-margin, -1) | (highest < -margin)
+    better = rejects(margin, +1) | (lowest > margin)
+    inside = ((rejects(-margin, +1) | (lowest > -margin)) & (rejects(margin, -1) | (highest < margin))
+              if margin > 0 else np.zeros_like(worse))
+    return np.where(worse, 1, np.where(better, 2, np.where(inside, 3, 0)))
+
+
+def asymptotic_bounds(deltas, population, alpha: float = ALPHA):
+    """The asymptotic sequence after each delta (last axis), as (lower, upper) arrays of the mean.
 
     With m the library's mean, ``a_i = N / (N - i + 1)`` and ``b_i = S_{i-1} / (N - i + 1)``, the
     increments ``x_i - (a_i m - b_i)`` form a martingale ``S_t + B_t - m A_t`` whose increments have the
     variance of the prompts not yet seen; the normal-mixture boundary ``R_t`` on it (plug-in sample
     variance, mixture width optimised at N/2 prompts) gives ``m in [(S + B - R) / A, (S + B + R) / A]``,
-    intersected with what the deltas seen already fix. ``A_t`` outgrows ``t`` as the library runs
-    out, which is the finite population's gain."""
+    intersected with what the deltas seen already fix."""
     import numpy as np
 
     d = np.asarray(deltas, float)
-    n = len(d)
-    t = np.arange(1, n + 1)
-    s = np.cumsum(d)
-    before = np.append(0.0, s[:-1])
+    t = np.arange(1, d.shape[-1] + 1)
+    s = np.cumsum(d, axis=-1)
     left = population - t + 1
-    a, b = np.cumsum(population / left), np.cumsum(before / left)
+    a, b = np.cumsum(population / left * np.ones_like(d), axis=-1), np.cumsum((s - d) / left, axis=-1)
     mean = s / t
-    variance = np.maximum((np.cumsum(d * d) - t * mean * mean) / np.maximum(t - 1, 1), 0.0)
-    rho2 = (-2 * math.log(alpha) + math.log(-2 * math.log(alpha) + 1)) / (population / 2)
+    variance = np.maximum((np.cumsum(d * d, axis=-1) - t * mean * mean) / np.maximum(t - 1, 1), 0.0)
+    size = float(np.max(population))
+    rho2 = (-2 * math.log(alpha) + math.log(-2 * math.log(alpha) + 1)) / (size / 2)
     radius = np.sqrt(variance * (t * rho2 + 1) / rho2 * 2 * np.log(np.sqrt(t * rho2 + 1) / alpha))
-    lower, upper = (s + b - radius) / a, (s + b + radius) / a
-    logical_lower, logical_upper = (s + (population - t) * LOW) / population, (s + (population - t) * HIGH) / population
-    lower, upper = np.maximum(lower, logical_lower), np.minimum(upper, logical_upper)
+    logical_lower = (s - (population - t) * FULL_RANGE) / population
+    logical_upper = (s + (population - t) * FULL_RANGE) / population
+    lower = np.maximum((s + b - radius) / a, logical_lower)
+    upper = np.minimum((s + b + radius) / a, logical_upper)
     early = t < BURN_IN
-    lower[early], upper[early] = np.maximum(LOW, logical_lower[early]), np.minimum(HIGH, logical_upper[early])
-    return lower, upper
+    lower, upper = np.where(early, logical_lower, lower), np.where(early, logical_upper, upper)
+    return np.maximum(lower, -FULL_RANGE), np.minimum(upper, FULL_RANGE)
 
 
-def _betting_flags(deltas, population: int, margin: float, alpha: float):
-    """(below, above, not_below, not_above) after each prompt for the betting sequence, read off the
-    capital at -margin and +margin: the downward capital rises with m, so once it rejects m0 it
-    rejects every m above m0; the upward capital, every m below."""
+def codes(d, population, margin: float, rule: Rule = Rule()):
+    """The verdict after each delta (last axis) as a code: 0 none yet, else 1 + its index in VERDICTS.
+    The core of ``decisions``, on a whole array of orders at once (the simulation drives it so)."""
     import numpy as np
 
-    x = np.array([_scaled(d) for d in deltas])
-    threshold = math.log(1 / alpha)
-    low, high = _scaled(-margin), _scaled(margin)
-    up_low, down_low = log_capital(x, low, population, alpha)
-    up_high, down_high = log_capital(x, high, population, alpha)
-    log_theta, log_rest = math.log(THETA), math.log(1 - THETA)
-    t = np.arange(1, len(x) + 1)
-    drawn = np.cumsum(x)
-    logical_low, logical_high = drawn / population, (drawn + (population - t)) / population
-    return ((log_rest + down_low >= threshold) | (logical_high < low),
-            (log_theta + up_high >= threshold) | (logical_low > high),
-            (log_theta + up_low >= threshold) | (logical_low > low),
-            (log_rest + down_high >= threshold) | (logical_high < high))
-
-
-def decisions(deltas, population: int, margin: float, *, method: str = "asymptotic",
-              alpha: float = ALPHA) -> list[str | None]:
-    """The verdict after each prompt, None until one is reached: the sequence lies wholly below
-    -margin (worse), above +margin (better), or inside (-margin, +margin). The last prompt of the
-    library never decides: the mean is then known exactly and the fixed-size answer stands."""
-    _known(method)
-    if not len(deltas):
-        return []
-    if method == "betting":
-        below, above, not_below, not_above = _betting_flags(deltas, population, margin, alpha)
+    d = np.atleast_1d(np.asarray(d, float))
+    if d.size and np.max(np.abs(d)) > FULL_RANGE:
+        raise ValueError(f"a paired delta of {np.max(np.abs(d)):g} is outside [-{FULL_RANGE:g}, {FULL_RANGE:g}]")
+    t = np.arange(1, d.shape[-1] + 1)
+    if rule.method == "asymptotic":
+        lower, upper = asymptotic_bounds(d, population, rule.alpha)
+        out = np.where(upper < -margin, 1, np.where(lower > margin, 2, np.where(
+            (lower > -margin) & (upper < margin) & (margin > 0), 3, 0)))
     else:
-        lower, upper = asymptotic_bounds(deltas, population, alpha)
-        below, above, not_below, not_above = upper < -margin, lower > margin, lower > -margin, upper < margin
-    out: list[str | None] = []
-    for i, (b, a, nb, na) in enumerate(zip(below, above, not_below, not_above)):
-        if i + 1 >= population:
-            out.append(None)
+        out = _betting_codes(d, population, margin, rule.bound, rule.alpha)
+        outside = np.logical_or.accumulate(np.abs(d) > rule.bound, axis=-1)
+        if outside.any():
+            out = np.where(outside, _betting_codes(d, population, margin, FULL_RANGE, rule.alpha), out)
+    # The library's last prompt decides nothing: the mean is then known, and the fixed-size answer stands.
+    return np.where(t >= population, 0, out)
+
+
+def first_decisions(d, population: int, margin: float, rule: Rule = Rule()):
+    """For each row of ``d`` (orders of one library, every prompt paired): the prompts read when the
+    run stops (its first decision, else all of them) and the verdict code there (0: undecided)."""
+    import numpy as np
+
+    c = codes(d, population, margin, rule)
+    decided = c != 0
+    stop = np.where(decided.any(axis=-1), decided.argmax(axis=-1), c.shape[-1] - 1)
+    return stop + 1, np.take_along_axis(c, stop[..., None], axis=-1)[..., 0]
+
+
+def _paired(deltas, population: int):
+    """The paired deltas as an array, and the population at each (less the unpaired seen before)."""
+    import numpy as np
+
+    values, known, unpaired = [], [], 0
+    for v in deltas:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            unpaired += 1
         else:
-            out.append(VERDICTS[0] if b else VERDICTS[1] if a else VERDICTS[2] if (nb and na and margin > 0) else None)
+            values.append(float(v))
+            known.append(population - unpaired)
+    return np.array(values), np.array(known, dtype=float), unpaired
+
+
+def decisions(deltas, population: int, margin: float, rule: Rule = Rule()) -> list[str | None]:
+    """The verdict after each prompt of ``deltas`` (None where a prompt did not pair), None until
+    one is reached; the last prompt of the library never decides."""
+    values, known, _ = _paired(deltas, population)
+    found = iter(codes(values, known, margin, rule).tolist() if len(values) else [])
+    out: list[str | None] = []
+    for v in deltas:
+        code = 0 if v is None or (isinstance(v, float) and math.isnan(v)) else next(found)
+        out.append(VERDICTS[code - 1] if code else None)
     return out
 
 
-def _known(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
-
-
-def betting_interval(deltas, population: int, alpha: float = ALPHA) -> tuple[float, float]:
-    """The betting sequence after all of ``deltas``, as an interval of the mean delta: bisection
-    on the monotone capitals (to 1e-8 in delta), intersected with what the values drawn already fix
-    (the logical bounds: the rest of the population could be all -2 or all +2)."""
+def fewest_prompts(population: int, margin: float, rule: Rule = Rule()) -> int | None:
+    """The fewest prompts after which any verdict is possible on this library (the most extreme
+    deltas the rule allows, each way), or None where none is before its last prompt."""
     import numpy as np
 
-    x = np.array([_scaled(d) for d in deltas])
-    threshold = math.log(1 / alpha)
-    n, drawn = len(x), float(x.sum())
-    logical = (drawn / population, (drawn + population - n) / population)
+    if population < 2:
+        return None
+    extremes = [-rule.bound, rule.bound] + ([0.0] if margin > 0 else [])
+    stops = [int(s) for s, c in zip(*first_decisions(np.array([[e] * population for e in extremes]), population,
+                                                     margin, rule)) if c]
+    return min(stops) if stops else None
 
-    def rejected_from_above(m: float) -> bool:  # the downward capital rejects m (and all above it)
-        return bool(math.log(1 - THETA) + log_capital(x, m, population, alpha)[1][-1] >= threshold)
 
-    def rejected_from_below(m: float) -> bool:
-        return bool(math.log(THETA) + log_capital(x, m, population, alpha)[0][-1] >= threshold)
+def interval(deltas, population: int, rule: Rule = Rule()) -> tuple[float, float]:
+    """The means the rule has not rejected after all of ``deltas``: for ``betting``, bisection (to
+    1e-8) on the one-sided tests' capitals, each at alpha/2, within what the deltas drawn fix."""
+    import numpy as np
 
-    def edge(rejected, inside: float, outside: float) -> float:
-        if not rejected(outside):
+    values, known, _ = _paired(deltas, population)
+    if not len(values):
+        return -FULL_RANGE, FULL_RANGE
+    if rule.method == "asymptotic":
+        lower, upper = asymptotic_bounds(values, known, rule.alpha)
+        return float(lower[-1]), float(upper[-1])
+    bound = rule.bound if np.max(np.abs(values)) <= rule.bound else FULL_RANGE
+    n, size, total = len(values), float(known[-1]), float(values.sum())
+    logical = ((total - (size - n) * bound) / size, (total + (size - n) * bound) / size)
+    if n >= size:
+        return logical
+    threshold = math.log(2 / rule.alpha)
+
+    def rejected(m: float, side: int) -> bool:
+        return bool(log_capital(values, m, known, bound, side)[-1] >= threshold)
+
+    def edge(side: int, inside: float, outside: float) -> float:
+        if not rejected(outside, side):
             return outside
-        for _ in range(60):
+        while abs(outside - inside) > 1e-8:
             middle = (inside + outside) / 2
-            if rejected(middle):
-                outside = middle
-            else:
-                inside = middle
-            if abs(outside - inside) < 1e-8 / (HIGH - LOW):
-                break
-        return outside  # the first rejected value: conservatively, the interval's closed end
+            inside, outside = (inside, middle) if rejected(middle, side) else (middle, outside)
+        return outside
 
-    if n == 0:
-        return LOW, HIGH
-    if n >= population:
-        return _unscaled(logical[0]), _unscaled(logical[1])
-    centre = float(x.mean())  # inside the logical bounds: drawn / N <= drawn / n <= (drawn + N - n) / N
-    low = max(edge(rejected_from_below, centre, logical[0]), logical[0])
-    high = min(edge(rejected_from_above, centre, logical[1]), logical[1])
-    return _unscaled(low), _unscaled(high)
+    centre = min(max(total / n, logical[0]), logical[1])
+    return max(edge(+1, centre, logical[0]), logical[0]), min(edge(-1, centre, logical[1]), logical[1])
 
 
-def interval(deltas, population: int, *, method: str = "asymptotic", alpha: float = ALPHA) -> tuple[float, float]:
-    _known(method)
-    if method == "betting":
-        return betting_interval(deltas, population, alpha)
-    if not len(deltas):
-        return LOW, HIGH
-    lower, upper = asymptotic_bounds(deltas, population, alpha)
-    return float(lower[-1]), float(upper[-1])
-
-
-DESCRIPTIONS = {
-    "asymptotic": "asymptotic confidence sequence (Waudby-Smith, Arnold, Wu, Wang & Ramdas, Annals of Statistics "
-                  "2024) on the sampling-without-replacement martingale, normal mixture tuned at half the library, "
-                  f"no decision before {BURN_IN} prompts",
-    "betting": "hedged-capital betting confidence sequence for sampling without replacement (Waudby-Smith & Ramdas, "
-               "JRSS-B 2024), predictable plug-in bets, deltas bounded in [-2, 2]",
-}
-
-
-def summarize(deltas, population: int, margin: float, *, method: str = "asymptotic", alpha: float = ALPHA,
-              baseline: str = "", unpaired: int = 0) -> dict[str, Any]:
+def summarize(deltas, population: int, margin: float, *, rule: Rule = Rule(), baseline: str = "",
+              scorer: str = "", generated: int | None = None) -> dict[str, Any]:
     """The sequential result as summary.json, compare and the trackers carry it: the verdict at the
-    first prompt where the sequence decided (else "undecided"), and the sequence there."""
+    first prompt where the rule decided (else "undecided"), and the interval there.
+
+    ``deltas``: each prompt's delta in the seeded order, None where it did not pair; ``generated``:
+    the prompts the run generated, which may be more than the deltas (a batch under way when the
+    rule decided, or a baseline that ends sooner)."""
+    import numpy as np
+
     deltas = list(deltas)
-    steps = decisions(deltas, population, margin, method=method, alpha=alpha)
+    steps = decisions(deltas, population, margin, rule)
     decided_at = next((i + 1 for i, v in enumerate(steps) if v is not None), None)
     used = decided_at or len(steps)
-    low, high = interval(deltas[:used], population, method=method, alpha=alpha)
+    values, _, unpaired = _paired(deltas[:used], population)
+    outside = np.flatnonzero([v is not None and not (isinstance(v, float) and math.isnan(v)) and abs(v) > rule.bound
+                              for v in deltas[:used]]) if rule.method == "betting" else []
+    generated = len(deltas) if generated is None else generated
+    low, high = interval(deltas[:used], population, rule)
     return {
-        "method": method,
-        "description": DESCRIPTIONS[method],
+        "method": rule.method,
+        "rule": rule.record(),
+        "description": rule.description,
         "order": ORDER,
-        "alpha": alpha,
+        "alpha": rule.alpha,
         "margin": margin,
+        "scorer": scorer,
         "baseline": baseline,
         "library_prompts": population,
         "prompts_seen": len(steps),
+        "prompts_generated": generated,
+        "prompts_saved": population - generated,
         "decided": decided_at is not None,
         "prompts_used": used,
         "verdict": steps[used - 1] if decided_at else "undecided",
         "mean_delta_ci": [low, high],
-        "mean_delta": float(sum(deltas[:used]) / used) if used else None,
+        "mean_delta": float(values.mean()) if len(values) else None,
         "unpaired_prompts": unpaired,
+        "bound_exceeded_at": int(outside[0]) + 1 if len(outside) else None,
     }

@@ -187,8 +187,7 @@ def _decided(config, checkpoint, results_dir: Path, steps: dict, margin: float, 
     decision needs prompts it lacks. The first checkpoint gets ``first_prefix`` of the order."""
     import pandas as pd
 
-    from clipeval import decide, prompts, runner
-    from clipeval.sequential import BURN_IN
+    from clipeval import decide, prompts, runner, sequential
 
     size = len(prompts.load_library(config.prompt_library).prompts)
     history = write_history(results_dir, steps, margin=margin, read=read, metric=config.metric)
@@ -203,7 +202,8 @@ def _decided(config, checkpoint, results_dir: Path, steps: dict, margin: float, 
         try:
             return runner.run(replace(config, until_decided=True, baseline=baseline, margin=margin))
         except decide.BaselineTooShort as short:
-            grow = min(size, max(2 * short.prompts, BURN_IN))  # no decision comes before the burn-in
+            fewest = sequential.fewest_prompts(size, margin, sequential.rule(config.sequence, bound=config.delta_bound))
+            grow = min(size, max(2 * short.prompts, fewest or size))  # no decision comes sooner
             say(f"extending {best['run']} to {grow} prompts of the seeded order: {checkpoint.name} needs more of it "
                 "to be decided")
             runner.run(replace(config, checkpoint=best["checkpoint"], out=baseline, order_prefix=grow))

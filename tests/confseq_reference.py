@@ -1,7 +1,8 @@
 """The reference for ``clipeval.sequential``: the betting confidence sequence as its authors
 wrote it, from confseq 0.0.11 (src/confseq/betting.py and betting_strategies.py, MIT License,
 Copyright (c) 2021 confseq developers; https://github.com/gostevehoward/confseq). Trimmed to
-the functions the hedged-capital sequence for sampling without replacement uses, otherwise
+the functions the betting tests for sampling without replacement use (``lambda_aKelly`` from
+betting_strategies.py; the others as the hedged-capital sequence uses them), otherwise
 unchanged: confseq itself does not install here (its build needs Boost), and this is the code
 the tests compare with, not code clipeval runs."""
 
@@ -24,6 +25,28 @@ def lambda_predmix_eb(x, truncation=math.inf, alpha=0.05, fixed_n=None, prior_me
     lambdas[np.isnan(lambdas)] = 0
     lambdas = np.minimum(truncation, lambdas)
     return lambdas * scale
+
+
+def lambda_aKelly(x, m, prior_mean=1 / 2, prior_variance=1 / 4, fake_obs=1, N=None, trunc_scale=1):
+    assert trunc_scale > 0 and trunc_scale <= 1
+    t = np.arange(1, len(x) + 1)
+    S_t = np.cumsum(x)  # noqa: F841 (as in confseq)
+    x_tminus1 = np.append(0, x[0 : (len(x) - 1)])
+    S_tminus1 = np.cumsum(x_tminus1)
+    mu_hat_t = (fake_obs * prior_mean + np.cumsum(x)) / (t + fake_obs)
+    mu_hat_tminus1 = np.append(prior_mean, mu_hat_t[0 : (len(x) - 1)])
+    V_t = (fake_obs * prior_variance + np.cumsum(np.power(x - mu_hat_t, 2))) / (t + fake_obs)
+    V_tminus1 = np.append(prior_variance, V_t[0 : (len(x) - 1)])
+    if N is not None:
+        conditional_mu_hat_tminus1 = (N * mu_hat_tminus1 - S_tminus1) / (N - t + 1)
+        mu_t = (N * m - S_tminus1) / (N - (t - 1))
+    else:
+        conditional_mu_hat_tminus1 = mu_hat_tminus1
+        mu_t = m
+    lambdas = (conditional_mu_hat_tminus1 - mu_t) / (V_tminus1 + np.power(conditional_mu_hat_tminus1 - mu_t, 2))
+    lambdas = np.maximum(-trunc_scale / (1 - mu_t), lambdas)
+    lambdas = np.minimum(trunc_scale / mu_t, lambdas)
+    return lambdas
 
 
 def betting_mart(x, m, alpha=0.05, lambdas_fn_positive=None, lambdas_fn_negative=None, N=None, convex_comb=False,

@@ -297,6 +297,7 @@ def test_sequential_says_when_the_seeded_order_would_have_decided(cli, tmp_path)
     import hashlib
 
     from clipeval import sequential, stats, store
+    from clipeval.metrics import label
     from test_compare import SETTINGS, base_scores
 
     scores = base_scores(prompts=80, samples=1, seed=2)
@@ -307,16 +308,20 @@ def test_sequential_says_when_the_seeded_order_would_have_decided(cli, tmp_path)
                           "--resamples", "200").stdout)
     order = sorted(range(80), key=lambda p: hashlib.sha256(f"clipeval-order:7:{p}".encode()).digest())
     deltas = (worse.set_index("prompt_id")["clip_score"] - scores.set_index("prompt_id")["clip_score"]).loc[order]
-    want = sequential.summarize(list(deltas), 80, 0.005, baseline=str(a))
+    want = sequential.summarize(list(deltas), 80, 0.005, baseline=str(a), scorer=label(SETTINGS["clip_model"]))
     assert _same(data["runs"][0]["sequential"], want) and want["verdict"] == "worse"
     text = cli("compare", a, b, "--sequential", "--margin", "0.005", "--resamples", "200").stdout.splitlines()
     low, high = want["mean_delta_ci"]
-    assert f"{b}: sequential (asymptotic, margin 0.005, α 0.05): worse after {want['prompts_used']} of 80 prompts of the " \
+    assert f"{b}: sequential (betting, margin 0.005, α 0.05): worse after {want['prompts_used']} of 80 prompts of the " \
            f"seeded order ({want['prompts_used'] / 80:.0%}), sequence [{low:+.4f}, {high:+.4f}]" in text
-    betting = json.loads(cli("compare", a, b, "--sequence", "betting", "--margin", "0.005", "--format", "json",
-                             "--resamples", "200").stdout)["runs"][0]["sequential"]
-    assert betting["method"] == "betting" and _same(
-        betting, sequential.summarize(list(deltas), 80, 0.005, method="betting", baseline=str(a)))
+    faster = json.loads(cli("compare", a, b, "--sequence", "asymptotic", "--margin", "0.005", "--format", "json",
+                            "--resamples", "200").stdout)["runs"][0]["sequential"]
+    assert faster["method"] == "asymptotic" and _same(faster, sequential.summarize(
+        list(deltas), 80, 0.005, rule=sequential.Rule("asymptotic"), baseline=str(a), scorer=label(SETTINGS["clip_model"])))
+    tight = json.loads(cli("compare", a, b, "--sequential", "--delta-bound", "0.1", "--margin", "0.005", "--format",
+                           "json", "--resamples", "200").stdout)["runs"][0]["sequential"]
+    assert tight["rule"]["delta_bound"] == 0.1 and _same(tight, sequential.summarize(
+        list(deltas), 80, 0.005, rule=sequential.Rule(bound=0.1), baseline=str(a), scorer=label(SETTINGS["clip_model"])))
     rows = list(csv.DictReader(io.StringIO(cli("compare", a, b, "--sequential", "--margin", "0.005", "--format", "csv",
                                                "--resamples", "200").stdout)))
     assert (rows[0]["sequential_verdict"], rows[0]["sequential_prompts"]) == ("worse", str(want["prompts_used"]))
@@ -330,20 +335,30 @@ def test_sequential_says_when_the_seeded_order_would_have_decided(cli, tmp_path)
                                   "selection": {"prompts": 60, "library_prompts": 80}})
     q = json.loads(cli("compare", a, stopped, "--sequential", "--margin", "0.005", "--format", "json",
                        "--resamples", "200").stdout)["runs"][0]["sequential"]
-    assert _same(q, sequential.summarize(list(deltas)[:60], 80, 0.005, baseline=str(a)))
+    assert _same(q, sequential.summarize(list(deltas)[:60], 80, 0.005, baseline=str(a), scorer=label(SETTINGS["clip_model"])))
     # The default seed, 0, is a seed like any other: its own order, not another's.
     a0, b0 = make_run(tmp_path / "a0", scores, seed=0), make_run(tmp_path / "b0", worse, seed=0)
     order0 = sorted(range(80), key=lambda p: hashlib.sha256(f"clipeval-order:0:{p}".encode()).digest())
     deltas0 = list((worse.set_index("prompt_id")["clip_score"] - scores.set_index("prompt_id")["clip_score"]).loc[order0])
     q0 = json.loads(cli("compare", a0, b0, "--sequential", "--margin", "0.005", "--format", "json",
                         "--resamples", "200").stdout)["runs"][0]["sequential"]
-    assert _same(q0, sequential.summarize(deltas0, 80, 0.005, baseline=str(a0)))
+    assert _same(q0, sequential.summarize(deltas0, 80, 0.005, baseline=str(a0), scorer=label(SETTINGS["clip_model"])))
     assert q0["mean_delta_ci"] != want["mean_delta_ci"]  # another order, another sequence
     same = scores.assign(clip_score=(scores["clip_score"] + 0.01 * rng.standard_normal(80)).round(8))
     c = make_run(tmp_path / "c", same, seed=7)
     lines = cli("compare", a, c, "--sequential", "--margin", "0", "--resamples", "200").stdout.splitlines()
-    assert f"{c}: sequential (asymptotic, margin 0, α 0.05): undecided after all 80 prompts of the seeded order; " \
+    assert f"{c}: sequential (betting, margin 0, α 0.05): undecided after all 80 prompts of the seeded order; " \
            "the fixed-size answer above stands" in lines
+    # A prompt with no usable pair: compare leaves it out, and so does the sequence (one target mean).
+    flagged = same.assign(flag=np.where(same["prompt_id"] == order[3], "nan", ""))
+    f = make_run(tmp_path / "f", flagged, seed=7)
+    run = json.loads(cli("compare", a, f, "--sequential", "--margin", "0", "--format", "json",
+                         "--resamples", "200").stdout)["runs"][0]
+    gapped = list((same.set_index("prompt_id")["clip_score"] - scores.set_index("prompt_id")["clip_score"]).loc[order])
+    gapped[3] = None
+    q = run["sequential"]
+    assert _same(q, sequential.summarize(gapped, 80, 0, baseline=str(a), scorer=label(SETTINGS["clip_model"]))) and q["unpaired_prompts"] == 1
+    assert q["prompts_used"] == 80 and q["mean_delta"] == pytest.approx(run["overall"]["delta"], abs=1e-12)
 
 
 def test_a_clear_gain_prints_signed_numbers_a_tiny_p_and_plain_labels(cli, tmp_path):
@@ -385,7 +400,7 @@ def test_a_clear_gain_prints_signed_numbers_a_tiny_p_and_plain_labels(cli, tmp_p
                    "--resamples", "200").stdout.splitlines()
     notes = [line for line in markdown if line and not line.startswith("|") and not line.startswith("**")]
     assert len(notes) == 2 and all(line.startswith(f"> {b}: ") for line in notes)  # power and sequential
-    assert any("sequential (asymptotic" in line for line in notes)
+    assert any("sequential (betting" in line for line in notes)
     assert f"| category | big | 35 | {signed(g['delta'])} [{signed(g['delta_ci'][0])}, {signed(g['delta_ci'][1])}] | " \
            f"{g['p_value']:.2e} |" in markdown
     csv_bytes = cli("compare", a, b, "--format", "csv", "--resamples", "200").stdout_bytes  # .stdout folds \r\n

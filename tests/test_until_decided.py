@@ -63,6 +63,15 @@ def world(tmp_path_factory, models):
     return type("World", (), {"root": root, "library": library, "dark": dark, "base": base, "full": full, "run": staticmethod(run)})
 
 
+def _expected(world, margin: float = 0.005) -> dict:
+    """What the sequence decides on the dark checkpoint's deltas, read off the plain full run in the
+    seeded order: where a stopped run must stop, whatever the rule's arithmetic."""
+    ours = pd.read_csv(world.full / "prompts.csv").set_index("prompt_id")["clip_mean"]
+    theirs = pd.read_csv(world.base / "prompts.csv").set_index("prompt_id")["clip_mean"]
+    deltas = [float(ours[p] - theirs[p]) for p in sequential.order(list(range(PROMPTS)), 0)]
+    return sequential.summarize(deltas, PROMPTS, margin, baseline=str(world.base), scorer="clip")
+
+
 @pytest.fixture(scope="module")
 def decided(world):
     out = world.root / "dark-decided"
@@ -77,20 +86,26 @@ def test_a_clearly_worse_checkpoint_is_called_worse_after_part_of_the_library(wo
     q = summary["sequential"]
     truth = pd.read_csv(world.full / "prompts.csv")["clip_mean"].mean() - pd.read_csv(world.base / "prompts.csv")["clip_mean"].mean()
     assert truth < -0.02  # the darker checkpoint really is worse over the whole library
-    assert (q["decided"], q["verdict"], q["prompts_used"], q["library_prompts"]) == (True, "worse", sequential.BURN_IN, PROMPTS)
-    assert q["mean_delta_ci"][1] < -q["margin"] and q["baseline"] == str(world.base) and q["method"] == "asymptotic"
+    want = _expected(world)
+    used = want["prompts_used"]
+    assert (q["decided"], q["verdict"], q["library_prompts"]) == (True, "worse", PROMPTS) and used < PROMPTS // 2
+    assert q["prompts_used"] == used and q["mean_delta"] == pytest.approx(want["mean_delta"], abs=1e-6)
+    assert q["mean_delta_ci"][1] < -q["margin"] and q["baseline"] == str(world.base) and q["method"] == "betting"
+    assert q["scorer"] == "clip" and q["rule"] == sequential.Rule().record() and q["bound_exceeded_at"] is None
+    made = len(list((out / "images").glob("*.png")))
+    assert (q["prompts_generated"], q["prompts_saved"]) == (made, PROMPTS - made) and made >= used
     line = [x for x in result.stdout.splitlines() if x.startswith("sequential:")]
-    assert line == [f"sequential: worse (margin 0.005) after {sequential.BURN_IN} of {PROMPTS} prompts "
-                    f"({sequential.BURN_IN / PROMPTS:.0%}) (1 image each): mean paired delta {q['mean_delta']:+.4f}, 95% "
-                    f"confidence sequence [{q['mean_delta_ci'][0]:+.4f}, {q['mean_delta_ci'][1]:+.4f}] against "
-                    f"{world.base}; the whole library would have cost {PROMPTS - sequential.BURN_IN} more prompts"]
+    assert line == [f"sequential: worse (margin 0.005) after {used} of {PROMPTS} prompts "
+                    f"({used / PROMPTS:.0%}) (1 image each): mean paired delta of clip {q['mean_delta']:+.4f}, 95% "
+                    f"sequence [{q['mean_delta_ci'][0]:+.4f}, {q['mean_delta_ci'][1]:+.4f}] against "
+                    f"{world.base}; {made} generated, {PROMPTS - made} of the library saved"]
 
 
 def test_the_images_made_are_the_first_prompts_of_the_seeded_order(world, decided):
     out, _ = decided
     made = sorted(int(p.name[:5]) for p in (out / "images").glob("*.png"))
     order = sequential.order(list(range(PROMPTS)), 0)
-    assert sequential.BURN_IN <= len(made) < PROMPTS
+    assert _expected(world)["prompts_used"] <= len(made) < PROMPTS
     assert made == sorted(order[:len(made)])  # a prefix of the order, whatever the batches in flight
     scores = pd.read_csv(out / "scores.csv")
     plain = pd.read_csv(world.full / "scores.csv").set_index("prompt_id").loc[scores["prompt_id"]].reset_index()
@@ -103,10 +118,11 @@ def test_a_stopped_run_is_a_run_folder_for_compare_and_report(cli, world, decide
     out, _ = decided
     compared = cli("compare", world.base, out, "--sequential", "--margin", "0.005", "--resamples", "500")
     assert compared.exit_code == 0, compared.stderr
-    line = [x for x in compared.stdout.splitlines() if "sequential (asymptotic" in x]
-    assert len(line) == 1 and f"worse after {sequential.BURN_IN} of {PROMPTS} prompts of the seeded order" in line[0]
+    used = _expected(world)["prompts_used"]
+    line = [x for x in compared.stdout.splitlines() if "sequential (betting" in x]
+    assert len(line) == 1 and f"worse after {used} of {PROMPTS} prompts of the seeded order" in line[0]
     said = [x for x in compared.stdout.splitlines() if "is a run stopped by --until-decided" in x]
-    assert said == [f"{out} is a run stopped by --until-decided: worse (margin 0.005) after {sequential.BURN_IN} of "
+    assert said == [f"{out} is a run stopped by --until-decided: worse (margin 0.005) after {used} of "
                     f"{PROMPTS} prompts against {world.base}; the figures here cover the prompts it shares, of the "
                     f"{len(list((out / 'images').glob('*.png')))} it generated"]
     report = cli("report", out, "--out", world.root / "decided.html")
@@ -154,27 +170,31 @@ def test_a_baseline_of_another_library_or_scorer_is_refused(world, models, cli, 
 
 
 def test_a_baseline_shorter_than_the_decision_needs_is_one_line_after_the_files(world, decided):
-    """The same checkpoint against its own stopped run, margin 0: identical images, a delta of exactly
-    0, which no sequence can place below or above 0; the baseline runs out first."""
+    """The same checkpoint against its own stopped run, margin 0, in the same batches: the same pixels,
+    every delta exactly 0, which no sequence places below or above 0 whatever the last bits of the
+    floats (a bet on a zero edge is zero); the baseline runs out first."""
     short, _ = decided
+    held = len(list((short / "images").glob("*.png")))
     out = world.root / "against-short"
-    result = world.run(world.dark, out, "--baseline", short, "--until-decided", "--margin", "0", "--batch-size", "8")
-    assert_user_error(result, f"--baseline {short} holds", "prompts of the seeded order and the sequence has not decided")
+    result = world.run(world.dark, out, "--baseline", short, "--until-decided", "--margin", "0")
+    assert_user_error(result, f"--baseline {short} holds {held} prompts of the seeded order and the sequence has not "
+                              "decided")
     summary = json.loads((out / "summary.json").read_text())  # every file written first
     assert summary["sequential"]["verdict"] == "undecided"
-    assert abs(summary["sequential"]["mean_delta"]) < 1e-6  # the same images, up to other batches' rounding
+    assert summary["sequential"]["mean_delta"] == 0.0 and summary["sequential"]["prompts_used"] == held
 
 
 def test_a_sweep_decides_each_checkpoint_against_the_best_earlier_extending_it(world, models, cli, tmp_path, monkeypatch):
-    """The first checkpoint gets a short prefix of the order (20 prompts here); the darker second one
-    needs 50 to be decided, so the sweep extends the first one's prefix, then calls the second worse:
+    """The first checkpoint gets a short prefix of the order (4 prompts here); the darker second one
+    needs more to be decided, so the sweep extends the first one's prefix, then calls the second worse:
     an alert, with prompts_used and the verdict in history.csv."""
     import os
     import time
 
     from clipeval import sweep
 
-    monkeypatch.setattr(sweep, "first_prefix", lambda prompts: 20)
+    monkeypatch.setattr(sweep, "first_prefix", lambda prompts: 4)
+    used = _expected(world)["prompts_used"]
     training = tmp_path / "train"
     shutil.copytree(models.sd, training / "checkpoint-100")
     shutil.copytree(world.dark, training / "checkpoint-200")
@@ -191,15 +211,16 @@ def test_a_sweep_decides_each_checkpoint_against_the_best_earlier_extending_it(w
     history = pd.read_csv(results / "history.csv", keep_default_na=False)
     assert history["run"].tolist() == ["checkpoint-100", "checkpoint-200"]
     assert history["verdict"].tolist() == ["", "worse"] and history["alert"].tolist() == ["", "true"]
-    assert history["prompts_used"].tolist()[1] == sequential.BURN_IN
+    assert history["prompts_used"].tolist()[1] == used
     first = json.loads((results / "checkpoint-100" / "manifest.json").read_text())["selection"]["prompts"]
-    # Extended once, to twice what it had (up to two generation calls more were in flight each time).
-    assert len(extended) == 1 and sequential.BURN_IN <= int(extended[0].split()[3]) <= first
+    # Each extension at least doubles what it had (up to two generation calls more were in flight each time).
+    sizes = [int(line.split()[3]) for line in extended]
+    assert sizes == sorted(sizes) and sizes[0] >= 8 and used <= first and sizes[-1] <= first
     made = sorted(int(p.name[:5]) for p in (results / "checkpoint-100" / "images").glob("*.png"))
     assert made == sorted(sequential.order(list(range(PROMPTS)), 0)[:first])
     assert any(line.startswith("alert: step 200 is worse") for line in said)
     cron = [line for line in result.stdout.splitlines() if line.startswith("step 200:")]
-    assert len(cron) == 1 and cron[0].endswith(f"; sequential: worse after {sequential.BURN_IN} prompts")
+    assert len(cron) == 1 and cron[0].endswith(f"; sequential: worse after {used} prompts")
 
 
 def test_until_decided_in_a_sweep_needs_the_alert_margin(cli, world, tmp_path):
@@ -207,12 +228,12 @@ def test_until_decided_in_a_sweep_needs_the_alert_margin(cli, world, tmp_path):
     assert_user_error(result, "--until-decided needs --alert-if-worse MARGIN")
 
 
-def test_the_trackers_log_what_a_sequential_run_decided(decided, tmp_path):
+def test_the_trackers_log_what_a_sequential_run_decided(world, decided, tmp_path):
     from clipeval.trackers import Tracking
 
     out, _ = decided
     summary = json.loads((out / "summary.json").read_text())
     scalars = Tracking("none", tmp_path).values(summary)
-    assert scalars["clip/sequential_prompts"] == sequential.BURN_IN and scalars["clip/sequential_verdict"] == -1.0
+    assert scalars["clip/sequential_prompts"] == _expected(world)["prompts_used"] and scalars["clip/sequential_verdict"] == -1.0
     plain = {k: v for k, v in summary.items() if k != "sequential"}
     assert "clip/sequential_prompts" not in Tracking("none", tmp_path).values(plain)
