@@ -144,12 +144,23 @@ def prepare(config, library, ranks) -> Decider | None:
         raise ClipevalError("--until-decided needs --baseline RUN: the run folder it decides against")
     _load_baseline(decider, Path(config.baseline).expanduser(), config, library)
     if ranks.main:
-        fewest = sequential.fewest_prompts(decider.population, decider.margin, decider.rule)
-        if fewest is None:
-            print(f"note: no decision is possible on {library.name}'s {_prompts(decider.population)} with --sequence "
-                  f"{decider.method} at margin {decider.margin:g}, whatever the images: the whole library is generated "
-                  "and the summary says 'undecided' (compare the runs for the fixed-size answer)", file=sys.stderr)
+        _say_if_too_small(decider, library.name)
     return decider
+
+
+def _say_if_too_small(decider: Decider, name: str) -> None:
+    """Before anything loads: a library on which the rule cannot decide is generated whole."""
+    from clipeval import sequential
+
+    n = decider.population
+    if sequential.fewest_prompts(n, decider.margin, decider.rule) is None:
+        print(f"note: no decision is possible on {name}'s {_prompts(n)} with --sequence {decider.method} at margin "
+              f"{decider.margin:g}, whatever the images: the whole library is generated and the summary says "
+              "'undecided' (compare the runs for the fixed-size answer)", file=sys.stderr)
+    elif decider.method == "asymptotic" and n <= sequential.BURN_IN:
+        print(f"note: --sequence asymptotic decides nothing before prompt {sequential.BURN_IN} unless the deltas "
+              f"seen already fix the mean, and {name} has {_prompts(n)}: the whole library is likely generated "
+              "(--sequence betting, the default, has no burn-in)", file=sys.stderr)
 
 
 def _prompts(n: int) -> str:

@@ -244,10 +244,15 @@ def _sequential(q: dict[str, Any] | None) -> str:
     level = int(round(100 * (1 - q["alpha"])))
     verdict = (f"<b>{e(q['verdict'])}</b> (margin {q['margin']:g}) after {q['prompts_used']} of {q['library_prompts']} "
                "prompts" if q["decided"] else f"<b>undecided</b> after {q['prompts_used']} of {q['library_prompts']} prompts")
-    return (f"<p class='sequential'>Sequential decision against {e(q['baseline'])}: {verdict}; mean paired delta "
-            f"{_f(q['mean_delta'], True)}, {level}% confidence sequence [{_f(low, True)}, {_f(high, True)}] "
-            f"({e(q['method'])}). The statistics below cover the {q['prompts_seen']} prompts generated, the start "
-            "of the seeded order.</p>")
+    scorer = f" of {e(q['scorer'])}" if q.get("scorer") else ""
+    bound = (q.get("rule") or {}).get("delta_bound")
+    rule = e(q["method"]) + (f", deltas assumed within ±{bound:g}" if bound else "")
+    left = (f" A delta left that bound at prompt {q['bound_exceeded_at']}; from there it decided on the whole range."
+            if q.get("bound_exceeded_at") else "")
+    return (f"<p class='sequential'>Sequential decision{scorer} against {e(q['baseline'])}: {verdict}; mean paired "
+            f"delta {_f(q['mean_delta'], True)}, {level}% sequence [{_f(low, True)}, {_f(high, True)}] ({rule}).{left} "
+            f"The statistics below cover the {q.get('prompts_generated', q['prompts_seen'])} prompts generated, the "
+            "start of the seeded order.</p>")
 
 
 def _f(x: Any, signed: bool = False) -> str:

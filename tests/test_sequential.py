@@ -95,7 +95,7 @@ def test_the_interval_ends_where_a_test_first_rejects_to_1e8(alpha):
     the documented precision of the bisection, at the level asked for."""
     population, bound = 300, 0.25
     d = np.clip(-0.01 + 0.05 * np.random.default_rng(9).standard_normal(120), -bound, bound)
-    low, high = sq.interval(list(d), population, sq.Rule(alpha=alpha))
+    low, high = sq.interval(list(d), population, sq.Rule(alpha=alpha, bound=bound))
     threshold = math.log(2 / alpha)
 
     def rejected(m, side):
@@ -108,7 +108,7 @@ def test_the_interval_ends_where_a_test_first_rejects_to_1e8(alpha):
 
 def test_an_unknown_method_or_bound_is_refused_by_name_and_the_default_is_betting():
     d = list(np.random.default_rng(3).normal(-0.02, 0.01, 80))
-    assert sq.Rule() == sq.Rule("betting", sq.ALPHA, 0.25) == sq.rule() == sq.rule(kind="clip")
+    assert sq.Rule() == sq.Rule("betting", sq.ALPHA, 0.5) == sq.rule() == sq.rule(kind="clip")
     assert sq.rule(kind="vqa").bound == 1.0 and sq.rule(bound=0.1).bound == 0.1
     assert sq.interval(d, 100) == sq.interval(d, 100, sq.Rule("betting")) != sq.interval(d, 100, sq.Rule("asymptotic"))
     with pytest.raises(ValueError, match=r"^unknown method 'bayes'; one of betting, asymptotic$"):
@@ -131,12 +131,12 @@ def test_a_delta_beyond_the_bound_hands_the_decision_to_the_whole_range_from_tha
     inside = sq.codes(np.clip(d, -bound, bound), population, 0.005, sq.Rule(bound=bound))
     assert (narrow[:120] == inside[:120]).all() and (narrow[120:] == wide[120:]).all()
     assert (inside[120:] != wide[120:]).any()  # the two really differ there
-    late = sq.summarize(list(d), population, 0.005)
+    late = sq.summarize(list(d), population, 0.005, rule=sq.Rule(bound=bound))
     assert late["bound_exceeded_at"] is None and late["prompts_used"] <= 120  # decided before it
     d[5] = 0.3
     wide = sq.codes(d, population, 0.005, sq.Rule(bound=2.0))
-    early = sq.summarize(list(d), population, 0.005)
-    assert early["bound_exceeded_at"] == 6 and (sq.codes(d, population, 0.005)[5:] == wide[5:]).all()
+    early = sq.summarize(list(d), population, 0.005, rule=sq.Rule(bound=bound))
+    assert early["bound_exceeded_at"] == 6 and (sq.codes(d, population, 0.005, sq.Rule(bound=bound))[5:] == wide[5:]).all()
     assert early["prompts_used"] == (1 + int(np.argmax(wide != 0)) if (wide != 0).any() else 300)
 
 

@@ -127,7 +127,10 @@ def test_a_stopped_run_is_a_run_folder_for_compare_and_report(cli, world, decide
                     f"{len(list((out / 'images').glob('*.png')))} it generated"]
     report = cli("report", out, "--out", world.root / "decided.html")
     assert report.exit_code == 0, report.stderr
-    assert "sequential" in (world.root / "decided.html").read_text().lower()
+    html = (world.root / "decided.html").read_text()
+    made = len(list((out / "images").glob("*.png")))
+    assert f"Sequential decision of clip against {world.base}: <b>worse</b> (margin 0.005) after {used} of {PROMPTS}" in html
+    assert "(betting, deltas assumed within ±0.5)" in html and f"cover the {made} prompts generated" in html
 
 
 def test_a_rerun_resumes_and_without_the_flag_extends_to_the_plain_full_run(world, decided):
@@ -237,3 +240,22 @@ def test_the_trackers_log_what_a_sequential_run_decided(world, decided, tmp_path
     assert scalars["clip/sequential_prompts"] == _expected(world)["prompts_used"] and scalars["clip/sequential_verdict"] == -1.0
     plain = {k: v for k, v in summary.items() if k != "sequential"}
     assert "clip/sequential_prompts" not in Tracking("none", tmp_path).values(plain)
+
+
+@pytest.mark.parametrize("prompts, extra, needle", [
+    (30, ["--sequence", "asymptotic"], "note: --sequence asymptotic decides nothing before prompt 50 unless the deltas "
+                                       "seen already fix the mean, and {library} has 30 prompts"),
+    (2, [], "note: no decision is possible on {library}'s 2 prompts with --sequence betting at margin 0.005, whatever "
+            "the images"),
+])
+def test_a_library_too_small_to_decide_is_said_before_anything_loads(world, tmp_path, prompts, extra, needle):
+    """Said before the checkpoint is even looked at (this one does not exist: the run then fails on it)."""
+    library = tmp_path / "tiny.txt"
+    library.write_text("\n".join(f"prompt {i}" for i in range(prompts)) + "\n")
+    base = tmp_path / "base"
+    assert world.run(world.dark, base, "--prompt-library", library).exit_code == 0
+    result = world.run(tmp_path / "nowhere", tmp_path / "out", "--prompt-library", library, "--baseline", base,
+                       "--until-decided", *extra)
+    assert result.exit_code == 2 and "nowhere" in result.stderr.splitlines()[-1]
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith(needle.format(library=library))
