@@ -131,10 +131,11 @@ def prepare(config, library, ranks) -> Decider | None:
         raise ClipevalError("--until-decided runs in one process (a decision after each prompt of one order)")
     if config.sequence not in sequential.METHODS:
         raise ClipevalError(f"--sequence {config.sequence}: use {' or '.join(sequential.METHODS)}")
-    if config.delta_bound is not None and not 0 < config.delta_bound <= sequential.FULL_RANGE:
-        raise ClipevalError(f"--delta-bound {config.delta_bound:g}: a paired delta of scores in [-1, 1] lies in "
-                            f"[-{sequential.FULL_RANGE:g}, {sequential.FULL_RANGE:g}]; give a bound in (0, "
-                            f"{sequential.FULL_RANGE:g}]")
+    try:
+        sequential.rule(config.sequence, bound=config.delta_bound)  # the rule's own check of the bound
+    except ValueError as err:
+        raise ClipevalError(f"--delta-bound {config.delta_bound:g}: {err} (a paired delta of scores in [-1, 1] lies "
+                            f"in [-{sequential.FULL_RANGE:g}, {sequential.FULL_RANGE:g}])") from err
     order = sequential.order([p.prompt_id for p in library.prompts], config.seed)
     decider = Decider(order, config.images_per_prompt, config.margin, config.sequence, None, prefix=config.order_prefix,
                       bound=config.delta_bound, kind=_kind(config.clip_model))

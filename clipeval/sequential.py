@@ -238,13 +238,18 @@ def first_decisions(d, population: int, margin: float, rule: Rule = Rule()):
     return stop + 1, np.take_along_axis(c, stop[..., None], axis=-1)[..., 0]
 
 
+def _unpaired(v) -> bool:
+    """A prompt without a usable pair: None (the Decider, compare) or NaN (a caller's array)."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _paired(deltas, population: int):
     """The paired deltas as an array, and the population at each (less the unpaired seen before)."""
     import numpy as np
 
     values, known, unpaired = [], [], 0
     for v in deltas:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
+        if _unpaired(v):
             unpaired += 1
         else:
             values.append(float(v))
@@ -259,7 +264,7 @@ def decisions(deltas, population: int, margin: float, rule: Rule = Rule()) -> li
     found = iter(codes(values, known, margin, rule).tolist() if len(values) else [])
     out: list[str | None] = []
     for v in deltas:
-        code = 0 if v is None or (isinstance(v, float) and math.isnan(v)) else next(found)
+        code = 0 if _unpaired(v) else next(found)
         out.append(VERDICTS[code - 1] if code else None)
     return out
 
@@ -325,8 +330,8 @@ def summarize(deltas, population: int, margin: float, *, rule: Rule = Rule(), ba
     decided_at = next((i + 1 for i, v in enumerate(steps) if v is not None), None)
     used = decided_at or len(steps)
     values, _, unpaired = _paired(deltas[:used], population)
-    outside = np.flatnonzero([v is not None and not (isinstance(v, float) and math.isnan(v)) and abs(v) > rule.bound
-                              for v in deltas[:used]]) if rule.method == "betting" else []
+    outside = np.flatnonzero([not _unpaired(v) and abs(v) > rule.bound for v in deltas[:used]]) \
+        if rule.method == "betting" else []
     generated = len(deltas) if generated is None else generated
     low, high = interval(deltas[:used], population, rule)
     return {

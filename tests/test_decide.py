@@ -64,7 +64,7 @@ def test_a_baseline_one_prompt_too_short_stops_the_run_and_says_so():
     whole.check_reached(full, whole.sequential_block(full, Path("out")))  # nothing raised
 
 
-def test_the_runner_sets_the_deciding_scorer_and_its_bound():
+def test_the_rule_follows_the_deciding_scorers_kind_unless_a_bound_is_given():
     d = decide.Decider([1, 2], 1, 0.005, "betting", None)
     assert d.rule == sequential.Rule()
     d.kind = "vqa"
